@@ -1,0 +1,1 @@
+"""How stages run and talk: data feed, transports, workers, runners, metrics, checkpoints."""

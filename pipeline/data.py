@@ -1,0 +1,245 @@
+"""Datasets, the §6 preprocessing, and deterministic batches.
+
+Images are kept as one uint8 tensor per split and turned into normalised, augmented float
+batches on the fly, on whole batches at once. Every random choice (order, crop, flip, cutout,
+the classes-per-batch sampler) comes from a generator seeded from (seed, epoch[, step]), so a
+batch depends only on where it sits in the run: the same in every runner and after a resume.
+"""
+from __future__ import annotations
+
+import math
+import os
+from collections import deque
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from stages.config import Config, derive_seed
+
+
+class DataError(RuntimeError):
+    """A dataset that cannot be read or fetched; reported as one line with exit code 2."""
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    shape: tuple[int, int, int]
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    crop_padding: int = 0  # random crop to the same size after zero padding (0: none)
+    flip: bool = False
+
+
+INFO: dict[str, DatasetInfo] = {
+    "MNIST": DatasetInfo((1, 28, 28), 10, (0.1307,), (0.3081,), crop_padding=2),
+    "FashionMNIST": DatasetInfo((1, 28, 28), 10, (0.286,), (0.353,), crop_padding=2, flip=True),
+    "KuzushijiMNIST": DatasetInfo((1, 28, 28), 10, (0.1904,), (0.3475,)),
+    "CIFAR10": DatasetInfo((3, 32, 32), 10, (0.424, 0.415, 0.384), (0.283, 0.278, 0.284),
+                           crop_padding=4, flip=True),
+    "CIFAR100": DatasetInfo((3, 32, 32), 100, (0.438, 0.418, 0.377), (0.300, 0.287, 0.294),
+                            crop_padding=4, flip=True),
+    "SVHN": DatasetInfo((3, 32, 32), 10, (0.431, 0.430, 0.446), (0.197, 0.198, 0.199)),
+    "STL10": DatasetInfo((3, 96, 96), 10, (0.447, 0.440, 0.407), (0.260, 0.257, 0.271)),
+    "synthetic": DatasetInfo((1, 28, 28), 10, (0.5,), (0.25,)),
+}
+
+
+# ---------------------------------------------------------------------------------- loading
+def load_split(cfg: Config, train: bool) -> tuple[Tensor, Tensor]:
+    """(uint8 images N×C×H×W, int64 labels N) of one split, limited by --limit-train/test."""
+    if cfg.dataset == "synthetic":
+        images, labels = synthetic(train)
+    else:
+        images, labels = _torchvision_split(cfg.dataset, cfg.data_root, train)
+    limit = cfg.limit_train if train else cfg.limit_test
+    if limit:
+        images, labels = images[:limit], labels[:limit]
+    return images, labels
+
+
+def _torchvision_split(name: str, root: str, train: bool) -> tuple[Tensor, Tensor]:
+    import torchvision.datasets as tvd
+
+    if name in ("MNIST", "FashionMNIST", "KuzushijiMNIST"):
+        cls = {"MNIST": tvd.MNIST, "FashionMNIST": tvd.FashionMNIST,
+               "KuzushijiMNIST": tvd.KMNIST}[name]
+        ds = _open(cls, name, root, f"{root}/{cls.__name__}/raw: "
+                   + ", ".join(f for f, _ in cls.resources), train=train)
+        images, labels = [ds.data.unsqueeze(1)], [ds.targets]
+    elif name in ("CIFAR10", "CIFAR100"):
+        cls = tvd.CIFAR10 if name == "CIFAR10" else tvd.CIFAR100
+        ds = _open(cls, name, root, f"{root}/{cls.base_folder}", train=train)
+        images = [torch.from_numpy(ds.data).permute(0, 3, 1, 2)]
+        labels = [torch.tensor(ds.targets)]
+    elif name == "SVHN":
+        folder = os.path.join(root, "SVHN")
+        splits = ["train", "extra"] if train else ["test"]  # train = train + extra (§6.1)
+        sets = [_open(tvd.SVHN, name, folder,
+                      f"{folder}/{tvd.SVHN.split_list[s][1]}", split=s) for s in splits]
+        images = [torch.from_numpy(s.data) for s in sets]
+        labels = [torch.from_numpy(s.labels.astype(np.int64)) for s in sets]
+    elif name == "STL10":
+        folder = os.path.join(root, "STL10")
+        ds = _open(tvd.STL10, name, folder, f"{folder}/{tvd.STL10.base_folder}",
+                   split="train" if train else "test")
+        images, labels = [torch.from_numpy(ds.data)], [torch.from_numpy(ds.labels.astype(np.int64))]
+    else:
+        raise DataError(f"unknown dataset {name!r}")
+    return torch.cat(images).contiguous(), torch.cat(labels).long()
+
+
+def _open(cls, name: str, root: str, expected: str, **kwargs):
+    """Open a torchvision dataset, downloading it if absent; one clear line if that fails."""
+    try:
+        return cls(root, download=True, **kwargs)
+    except Exception as exc:  # URLError, RuntimeError, OSError: all mean "not here, not fetched"
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(f"{name} is not in {os.path.abspath(root)} (expected {expected}) and "
+                        f"could not be downloaded: {reason}") from None
+
+
+def synthetic(train: bool) -> tuple[Tensor, Tensor]:
+    """A small learnable task that needs no files: 10 classes of smooth random 28×28 patterns
+    with pixel noise and a random shift. Fixed (seed 0): the same task in every run."""
+    gen = torch.Generator().manual_seed(0)
+    protos = torch.nn.functional.interpolate(torch.rand(10, 1, 7, 7, generator=gen), size=28,
+                                             mode="bilinear", align_corners=False)
+    if not train:
+        gen.manual_seed(1)
+    n = 2048 if train else 512
+    labels = torch.randint(10, (n,), generator=gen)
+    images = protos[labels] + 0.35 * torch.randn(n, 1, 28, 28, generator=gen)
+    shifts = torch.randint(-2, 3, (n, 2), generator=gen)
+    for i, (dy, dx) in enumerate(shifts.tolist()):
+        images[i] = images[i].roll((dy, dx), dims=(1, 2))
+    return (images.clamp(0, 1) * 255).round().to(torch.uint8), labels
+
+
+# ---------------------------------------------------------------------------------- batches
+class Batches:
+    """The batches of one split for a given epoch, reproducible from (seed, epoch, step)."""
+
+    def __init__(self, images: Tensor, labels: Tensor, info: DatasetInfo, cfg: Config,
+                 train: bool) -> None:
+        self.images, self.labels, self.info, self.cfg, self.train = images, labels, info, cfg, train
+        self.mean = torch.tensor(info.mean).view(1, -1, 1, 1)
+        self.std = torch.tensor(info.std).view(1, -1, 1, 1)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.labels) / self.cfg.batch_size)  # last partial batch kept
+
+    def order(self, epoch: int) -> list[Tensor]:
+        """Index tensors of the epoch's batches."""
+        cfg, n = self.cfg, len(self.labels)
+        if not self.train:
+            return list(torch.arange(n).split(cfg.batch_size))
+        if cfg.classes_per_batch and (cfg.classes_per_batch_until_epoch == 0
+                                      or epoch <= cfg.classes_per_batch_until_epoch):
+            rng = np.random.default_rng(derive_seed(cfg.seed, "sampler", epoch))
+            return [torch.from_numpy(b) for b in class_batches(
+                self.labels.numpy(), cfg.batch_size, cfg.classes_per_batch, rng)]
+        gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "order", epoch))
+        return list(torch.randperm(n, generator=gen).split(cfg.batch_size))
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+        """(x, y) for batches ``start``, ``start + 1``, … of ``epoch`` (1-based)."""
+        for step, idx in enumerate(self.order(epoch)[start:], start):
+            yield self.make(idx, epoch, step), self.labels[idx]
+
+    def make(self, idx: Tensor, epoch: int, step: int) -> Tensor:
+        x = self.images[idx].float().div_(255)
+        if self.train:
+            gen = torch.Generator().manual_seed(derive_seed(self.cfg.seed, "augment", epoch, step))
+            if self.info.crop_padding:
+                x = random_crop(x, self.info.crop_padding, gen)
+            if self.info.flip:
+                x = random_flip(x, gen)
+            x = (x - self.mean) / self.std
+            if self.cfg.cutout:
+                x = cutout(x, self.cfg.n_holes, self.cfg.length, gen)
+            return x
+        return (x - self.mean) / self.std
+
+
+def random_crop(x: Tensor, padding: int, gen: torch.Generator) -> Tensor:
+    """Per-image crop of the original size from the zero-padded image (torchvision's rule)."""
+    n, _, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (padding,) * 4)
+    offsets = torch.randint(0, 2 * padding + 1, (n, 2), generator=gen).tolist()
+    return torch.stack([padded[i, :, dy:dy + h, dx:dx + w] for i, (dy, dx) in enumerate(offsets)])
+
+
+def random_flip(x: Tensor, gen: torch.Generator) -> Tensor:
+    flip = torch.rand(x.size(0), generator=gen) < 0.5
+    x[flip] = x[flip].flip(-1)
+    return x
+
+
+def cutout(x: Tensor, holes: int, length: int, gen: torch.Generator) -> Tensor:
+    """Zero squares [c − L//2, c + L//2) around uniform centres, clipped, on all channels (§6.2)."""
+    n, _, h, w = x.shape
+    cy = torch.randint(0, h, (n, holes, 1), generator=gen)
+    cx = torch.randint(0, w, (n, holes, 1), generator=gen)
+    rows = torch.arange(h).view(1, 1, h)
+    cols = torch.arange(w).view(1, 1, w)
+    in_rows = (rows >= cy - length // 2) & (rows < cy + length // 2)
+    in_cols = (cols >= cx - length // 2) & (cols < cx + length // 2)
+    mask = (in_rows.unsqueeze(3) & in_cols.unsqueeze(2)).any(dim=1)  # N×H×W
+    return x.masked_fill(mask.unsqueeze(1), 0.0)
+
+
+def class_batches(labels: np.ndarray, batch_size: int, classes: int,
+                  rng: np.random.Generator) -> list[np.ndarray]:
+    """The classes-per-batch sampler of §6.3, keeping ``classes`` classes (not a fixed 10).
+
+    From a shuffled order, each batch takes the next ``classes`` samples, then scans ahead (at
+    most classes·10 samples) for classes it lacks until it has ``classes`` distinct ones, fills
+    up with the earliest remaining samples of classes it already has, and tops up with any class.
+    """
+    order = rng.permutation(len(labels))
+    position = np.empty(len(labels), dtype=np.int64)
+    position[order] = np.arange(len(labels))
+    queues: dict[int, deque] = {}
+    for i in order:
+        queues.setdefault(int(labels[i]), deque()).append(int(i))
+    used = np.zeros(len(labels), dtype=bool)
+    cursor = 0
+    batches = []
+
+    def take(i: int) -> int:
+        queues[int(labels[i])].popleft()
+        used[i] = True
+        return i
+
+    def next_free() -> int | None:
+        nonlocal cursor
+        while cursor < len(order) and used[order[cursor]]:
+            cursor += 1
+        return None if cursor == len(order) else int(order[cursor])
+
+    while (first := next_free()) is not None:
+        batch = [take(first)]
+        while len(batch) < min(classes, batch_size) and (i := next_free()) is not None:
+            batch.append(take(i))
+        present = {int(labels[i]) for i in batch}
+        scan, scanned = cursor, 0
+        while len(present) < classes and len(batch) < batch_size and scan < len(order) \
+                and scanned < classes * 10:
+            i = int(order[scan])
+            if not used[i] and int(labels[i]) not in present:
+                batch.append(take(i))
+                present.add(int(labels[i]))
+            scan, scanned = scan + 1, scanned + 1
+        while len(batch) < batch_size:
+            heads = [q[0] for c in present if (q := queues[c])]
+            if not heads:
+                break
+            batch.append(take(min(heads, key=lambda j: position[j])))
+        while len(batch) < batch_size and (i := next_free()) is not None:
+            batch.append(take(i))
+        batches.append(np.array(batch, dtype=np.int64))
+    return batches

@@ -1,0 +1,130 @@
+"""What a run measures: per-stage timing and memory, and the per-epoch record of the whole run
+(``metrics.jsonl`` and the paper-style lines on stdout), composed on rank 0 from stage reports."""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class StageTimer:
+    """Where one stage's wall time goes in an epoch: computing, waiting for input, waiting for
+    room downstream, and how full its input queue was when it looked."""
+
+    busy_s: float = 0.0
+    recv_wait_s: float = 0.0
+    send_wait_s: float = 0.0
+    occupancy: list[int] = field(default_factory=list)
+    train_start: float | None = None  # wall clock (time.time) of the first train batch
+    train_end: float | None = None
+    train_samples: int = 0
+
+    def take(self) -> dict:
+        out = {"busy_s": self.busy_s, "recv_wait_s": self.recv_wait_s,
+               "send_wait_s": self.send_wait_s,
+               "queue_occupancy": (sum(self.occupancy) / len(self.occupancy)
+                                   if self.occupancy else 0.0),
+               "train_start": self.train_start, "train_end": self.train_end,
+               "train_samples": self.train_samples}
+        self.__init__()
+        return out
+
+
+def memory_stats(device: torch.device) -> dict:
+    """Peak memory since the last call: CUDA allocator peak and NVML device use on a GPU, the
+    process's peak resident set on the CPU."""
+    if device.type == "cuda":
+        stats = {"peak_memory_bytes": torch.cuda.max_memory_allocated(device),
+                 "nvml_used_bytes": nvml_used(device)}
+        torch.cuda.reset_peak_memory_stats(device)
+        return stats
+    return {"peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def nvml_used(device: torch.device) -> int | None:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        uuid = torch.cuda.get_device_properties(device).uuid  # NVML and CUDA number GPUs apart
+        handle = pynvml.nvmlDeviceGetHandleByUUID(f"GPU-{uuid}")
+        return int(pynvml.nvmlDeviceGetMemoryInfo(handle).used)
+    except Exception:  # no NVML (driver, container): the allocator figure still stands
+        return None
+
+
+class Recorder:
+    """Turns the K stage reports of an epoch into one record; prints it and appends it to
+    ``metrics.jsonl``. Lives on rank 0 only."""
+
+    def __init__(self, save_dir: str | None, unit_names: list[str], backprop: bool) -> None:
+        self.path = os.path.join(save_dir, "metrics.jsonl") if save_dir else None
+        self.unit_names = unit_names
+        self.backprop = backprop
+
+    def epoch(self, epoch: int, lr: float, reports: list[dict]) -> dict:
+        meters: dict[int, dict] = {}
+        for r in reports:
+            meters.update({int(k): v for k, v in r["meters"].items()})
+        out = meters.pop(max(meters))
+        starts = [r["timing"]["train_start"] for r in reports if r["timing"]["train_start"]]
+        ends = [r["timing"]["train_end"] for r in reports if r["timing"]["train_end"]]
+        samples = reports[0]["timing"]["train_samples"]
+        elapsed = max(ends) - min(starts) if starts and ends else 0.0
+        blocks = [{"block": i, "name": self.unit_names[i],
+                   **{f"train_{k}": v for k, v in m["train"].items() if k != "n"},
+                   **{f"test_{k}": v for k, v in m["test"].items() if k != "n"}}
+                  for i, m in sorted(meters.items())]
+        record = {
+            "epoch": epoch, "lr": lr,
+            "train_loss_local": sum(m["train"]["loss"] or 0.0 for m in meters.values()),
+            "train_loss_global": out["train"]["loss"], "train_error": out["train"]["error"],
+            "test_loss": out["test"]["loss"], "test_error": out["test"]["error"],
+            "train_samples": samples, "test_samples": out["test"]["n"],
+            "blocks": blocks,
+            "samples_per_s": samples / elapsed if elapsed > 0 else None,
+            "peak_memory_bytes": max(r["memory"]["peak_memory_bytes"] for r in reports),
+            "stages": [{"stage": r["stage"], "units": r["units"], **r["memory"],
+                        **{k: v for k, v in r["timing"].items()
+                           if k not in ("train_start", "train_end", "train_samples")}}
+                       for r in reports],
+            "time": time.time(),
+        }
+        self.print(record)
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        return record
+
+    def print(self, r: dict) -> None:
+        def num(v, fmt=".4f"):
+            return "n/a" if v is None else format(v, fmt)
+
+        speed = num(r["samples_per_s"], ".1f")
+        print(f"Train epoch={r['epoch']}, lr={r['lr']:.2e}, loss_local={num(r['train_loss_local'])}, "
+              f"loss_global={num(r['train_loss_global'])}, error={num(r['train_error'], '.3f')}%, "
+              f"mem={r['peak_memory_bytes'] / 2**20:.0f}MiB, {speed} samples/s", flush=True)
+        for phase in ("train", "test"):
+            if phase == "test":
+                print(f"Test  loss_global={num(r['test_loss'])}, "
+                      f"error={num(r['test_error'], '.3f')}%", flush=True)
+            if self.backprop:
+                continue
+            for b in r["blocks"]:
+                print(f"  block {b['block']} {b['name']}: loss={num(b[f'{phase}_loss'])}, "
+                      f"loss_sim={num(b[f'{phase}_loss_sim'])}, "
+                      f"loss_pred={num(b[f'{phase}_loss_pred'])}, "
+                      f"error={num(b[f'{phase}_error'], '.3f')}%", flush=True)
+        for s in r["stages"]:
+            total = s["busy_s"] + s["recv_wait_s"] + s["send_wait_s"]
+            if len(r["stages"]) > 1 and total > 0:
+                print(f"  stage {s['stage']} units {s['units'][0]}-{s['units'][-1]}: "
+                      f"busy {100 * s['busy_s'] / total:.0f}%, "
+                      f"recv wait {100 * s['recv_wait_s'] / total:.0f}%, "
+                      f"send wait {100 * s['send_wait_s'] / total:.0f}%, "
+                      f"queue {s['queue_occupancy']:.2f}", flush=True)

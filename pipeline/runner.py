@@ -1,0 +1,315 @@
+"""Runners wire a data feed, K workers and a coordinator together.
+
+``run_inprocess``: one thread per stage in this process, joined by bounded channels (each stage
+on its own CUDA stream, or its own GPU when K are visible; plain threads on the CPU).
+``run_distributed``: one process per stage under torchrun, joined by point-to-point sends
+(NCCL on GPUs, gloo on the CPU). Both run the very same ``run_stage`` and report to the same
+``Coordinator`` on rank 0, which writes metrics, manifests and ``model.pt``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import queue
+import random
+import sys
+import threading
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from pipeline import checkpoint
+from pipeline.data import INFO, Batches, DatasetInfo, load_split
+from pipeline.metrics import Recorder
+from pipeline.transport import (Abort, Channel, DistReceiver, DistSender, Kind, Message,
+                                StageFailed, depart)
+from pipeline.worker import Fault, run_stage
+from stages import partition
+from stages.config import Config, ConfigError
+from stages.models import UnitSpec, build_stage, plan
+
+
+@dataclass
+class Plan:
+    """The network and its cut: what every process must agree on before training."""
+
+    info: DatasetInfo
+    specs: list[UnitSpec]
+    parts: list[list[int]]  # unit indices of each stage
+    costs: list[float] | None = None  # per unit, in seconds ("measured") or parameters
+    cost_kind: str = "given"
+
+
+def make_plan(cfg: Config, device: torch.device, measure: bool = True) -> Plan:
+    """Plan the units and choose the cut: --balance if given, else the measured best one
+    (parameter counts when ``measure`` is False)."""
+    info = INFO[cfg.dataset]
+    specs = plan(cfg, info.shape, info.num_classes)
+    partition.check_stages(len(specs), cfg.stages)
+    if cfg.balance is not None:
+        return Plan(info, specs, partition.split(cfg.balance, len(specs)))
+    if cfg.stages == 1:
+        return Plan(info, specs, [list(range(len(specs)))])
+    throwaway = build_stage(cfg, info.shape, info.num_classes, device=device)
+    if measure:
+        costs, kind = partition.measure_costs(throwaway, info.shape, info.num_classes, cfg), \
+            "measured"
+    else:
+        costs, kind = partition.parameter_costs(throwaway), "parameters"
+    balance = partition.best_balance(costs, cfg.stages)
+    return Plan(info, specs, partition.split(balance, len(specs)), costs, kind)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed the global generators too, for anything outside the per-purpose streams."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def default_device(cfg: Config) -> torch.device:
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but no CUDA device is available")
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and not cfg.no_cuda
+                                        and torch.cuda.is_available())
+    return torch.device("cuda", 0) if use_cuda else torch.device("cpu")
+
+
+def feed(cfg: Config, train: Batches, test: Batches, device: torch.device,
+         progress: bool) -> Iterator[Message]:
+    """Stage 0's input: each epoch's training batches, its test batches, END_EPOCH; then STOP.
+
+    ``--max-steps`` ends training after that many batches, still closing with an evaluation."""
+    from tqdm import tqdm
+
+    steps = 0
+    for epoch in range(1, cfg.epochs + 1):
+        bar = tqdm(total=len(train), desc=f"epoch {epoch}", disable=not progress, leave=False,
+                   file=sys.stderr)
+        for step, (x, y) in enumerate(train.epoch(epoch)):
+            yield _to_device(Message(Kind.TRAIN, epoch, step, x, y), device)
+            bar.update()
+            steps += 1
+            if steps == cfg.max_steps:
+                break
+        bar.close()
+        for step, (x, y) in enumerate(test.epoch(epoch)):
+            yield _to_device(Message(Kind.EVAL, epoch, step, x, y), device)
+        yield Message(Kind.END_EPOCH, epoch, len(train))
+        if steps == cfg.max_steps:
+            break
+    yield Message(Kind.STOP, 0, 0)
+
+
+def _to_device(msg: Message, device: torch.device) -> Message:
+    if device.type != "cuda":
+        return msg
+    msg.x = msg.x.pin_memory().to(device, non_blocking=True)
+    msg.y = msg.y.pin_memory().to(device, non_blocking=True)
+    return depart(msg)
+
+
+class Coordinator:
+    """Rank 0's bookkeeping: one metrics record and one manifest per epoch, ``model.pt`` at
+    the end. It takes stage reports in any order and acts once all K of a kind are in."""
+
+    def __init__(self, cfg: Config, run_plan: Plan) -> None:
+        self.cfg, self.plan = cfg, run_plan
+        self.save_dir = cfg.save_dir or None
+        self.recorder = Recorder(self.save_dir, [s.describe() for s in run_plan.specs],
+                                 cfg.backprop)
+        self.pending: dict[tuple, list[dict]] = {}
+        self.records: list[dict] = []
+        self.state: dict | None = None
+
+    def handle(self, report: dict) -> None:
+        key = (report["kind"], report.get("epoch"))
+        got = self.pending.setdefault(key, [])
+        got.append(report)
+        if len(got) < len(self.plan.parts):
+            return
+        del self.pending[key]
+        got.sort(key=lambda r: r["stage"])
+        if report["kind"] == "epoch":
+            epoch = report["epoch"]
+            self.records.append(self.recorder.epoch(epoch, self.cfg.lr_at(epoch), got))
+            if self.save_dir:
+                checkpoint.write_manifest(
+                    self.save_dir, epoch, got[0]["step"], self.cfg.to_dict(),
+                    [{"stage": r["stage"], "units": r["units"], **f} for r in got
+                     for f in r["files"]])
+        else:
+            self.state = {k: v for r in got for k, v in r["state"].items()}
+            if self.save_dir:
+                checkpoint.save_torch(self.state, os.path.join(self.save_dir, "model.pt"))
+
+    @property
+    def done(self) -> bool:
+        return self.state is not None
+
+
+def prepare_save_dir(cfg: Config) -> None:
+    if not cfg.save_dir:
+        return
+    try:
+        os.makedirs(cfg.save_dir, exist_ok=True)
+        with open(os.path.join(cfg.save_dir, "args.json"), "w") as f:
+            json.dump(cfg.to_dict(), f, indent=1)
+        open(os.path.join(cfg.save_dir, "metrics.jsonl"), "w").close()
+    except OSError as exc:
+        raise ConfigError(f"cannot write to --save-dir {cfg.save_dir}: {exc.strerror}") from None
+
+
+def load_batches(cfg: Config, info: DatasetInfo) -> tuple[Batches, Batches]:
+    train = Batches(*load_split(cfg, True), info, cfg, train=True)
+    test = Batches(*load_split(cfg, False), info, cfg, train=False)
+    return train, test
+
+
+def set_threads(cfg: Config, threads_per_process: int) -> None:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    elif threads_per_process:
+        torch.set_num_threads(threads_per_process)
+
+
+# ------------------------------------------------------------------------ in-process runner
+def stage_devices(cfg: Config, first: torch.device) -> list[torch.device]:
+    """One GPU per stage when K are visible, else every stage on the first device."""
+    if first.type == "cuda" and torch.cuda.device_count() >= cfg.stages:
+        return [torch.device("cuda", k) for k in range(cfg.stages)]
+    return [first] * cfg.stages
+
+
+def run_inprocess(cfg: Config, fault: Fault | None = None) -> Coordinator:
+    """Train with every stage as a thread of this process; raise StageFailed if one fails."""
+    seed_everything(cfg.seed)
+    device = default_device(cfg)
+    if device.type == "cpu":  # OpenMP gives every stage thread its own team: share the cores
+        set_threads(cfg, max(1, (os.cpu_count() or 1) // cfg.stages))
+    run_plan = make_plan(cfg, device)
+    prepare_save_dir(cfg)
+    train, test = load_batches(cfg, run_plan.info)
+    devices = stage_devices(cfg, device)
+    info = run_plan.info
+    stages = [build_stage(cfg, info.shape, info.num_classes, part, dev)
+              for part, dev in zip(run_plan.parts, devices)]
+    coordinator = Coordinator(cfg, run_plan)
+    abort = Abort()
+    channels = [Channel(cfg.queue_depth, abort, cfg.comm_timeout, f"stage {k}'s input queue")
+                for k in range(cfg.stages)]
+    reports: queue.Queue[dict] = queue.Queue()
+
+    def guarded(k: int, body) -> None:
+        try:
+            if devices[k].type == "cuda":
+                with torch.cuda.device(devices[k]), torch.cuda.stream(
+                        torch.cuda.Stream(devices[k])):
+                    body()
+            else:
+                body()
+        except StageFailed:
+            pass  # another stage failed first; it is the one reported
+        except Exception as exc:
+            abort.fail(StageFailed(k, f"{type(exc).__name__}: {exc}"))
+
+    def feeder() -> None:
+        for msg in feed(cfg, train, test, devices[0], cfg.progress_bar):
+            channels[0].put(msg, timeout=None)
+
+    def worker(k: int) -> None:
+        outbox = channels[k + 1] if k + 1 < cfg.stages else None
+        run_stage(stages[k], k, channels[k], outbox, reports.put, devices[k], cfg.save_dir,
+                  fault)
+
+    threads = [threading.Thread(target=guarded, args=(0, feeder), name="feed", daemon=True)]
+    threads += [threading.Thread(target=guarded, args=(k, lambda k=k: worker(k)),
+                                 name=f"stage-{k}", daemon=True) for k in range(cfg.stages)]
+    for t in threads:
+        t.start()
+    while not coordinator.done:
+        abort.check()
+        try:
+            coordinator.handle(reports.get(timeout=0.1))
+        except queue.Empty:
+            continue
+        except Exception as exc:  # writing metrics or checkpoints failed: stop every stage
+            abort.fail(StageFailed(0, f"{type(exc).__name__}: {exc}"))
+            raise
+    for t in threads:
+        t.join(timeout=cfg.comm_timeout)
+    return coordinator
+
+
+# ------------------------------------------------------------------------ multi-process runner
+def run_distributed(cfg: Config, fault: Fault | None = None) -> Coordinator | None:
+    """Train as rank RANK of WORLD_SIZE == --stages processes started by torchrun.
+
+    Any failure in this process prints which stage failed and ends the process at once; the
+    neighbours then lose their links and torchrun stops the rest, so no stage waits forever.
+    """
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if world != cfg.stages:
+        raise ConfigError(f"torchrun started {world} processes but --stages is {cfg.stages}; "
+                          f"use --nproc-per-node {cfg.stages} (or one process for the "
+                          f"in-process runner)")
+    seed_everything(cfg.seed)
+    use_cuda = default_device(cfg).type == "cuda"
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda \
+        else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    set_threads(cfg, 0)
+    partition.check_stages(len(plan(cfg, INFO[cfg.dataset].shape, INFO[cfg.dataset].num_classes)),
+                           cfg.stages)
+    if rank == 0:
+        prepare_save_dir(cfg)
+        train, test = load_batches(cfg, INFO[cfg.dataset])
+    dist.init_process_group("nccl" if use_cuda else "gloo",
+                            timeout=timedelta(seconds=cfg.comm_timeout),
+                            device_id=device if use_cuda else None)
+
+    def die(reason: str) -> None:
+        print(f"localpipe: stage {rank} failed: {reason}", file=sys.stderr, flush=True)
+        os._exit(1)
+
+    try:
+        links = [dist.new_group([k, k + 1]) for k in range(world - 1)]
+        shared = [make_plan(cfg, device) if rank == 0 else None]
+        dist.broadcast_object_list(shared, src=0)
+        run_plan: Plan = shared[0]
+        info = run_plan.info
+        stage = build_stage(cfg, info.shape, info.num_classes, run_plan.parts[rank], device)
+        coordinator = Coordinator(cfg, run_plan) if rank == 0 else None
+        abort = Abort()
+        inbox = Channel(cfg.queue_depth, abort, cfg.comm_timeout, f"stage {rank}'s input queue")
+        if rank == 0:
+            threading.Thread(target=lambda: [inbox.put(m, timeout=None) for m in feed(
+                cfg, train, test, device, cfg.progress_bar)], name="feed", daemon=True).start()
+        else:
+            DistReceiver(inbox, links[rank - 1], rank - 1, device, die).start()
+        outbox, sender = None, None
+        if rank < world - 1:
+            outbox = Channel(cfg.queue_depth, abort, cfg.comm_timeout,
+                             f"stage {rank}'s output queue")
+            sender = DistSender(outbox, links[rank], rank + 1, device, die)
+            sender.start()
+
+        def report(r: dict) -> None:
+            gathered = [None] * world if rank == 0 else None
+            dist.gather_object(r, gathered, dst=0)
+            if coordinator is not None:
+                for item in gathered:
+                    coordinator.handle(item)
+
+        run_stage(stage, rank, inbox, outbox, report, device, cfg.save_dir, fault)
+        if sender is not None:
+            sender.join(timeout=cfg.comm_timeout)
+        dist.destroy_process_group()
+        return coordinator
+    except Exception as exc:
+        die(f"{type(exc).__name__}: {exc}")

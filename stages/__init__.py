@@ -1,0 +1,1 @@
+"""What a stage computes: blocks, local losses, models and partitioning."""

@@ -1,0 +1,316 @@
+"""Local-loss blocks (spec §2.1–2.2, §5) and the output layer: the units a stage is made of.
+
+Every unit owns its parameters, its optimizer, its dropout generator and its loss meters, and
+trains itself in two halves: ``train_step`` runs the forward and returns the detached output to
+hand on together with an ``update`` closure that runs the local backward and optimizer step.
+A pipeline hands the output on between the two halves; the output is therefore always the one
+computed with the weights from before this batch's update (§4.3), whichever way it is run.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from stages import losses
+from stages.config import Config, derive_seed
+
+Update = Callable[[], None]
+
+
+@dataclass(frozen=True)
+class PredPooling:
+    """AvgPool2d that shrinks a C×S×S map to at most ``dim-in-decoder`` features (§3.2)."""
+
+    kernel: tuple[int, int]
+    padding: tuple[int, int]
+    out: tuple[int, int]
+    dim: int
+
+
+def pred_pooling(channels: int, size: int, dim_in_decoder: int) -> PredPooling:
+    """The paper's pooling rule: double the kernel height, then width, until C·oh·ow fits."""
+    kh = kw = 1
+    oh = ow = size
+    while channels * oh * ow > dim_in_decoder and kh < size:
+        kh *= 2
+        oh = math.ceil(size / kh)
+        if channels * oh * ow > dim_in_decoder:
+            kw *= 2
+            ow = math.ceil(size / kw)
+    padding = (kh * (oh - size // kh) // 2, kw * (ow - size // kw) // 2)
+    return PredPooling((kh, kw), padding, (oh, ow), channels * oh * ow)
+
+
+class Meter:
+    """Running sums of one unit's losses and errors, kept as tensors so that recording a batch
+    never waits for the device; ``take`` reads and resets them once per epoch."""
+
+    KEYS = ("loss", "loss_sim", "loss_pred", "errors")
+
+    def __init__(self) -> None:
+        self.sums: dict[str, Tensor] = {}
+        self.n = 0
+
+    def add(self, n: int, **values: Tensor) -> None:
+        for key, value in values.items():
+            value = value.detach().double() * (1 if key == "errors" else n)
+            self.sums[key] = self.sums[key] + value if key in self.sums else value
+        self.n += n
+
+    def take(self) -> dict[str, float | int | None]:
+        """Per-example averages (errors in percent); None for a quantity never recorded."""
+        out: dict[str, float | int | None] = {"n": self.n}
+        for key in self.KEYS:
+            total = self.sums.get(key)
+            value = None if total is None or self.n == 0 else total.item() / self.n
+            out["error" if key == "errors" else key] = (
+                None if value is None else 100.0 * value if key == "errors" else value)
+        self.sums, self.n = {}, 0
+        return out
+
+
+def make_optimizer(params, cfg: Config) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    if cfg.optim == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+                               weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                            amsgrad=cfg.optim == "amsgrad")
+
+
+class Unit(nn.Module):
+    """What blocks and the output layer share: an index in the network, an optimizer, meters,
+    and a dropout generator seeded from (seed, index) so masks never depend on run order."""
+
+    def __init__(self, index: int, cfg: Config) -> None:
+        super().__init__()
+        self.index = index
+        self.cfg = cfg
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.meters = {"train": Meter(), "test": Meter()}
+        self._dropout_seed = derive_seed(cfg.seed, "dropout", index)
+        self._dropout_gen: torch.Generator | None = None
+        self._pending_rng: Tensor | None = None
+
+    def make_optimizer(self) -> None:
+        """Give the unit its private optimizer (not in --backprop, where the stage holds one)."""
+        if not self.cfg.backprop:
+            self.optimizer = make_optimizer(self.parameters(), self.cfg)
+
+    @property
+    def meter(self) -> Meter:
+        return self.meters["train" if self.training else "test"]
+
+    def set_lr(self, lr: float) -> None:
+        if self.optimizer is not None:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+
+    def dropout_generator(self, device: torch.device) -> torch.Generator:
+        """The unit's own dropout stream, created on first use on the activation's device."""
+        if self._dropout_gen is None:
+            self._dropout_gen = torch.Generator(device=device)
+            self._dropout_gen.manual_seed(self._dropout_seed)
+            if self._pending_rng is not None:
+                self._dropout_gen.set_state(self._pending_rng)
+        return self._dropout_gen
+
+    def rng_state(self) -> Tensor | None:
+        """State of the dropout stream for a checkpoint (None: never drawn from yet)."""
+        return None if self._dropout_gen is None else self._dropout_gen.get_state()
+
+    def set_rng_state(self, state: Tensor | None) -> None:
+        if self._dropout_gen is not None and state is not None:
+            self._dropout_gen.set_state(state)
+        else:
+            self._pending_rng = state
+
+    def step_closure(self, loss: Tensor) -> Update:
+        optimizer = self.optimizer
+        assert optimizer is not None
+
+        def update() -> None:
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return update
+
+
+class LocalBlock(Unit):
+    """conv|linear → BN → φ gives h; the output handed on is dropout(h), then the VGG max-pool.
+
+    The local loss is computed from h before dropout (§2.1, quirk 1) with a sim head, a pred head
+    (average-pooled for conv blocks), or both; ``--bio`` swaps them for §5's fixed random label
+    codes and a feedback-alignment pred head.
+    """
+
+    def __init__(self, index: int, cfg: Config, num_classes: int, n_in: int, n_out: int,
+                 conv: tuple[int, int, int] | None = None, size: int = 1,
+                 max_pool: bool = False) -> None:
+        """``conv`` is (kernel, stride, padding) for a conv block, None for a linear one;
+        ``size`` is the spatial size of h for a conv block."""
+        super().__init__(index, cfg)
+        self.num_classes = num_classes
+        self.is_conv = conv is not None
+        if conv is not None:
+            k, s, p = conv
+            self.layer: nn.Module = nn.Conv2d(n_in, n_out, k, s, p)
+        else:
+            self.layer = nn.Linear(n_in, n_out)
+        norm = nn.BatchNorm2d if self.is_conv else nn.BatchNorm1d
+        self.bn = None if cfg.no_batch_norm else norm(n_out)
+        self.max_pool = nn.MaxPool2d(2, 2) if max_pool else None
+        self.p = cfg.dropout
+        self.w_pred, self.w_sim = losses.sup_weights(cfg.loss_sup, cfg.beta)
+        if cfg.backprop:
+            self.sim_head = self.pred_pool = self.pred_head = self.recon_head = None
+            return
+
+        uses_sim = self.w_sim > 0 or cfg.loss_unsup == "sim"
+        self.sim_head = None
+        if uses_sim and not cfg.bio:
+            self.sim_head = (nn.Conv2d(n_out, n_out, 3, 1, 1, bias=False) if self.is_conv
+                             else nn.Linear(n_out, n_out, bias=False))
+        self.pred_pool = None
+        dim = n_out
+        if self.is_conv and (self.w_pred > 0 or cfg.bio):
+            pooling = pred_pooling(n_out, size, cfg.dim_in_decoder)
+            dim = pooling.dim
+            if pooling.kernel != (1, 1):
+                self.pred_pool = nn.AvgPool2d(pooling.kernel, pooling.kernel, pooling.padding)
+        self.pred_head: nn.Module | None = None
+        if self.w_pred > 0:
+            self.pred_head = (FALinear(dim, cfg.target_proj_size) if cfg.bio
+                              else nn.Linear(dim, num_classes))
+            if not cfg.bio:
+                nn.init.zeros_(self.pred_head.weight)
+        if cfg.bio:
+            bound = 1.0 / math.sqrt(num_classes)
+            self.register_buffer("label_proj", torch.empty(cfg.target_proj_size, num_classes)
+                                 .uniform_(-bound, bound))
+        self.recon_head = None
+        if cfg.loss_unsup == "recon" and index > 0:
+            self.recon_head = (nn.ConvTranspose2d(n_out, n_in, *conv) if conv is not None
+                               else nn.Linear(n_out, n_in))
+
+    def features(self, x: Tensor) -> Tensor:
+        """h = φ(BN(layer(x))), the tensor the local losses see."""
+        h = self.layer(x if self.is_conv else x.flatten(1))
+        if self.bn is not None:
+            h = self.bn(h)
+        return self.nonlin(h, inplace=True)
+
+    def nonlin(self, x: Tensor, inplace: bool = False) -> Tensor:
+        if self.cfg.nonlin == "leakyrelu":
+            return F.leaky_relu(x, 0.01, inplace=inplace)
+        return F.relu(x, inplace=inplace)
+
+    def handoff(self, h: Tensor) -> Tensor:
+        """The output for the next unit: dropout (whole channels for conv), then max-pool."""
+        if self.training and self.p > 0:
+            shape = h.shape[:2] + (1,) * (h.dim() - 2)
+            mask = torch.empty(shape, device=h.device, dtype=h.dtype)
+            mask.bernoulli_(1.0 - self.p, generator=self.dropout_generator(h.device))
+            h = h * mask.div_(1.0 - self.p)
+        return h if self.max_pool is None else self.max_pool(h)
+
+    def local_loss(self, h: Tensor, x: Tensor, y: Tensor) -> Tensor:
+        """α·L_unsup + (1−α)·L_sup of this block, recorded in the current meter."""
+        cfg = self.cfg
+        std = not cfg.no_similarity_std
+        x = x if self.is_conv else x.flatten(1)
+        stats: dict[str, Tensor] = {}
+        sup = h.new_zeros(())
+        pooled = h if self.pred_pool is None else self.pred_pool(h)
+        if cfg.bio:
+            code = losses.bio_target(self.label_proj, y)
+            hs = pooled
+            sim_target = losses.similarity_matrix(code).detach()
+        else:
+            hs = self.sim_head(h) if self.sim_head is not None else None
+            sim_target = losses.label_similarity(y, self.num_classes) if self.w_sim > 0 else None
+        if self.w_pred > 0:
+            logits = self.pred_head(pooled.flatten(1))
+            if cfg.bio:
+                loss_pred = self.w_pred * losses.bio_pred_loss(logits, code)
+            else:
+                loss_pred = self.w_pred * losses.pred_loss(logits, y)
+                stats["errors"] = losses.errors(logits, y)
+            stats["loss_pred"] = loss_pred
+            sup = sup + loss_pred
+        if self.w_sim > 0:
+            loss_sim = self.w_sim * losses.sim_loss(hs, sim_target, std)
+            stats["loss_sim"] = loss_sim
+            sup = sup + loss_sim
+        unsup: Tensor | float = 0.0
+        if cfg.loss_unsup == "sim":
+            unsup = losses.sim_loss(hs, losses.similarity_matrix(x, std).detach(), std)
+        elif self.recon_head is not None:
+            unsup = F.mse_loss(self.nonlin(self.recon_head(h)), x)
+        loss = losses.mix_unsup(sup, unsup, cfg.alpha)
+        self.meter.add(y.size(0), loss=loss, **stats)
+        return loss
+
+    def train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Update]:
+        h = self.features(x)
+        with torch.no_grad():
+            out = self.handoff(h.detach())
+        return out, self.step_closure(self.local_loss(h, x, y))
+
+    @torch.no_grad()
+    def eval_step(self, x: Tensor, y: Tensor) -> Tensor:
+        h = self.features(x)
+        if not self.cfg.no_print_stats and not self.cfg.backprop:
+            self.local_loss(h, x, y)
+        return self.handoff(h)
+
+
+class OutputLayer(Unit):
+    """The final Linear, trained by the global CE (times (1−β) in predsim, §3.5). In local modes
+    it is just one more local unit: its input is detached and its weight starts at zero."""
+
+    def __init__(self, index: int, cfg: Config, n_in: int, num_classes: int,
+                 zero_init: bool) -> None:
+        super().__init__(index, cfg)
+        self.linear = nn.Linear(n_in, num_classes)
+        if zero_init:
+            nn.init.zeros_(self.linear.weight)
+        self.scale = losses.output_loss_scale(cfg.loss_sup, cfg.beta, cfg.backprop)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear(x.flatten(1))
+
+    def loss(self, logits: Tensor, y: Tensor) -> Tensor:
+        """Scaled CE, recorded in the current meter with the error count."""
+        loss = self.scale * losses.pred_loss(logits, y)
+        self.meter.add(y.size(0), loss=loss, errors=losses.errors(logits, y))
+        return loss
+
+    def train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Update]:
+        logits = self(x)
+        return logits.detach(), self.step_closure(self.loss(logits, y))
+
+    @torch.no_grad()
+    def eval_step(self, x: Tensor, y: Tensor) -> Tensor:
+        logits = self(x)
+        self.loss(logits, y)
+        return logits
+
+
+class FALinear(nn.Module):
+    """Linear layer trained with feedback alignment: a fixed random B carries the error back."""
+
+    def __init__(self, n_in: int, n_out: int) -> None:
+        super().__init__()
+        bound = 1.0 / math.sqrt(n_in)
+        self.weight = nn.Parameter(torch.zeros(n_out, n_in))
+        self.bias = nn.Parameter(torch.zeros(n_out))
+        self.register_buffer("feedback", torch.empty(n_out, n_in).uniform_(-bound, bound))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return losses.feedback_alignment(x, self.weight, self.bias, self.feedback)

@@ -1,0 +1,150 @@
+"""The one configuration object of a run, passed down to every stage, worker and runner.
+
+Field names follow the paper's ``train.py`` options (dashes become underscores) so that its
+recipes carry over unchanged; the fields below ``# localpipe`` are this project's own.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from dataclasses import dataclass, field
+
+
+class ConfigError(ValueError):
+    """An invalid option or combination of options; reported as one line with exit code 2."""
+
+
+VGG_CONFIGS: dict[str, list[int | str]] = {
+    "vgg6a": [128, "M", 256, "M", 512, "M", 512],
+    "vgg6b": [128, "M", 256, "M", 512, "M", 512, "M"],
+    "vgg8": [64, "M", 128, "M", 256, "M", 512, "M", 512, "M"],
+    "vgg8a": [128, 256, "M", 256, 512, "M", 512, "M", 512],
+    "vgg8b": [128, 256, "M", 256, 512, "M", 512, "M", 512, "M"],
+    "vgg11": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    "vgg11b": [128, 128, 128, 256, "M", 256, 512, "M", 512, 512, "M", 512, "M"],
+    "vgg13": [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    "vgg16": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M",
+              512, 512, 512, "M"],
+    "vgg19": [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M",
+              512, 512, 512, 512, "M"],
+}
+MODELS = ("mlp", *VGG_CONFIGS)
+DATASETS = ("MNIST", "FashionMNIST", "KuzushijiMNIST", "CIFAR10", "CIFAR100", "SVHN", "STL10",
+            "synthetic")
+
+
+@dataclass
+class Config:
+    """Every option of a run. Defaults are the paper's, except ``save_dir``."""
+
+    model: str = "vgg8b"
+    dataset: str = "CIFAR10"
+    batch_size: int = 128
+    num_layers: int = 1
+    num_hidden: int = 1024
+    dim_in_decoder: int = 4096
+    feat_mult: float = 1.0
+    epochs: int = 400
+    classes_per_batch: int = 0
+    classes_per_batch_until_epoch: int = 0
+    lr: float = 5e-4
+    lr_decay_milestones: list[int] = field(default_factory=lambda: [200, 300, 350, 375])
+    lr_decay_fact: float = 0.25
+    optim: str = "adam"
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    alpha: float = 0.0
+    beta: float = 0.99
+    dropout: float = 0.0
+    loss_sup: str = "predsim"
+    loss_unsup: str = "none"
+    nonlin: str = "relu"
+    no_similarity_std: bool = False
+    no_cuda: bool = False
+    backprop: bool = False
+    no_batch_norm: bool = False
+    no_detach: bool = False
+    pre_act: bool = False
+    seed: int = 1
+    save_dir: str = "runs"
+    resume: str = ""
+    progress_bar: bool = False
+    no_print_stats: bool = False
+    bio: bool = False
+    target_proj_size: int = 128
+    cutout: bool = False
+    n_holes: int = 1
+    length: int = 16
+    # localpipe
+    stages: int = 1
+    balance: list[int] | None = None
+    queue_depth: int = 2
+    data_root: str = "data"
+    max_steps: int = 0
+    limit_train: int = 0
+    limit_test: int = 0
+    describe: bool = False
+    device: str = "auto"
+    threads: int = 0
+    comm_timeout: float = 300.0
+
+    @property
+    def local(self) -> bool:
+        """True when blocks are trained by their own losses on detached inputs (pipelineable)."""
+        return not (self.backprop or self.no_detach)
+
+    def lr_at(self, epoch: int) -> float:
+        """Learning rate of a 1-based epoch: decayed once per milestone m with m <= epoch - 1."""
+        passed = sum(1 for m in self.lr_decay_milestones if m <= epoch - 1)
+        return self.lr * self.lr_decay_fact ** passed
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> "Config":
+        """Raise ConfigError on the first invalid value; return self for chaining."""
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ConfigError(msg)
+
+        need(self.model in MODELS, f"unknown model {self.model!r}; choose from {', '.join(MODELS)}")
+        need(self.dataset in DATASETS,
+             f"unknown dataset {self.dataset!r}; choose from {', '.join(DATASETS)}")
+        for name in ("batch_size", "num_hidden", "dim_in_decoder", "epochs", "target_proj_size",
+                     "n_holes", "length", "stages", "queue_depth"):
+            need(getattr(self, name) > 0, f"--{name.replace('_', '-')} must be positive, "
+                                          f"got {getattr(self, name)}")
+        for name in ("num_layers", "classes_per_batch", "classes_per_batch_until_epoch",
+                     "max_steps", "limit_train", "limit_test", "threads", "momentum",
+                     "weight_decay"):
+            need(getattr(self, name) >= 0, f"--{name.replace('_', '-')} must not be negative, "
+                                           f"got {getattr(self, name)}")
+        need(self.feat_mult > 0, f"--feat-mult must be positive, got {self.feat_mult}")
+        need(self.lr > 0, f"--lr must be positive, got {self.lr}")
+        need(self.lr_decay_fact > 0, f"--lr-decay-fact must be positive, got {self.lr_decay_fact}")
+        need(0.0 <= self.beta <= 1.0, f"--beta must lie in [0, 1], got {self.beta}")
+        need(0.0 <= self.alpha <= 1.0, f"--alpha must lie in [0, 1], got {self.alpha}")
+        need(0.0 <= self.dropout < 1.0, f"--dropout must lie in [0, 1), got {self.dropout}")
+        need(self.comm_timeout > 0, f"--comm-timeout must be positive, got {self.comm_timeout}")
+        need(self.model == "mlp" or int(64 * self.feat_mult) >= 1,
+             f"--feat-mult {self.feat_mult} leaves a conv layer with no channels")
+        need(not (self.backprop and self.no_detach), "--backprop and --no-detach exclude each other")
+        need(not (self.bio and self.backprop), "--bio has no meaning with --backprop")
+        need(self.local or self.stages == 1,
+             f"--{'backprop' if self.backprop else 'no-detach'} sends gradients between blocks "
+             f"and cannot be pipelined; use --stages 1")
+        if self.balance is not None:
+            need(len(self.balance) == self.stages,
+                 f"--balance has {len(self.balance)} entries but --stages is {self.stages}")
+            need(all(b > 0 for b in self.balance), "--balance entries must be positive")
+        return self
+
+
+def derive_seed(seed: int, *keys: object) -> int:
+    """A stable 63-bit seed for one random stream, e.g. (seed, "init", block index).
+
+    Python's ``hash`` is salted per process for strings, so a digest is used instead: every
+    process of a pipeline derives the same stream for the same keys.
+    """
+    digest = hashlib.sha256(repr((seed, *keys)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)

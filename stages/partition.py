@@ -1,0 +1,99 @@
+"""Cutting a network's units into K contiguous stages.
+
+A pipeline runs at the pace of its slowest stage, so the automatic cut measures each unit's whole
+training step (forward, local heads, backward, optimizer) and picks the contiguous split that
+minimises the largest stage cost; parameter counts stand in where measuring is not wanted.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from stages.config import Config, ConfigError
+
+
+def check_stages(num_units: int, stages: int) -> None:
+    if stages > num_units:
+        raise ConfigError(f"--stages {stages} is more than the {num_units} units of this network "
+                          f"({num_units - 1} blocks and the output layer)")
+
+
+def split(balance: list[int], num_units: int) -> list[list[int]]:
+    """Unit indices of each stage from a ``--balance`` list of units per stage."""
+    if sum(balance) != num_units:
+        raise ConfigError(f"--balance {','.join(map(str, balance))} sums to {sum(balance)} but "
+                          f"the network has {num_units} units ({num_units - 1} blocks and the "
+                          f"output layer)")
+    bounds = [0]
+    for size in balance:
+        bounds.append(bounds[-1] + size)
+    return [list(range(a, b)) for a, b in zip(bounds, bounds[1:])]
+
+
+def best_balance(costs: list[float], stages: int) -> list[int]:
+    """Units per stage of the contiguous split with the smallest maximum stage cost (exact DP;
+    ties go to the split that puts more units early)."""
+    n = len(costs)
+    check_stages(n, stages)
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+    inf = float("inf")
+    # best[k][i]: smallest max cost of putting the first i units into k stages
+    best = [[inf] * (n + 1) for _ in range(stages + 1)]
+    cut = [[0] * (n + 1) for _ in range(stages + 1)]
+    best[0][0] = 0.0
+    for k in range(1, stages + 1):
+        for i in range(k, n + 1):
+            for j in range(k - 1, i):
+                value = max(best[k - 1][j], prefix[i] - prefix[j])
+                if value < best[k][i]:
+                    best[k][i], cut[k][i] = value, j
+    sizes, i = [], n
+    for k in range(stages, 0, -1):
+        sizes.append(i - cut[k][i])
+        i = cut[k][i]
+    return sizes[::-1]
+
+
+def stage_costs(costs: list[float], balance: list[int]) -> list[float]:
+    return [sum(costs[i] for i in idx) for idx in split(balance, len(costs))]
+
+
+def parameter_costs(stage) -> list[float]:
+    """Each unit's parameter count, the fallback cost when no timing is wanted."""
+    return [float(sum(p.numel() for p in u.parameters())) for u in stage.units]
+
+
+def measure_costs(stage, in_shape: tuple[int, int, int], num_classes: int, cfg: Config,
+                  repeats: int = 3) -> list[float]:
+    """Median seconds of each unit's full training step on random batches of the run's size.
+
+    ``stage`` must be a throwaway copy holding every unit: measuring trains it.
+    """
+    device = next(stage.parameters()).device
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.randn((cfg.batch_size, *in_shape), generator=gen).to(device)
+    y = torch.randint(num_classes, (cfg.batch_size,), generator=gen).to(device)
+    times: list[list[float]] = [[] for _ in stage.units]
+    stage.train()
+    for r in range(repeats + 1):  # the first round warms up caches and allocators
+        x = x0
+        for i, unit in enumerate(stage.units):
+            _sync(device)
+            start = time.perf_counter()
+            x, update = unit.train_step(x, y)
+            update()
+            _sync(device)
+            if r > 0:
+                times[i].append(time.perf_counter() - start)
+    for unit in stage.units:
+        for meter in unit.meters.values():
+            meter.take()
+    return [sorted(t)[len(t) // 2] for t in times]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -1,0 +1,106 @@
+"""A stage: a contiguous run of units that one worker trains, and also the whole network.
+
+``train_step`` follows §4.3 inside the stage (each unit forwards, then updates, before the next
+one) except for the last unit, whose update is returned instead of run: the caller hands the
+output on first, so the next stage never waits for this one's backward. With one stage holding
+every unit this is exactly the paper's sequential loop; ``--backprop`` and ``--no-detach`` take
+one global step instead (§4.4, §4.5) and are only valid for that single stage.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from stages.blocks import LocalBlock, OutputLayer, Unit, Update, make_optimizer
+from stages.config import Config
+
+
+class Stage(nn.Module):
+    def __init__(self, units: list[Unit], cfg: Config, device: torch.device) -> None:
+        super().__init__()
+        indices = [u.index for u in units]
+        if indices != list(range(indices[0], indices[0] + len(indices))):
+            raise ValueError(f"a stage needs contiguous units, got {indices}")
+        self.cfg = cfg
+        self.blocks = nn.ModuleDict({str(u.index): u for u in units if isinstance(u, LocalBlock)})
+        outputs = [u for u in units if isinstance(u, OutputLayer)]
+        self.output = outputs[0] if outputs else None
+        self.units: list[Unit] = units
+        self.to(device)
+        for unit in units:
+            unit.make_optimizer()
+        self.optimizer = make_optimizer(self.parameters(), cfg) if cfg.backprop else None
+
+    @property
+    def indices(self) -> list[int]:
+        return [u.index for u in self.units]
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use the learning rate of ``epoch`` (the batch's own epoch, not the wall clock's)."""
+        lr = self.cfg.lr_at(epoch)
+        for unit in self.units:
+            unit.set_lr(lr)
+        if self.optimizer is not None:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        found = [u.optimizer for u in self.units if u.optimizer is not None]
+        return found + ([self.optimizer] if self.optimizer is not None else [])
+
+    def train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Update]:
+        """Train on one batch; return the detached output and the last unit's pending update."""
+        if not self.cfg.local:
+            return self._global_step(x, y)
+        for unit in self.units[:-1]:
+            x, update = unit.train_step(x, y)
+            update()
+        return self.units[-1].train_step(x, y)
+
+    def _global_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Update]:
+        """One end-to-end step: CE through every block (plus, with --no-detach, every local
+        loss with its gradient flowing on into the earlier blocks)."""
+        assert self.output is not None and self.indices[0] == 0, "global modes need one stage"
+        total = x.new_zeros(())
+        for block in self.blocks.values():
+            h = block.features(x)
+            if self.cfg.no_detach:
+                total = total + block.local_loss(h, x, y)
+            x = block.handoff(h)
+        logits = self.output(x)
+        total = total + self.output.loss(logits, y)
+        optimizers = self.optimizers()
+
+        def update() -> None:
+            total.backward()
+            for opt in optimizers:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        return logits.detach(), update
+
+    @torch.no_grad()
+    def eval_step(self, x: Tensor, y: Tensor) -> Tensor:
+        for unit in self.units:
+            x = unit.eval_step(x, y)
+        return x
+
+    @torch.no_grad()
+    def forward(self, x: Tensor) -> Tensor:
+        """Plain inference (logits when the stage ends with the output layer)."""
+        for block in self.blocks.values():
+            x = block.handoff(block.features(x))
+        return x if self.output is None else self.output(x)
+
+    def take_meters(self) -> dict[int, dict[str, dict]]:
+        """Each unit's train and test averages since the last call, by unit index."""
+        return {u.index: {phase: m.take() for phase, m in u.meters.items()} for u in self.units}
+
+    def checkpoint_state(self) -> dict:
+        """Everything to continue exactly: weights, buffers, optimizer moments, dropout streams."""
+        return {
+            "units": {u.index: {"state": u.state_dict(),
+                                "optimizer": None if u.optimizer is None
+                                else u.optimizer.state_dict(),
+                                "rng": u.rng_state()} for u in self.units},
+            "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),
+        }

@@ -87,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
       help="units per stage, e.g. 2,3,2 (default: the measured best cut)")
     g("--queue-depth", type=int, default=d.queue_depth, help="batches in flight between stages")
     g("--data-root", default=d.data_root)
+    g("--no-download", dest="download", action="store_false",
+      help="fail at once when a dataset is missing instead of downloading it")
     g("--max-steps", type=int, default=d.max_steps, help="stop after N training batches")
     g("--limit-train", type=int, default=d.limit_train, help="use the first N training samples")
     g("--limit-test", type=int, default=d.limit_test, help="use the first N test samples")

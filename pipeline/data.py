@@ -54,15 +54,26 @@ def load_split(cfg: Config, train: bool) -> tuple[Tensor, Tensor]:
     if cfg.dataset == "synthetic":
         images, labels = synthetic(train)
     else:
-        images, labels = _torchvision_split(cfg.dataset, cfg.data_root, train)
+        images, labels = _torchvision_split(cfg.dataset, cfg.data_root, train, cfg.download)
     limit = cfg.limit_train if train else cfg.limit_test
     if limit:
         images, labels = images[:limit], labels[:limit]
     return images, labels
 
 
-def _torchvision_split(name: str, root: str, train: bool) -> tuple[Tensor, Tensor]:
+def _torchvision_split(name: str, root: str, train: bool,
+                       download: bool) -> tuple[Tensor, Tensor]:
     import torchvision.datasets as tvd
+
+    def _open(cls, name: str, root: str, expected: str, **kwargs):
+        """Open a torchvision dataset, fetching it if absent; one clear line if that fails."""
+        try:
+            return cls(root, download=download, **kwargs)
+        except Exception as exc:  # URLError, RuntimeError, OSError: "not here, not fetched"
+            why = (str(exc).splitlines() or [type(exc).__name__])[0] if download \
+                else "--no-download is set"
+            raise DataError(f"{name} is not in {os.path.abspath(root)} (expected {expected}) "
+                            f"and could not be downloaded: {why}") from None
 
     if name in ("MNIST", "FashionMNIST", "KuzushijiMNIST"):
         cls = {"MNIST": tvd.MNIST, "FashionMNIST": tvd.FashionMNIST,
@@ -90,16 +101,6 @@ def _torchvision_split(name: str, root: str, train: bool) -> tuple[Tensor, Tenso
     else:
         raise DataError(f"unknown dataset {name!r}")
     return torch.cat(images).contiguous(), torch.cat(labels).long()
-
-
-def _open(cls, name: str, root: str, expected: str, **kwargs):
-    """Open a torchvision dataset, downloading it if absent; one clear line if that fails."""
-    try:
-        return cls(root, download=True, **kwargs)
-    except Exception as exc:  # URLError, RuntimeError, OSError: all mean "not here, not fetched"
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise DataError(f"{name} is not in {os.path.abspath(root)} (expected {expected}) and "
-                        f"could not be downloaded: {reason}") from None
 
 
 def synthetic(train: bool) -> tuple[Tensor, Tensor]:

@@ -80,6 +80,7 @@ class Config:
     balance: list[int] | None = None
     queue_depth: int = 2
     data_root: str = "data"
+    download: bool = True
     max_steps: int = 0
     limit_train: int = 0
     limit_test: int = 0
@@ -128,6 +129,12 @@ class Config:
         need(self.comm_timeout > 0, f"--comm-timeout must be positive, got {self.comm_timeout}")
         need(self.model == "mlp" or int(64 * self.feat_mult) >= 1,
              f"--feat-mult {self.feat_mult} leaves a conv layer with no channels")
+        need(self.optim in ("adam", "amsgrad", "sgd"), f"unknown --optim {self.optim!r}")
+        need(self.loss_sup in ("pred", "sim", "predsim"), f"unknown --loss-sup {self.loss_sup!r}")
+        need(self.loss_unsup in ("none", "sim", "recon"),
+             f"unknown --loss-unsup {self.loss_unsup!r}")
+        need(self.nonlin in ("relu", "leakyrelu"), f"unknown --nonlin {self.nonlin!r}")
+        need(self.device in ("auto", "cpu", "cuda"), f"unknown --device {self.device!r}")
         need(not (self.backprop and self.no_detach), "--backprop and --no-detach exclude each other")
         need(not (self.bio and self.backprop), "--bio has no meaning with --backprop")
         need(self.local or self.stages == 1,

@@ -1,0 +1,62 @@
+"""Shared fixtures: the real MNIST copied somewhere writable, and helpers to run the CLI."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_MNIST = ROOT.parent / "shared" / "data" / "MNIST"
+LAUNCH = ROOT / "launch" / "pipeline.py"
+
+
+@pytest.fixture(scope="session")
+def mnist_root(tmp_path_factory) -> str:
+    """torchvision unpacks beside the .gz files, so work on a copy."""
+    if not SHARED_MNIST.exists():
+        pytest.skip(f"real MNIST not found at {SHARED_MNIST}")
+    root = tmp_path_factory.mktemp("data")
+    shutil.copytree(SHARED_MNIST, root / "MNIST")
+    for path in (root / "MNIST").rglob("*"):
+        os.chmod(path, 0o755 if path.is_dir() else 0o644)
+    return str(root)
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 600,
+            torchrun: int = 0) -> subprocess.CompletedProcess:
+    """Run launch/pipeline.py in a fresh process (under torchrun with N processes if asked)."""
+    cmd = [sys.executable, str(LAUNCH)]
+    if torchrun:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(torchrun),
+               "--master-port", str(_free_port()), str(LAUNCH)]
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(cmd + list(args), capture_output=True, text=True, timeout=timeout,
+                          env=full_env, cwd=ROOT)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def metrics(save_dir) -> list[dict]:
+    return [json.loads(line) for line in open(Path(save_dir) / "metrics.jsonl")]
+
+
+def load_model(save_dir) -> dict[str, torch.Tensor]:
+    return torch.load(Path(save_dir) / "model.pt")
+
+
+def assert_same_model(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"tensors differ: {different}"

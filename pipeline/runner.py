@@ -273,9 +273,12 @@ def run_distributed(cfg: Config, fault: Fault | None = None) -> Coordinator | No
                             timeout=timedelta(seconds=cfg.comm_timeout),
                             device_id=device if use_cuda else None)
 
-    def die(reason: str) -> None:
-        print(f"localpipe: stage {rank} failed: {reason}", file=sys.stderr, flush=True)
+    def die(reason: str, verb: str = "failed") -> None:
+        print(f"localpipe: stage {rank} {verb}: {reason}", file=sys.stderr, flush=True)
         os._exit(1)
+
+    def lost_link(reason: str) -> None:
+        die(reason, "stopped")
 
     try:
         links = [dist.new_group([k, k + 1]) for k in range(world - 1)]
@@ -291,12 +294,12 @@ def run_distributed(cfg: Config, fault: Fault | None = None) -> Coordinator | No
             threading.Thread(target=lambda: [inbox.put(m, timeout=None) for m in feed(
                 cfg, train, test, device, cfg.progress_bar)], name="feed", daemon=True).start()
         else:
-            DistReceiver(inbox, links[rank - 1], rank - 1, device, die).start()
+            DistReceiver(inbox, links[rank - 1], rank - 1, device, lost_link).start()
         outbox, sender = None, None
         if rank < world - 1:
             outbox = Channel(cfg.queue_depth, abort, cfg.comm_timeout,
                              f"stage {rank}'s output queue")
-            sender = DistSender(outbox, links[rank], rank + 1, device, die)
+            sender = DistSender(outbox, links[rank], rank + 1, device, lost_link)
             sender.start()
 
         def report(r: dict) -> None:

@@ -167,7 +167,7 @@ class DistSender(threading.Thread):
                 if msg.kind == Kind.STOP:
                     return
         except Exception as exc:  # a dead peer, a broken link: the whole run must stop
-            self.on_error(f"lost the link to rank {self.dst}: {type(exc).__name__}: {exc}")
+            self.on_error(f"lost the link to stage {self.dst}: {_first_line(exc)}")
 
 
 class DistReceiver(threading.Thread):
@@ -195,4 +195,9 @@ class DistReceiver(threading.Thread):
                 if msg.kind == Kind.STOP:
                     return
         except Exception as exc:
-            self.on_error(f"lost the link to rank {self.src}: {type(exc).__name__}: {exc}")
+            self.on_error(f"lost the link to stage {self.src}: {_first_line(exc)}")
+
+
+def _first_line(exc: Exception) -> str:
+    text = (str(exc).splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {text[:200]}"

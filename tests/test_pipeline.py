@@ -1,0 +1,128 @@
+"""Pipelined training computes exactly what sequential training computes (the method spec's
+equivalence note), under every runner, and a failing stage brings the whole run down."""
+import subprocess
+import time
+
+import pytest
+import torch
+
+from launch.pipeline import main
+from pipeline.transport import Abort, Channel, Message, Kind, StageFailed
+from stages import partition
+from stages.config import ConfigError
+
+from conftest import assert_same_model, load_model, metrics, run_cli
+
+# Dropout and batch norm on, a last partial batch (100 = 3·32 + 4), an epoch boundary with an
+# lr milestone, and --max-steps ending training inside the second epoch.
+COMMON = ["--dataset", "MNIST", "--limit-train", "100", "--limit-test", "50", "--batch-size",
+          "32", "--epochs", "2", "--max-steps", "6", "--dropout", "0.2", "--nonlin",
+          "leakyrelu", "--lr-decay-milestones", "1", "--threads", "1", "--seed", "7"]
+MODELS = {
+    "mlp": ["--model", "mlp", "--num-layers", "3", "--num-hidden", "64"],
+    "vgg8b": ["--model", "vgg8b", "--feat-mult", "0.25", "--num-hidden", "64",
+              "--dim-in-decoder", "1024"],
+}
+_reference: dict[str, str] = {}
+
+
+def _args(model: str, mnist_root: str, save_dir) -> list[str]:
+    return MODELS[model] + COMMON + ["--data-root", mnist_root, "--save-dir", str(save_dir)]
+
+
+def _reference_run(model: str, mnist_root: str, tmp_path_factory) -> str:
+    if model not in _reference:
+        save = tmp_path_factory.mktemp(f"ref-{model}")
+        assert main(_args(model, mnist_root, save) + ["--stages", "1"]) == 0
+        _reference[model] = str(save)
+    return _reference[model]
+
+
+def _errors(save_dir) -> list[tuple]:
+    return [(r["epoch"], r["train_error"], r["test_error"],
+             [(b["train_error"], b["test_error"]) for b in r["blocks"]]) for r in metrics(save_dir)]
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+@pytest.mark.parametrize("runner,stages", [("threads", 2), ("threads", 3), ("threads", 4),
+                                           ("torchrun", 2), ("torchrun", 3), ("torchrun", 4)])
+def test_pipelined_equals_sequential(model, runner, stages, mnist_root, tmp_path,
+                                     tmp_path_factory):
+    reference = _reference_run(model, mnist_root, tmp_path_factory)
+    args = _args(model, mnist_root, tmp_path) + ["--stages", str(stages)]
+    if runner == "threads":
+        assert main(args) == 0
+    else:
+        result = run_cli(*args, torchrun=stages, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_model(load_model(reference), load_model(tmp_path))
+    assert _errors(reference) == _errors(tmp_path)
+    assert len(metrics(tmp_path)) == 2 and metrics(tmp_path)[-1]["lr"] == pytest.approx(1.25e-4)
+    manifest = tmp_path / "checkpoints" / "epoch-0002" / "manifest.json"
+    assert manifest.exists() and len(list(manifest.parent.glob("stage-*.pt"))) == stages
+
+
+def test_pipelined_model_loads_as_an_ordinary_model(mnist_root, tmp_path_factory):
+    from pipeline.data import INFO
+    from stages.config import Config
+    from stages.models import build_model
+
+    reference = _reference_run("mlp", mnist_root, tmp_path_factory)
+    cfg = Config(model="mlp", num_layers=3, num_hidden=64, dropout=0.2)
+    model = build_model(cfg, INFO["MNIST"].shape, 10)
+    model.load_state_dict(load_model(reference))
+    model.eval()
+    assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+
+
+def _still_running(marker: str) -> str:
+    return subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout
+
+
+def test_failing_stage_brings_down_every_process(tmp_path):
+    save = tmp_path / "fault-run"
+    start = time.monotonic()
+    result = run_cli("--model", "mlp", "--num-layers", "2", "--num-hidden", "64", "--dataset",
+                     "synthetic", "--stages", "3", "--save-dir", str(save), "--epochs", "5",
+                     torchrun=3, env={"LOCALPIPE_INJECT_FAULT": "1:3"}, timeout=120)
+    elapsed = time.monotonic() - start
+    assert result.returncode != 0
+    assert elapsed < 30, f"took {elapsed:.0f} s"
+    assert "localpipe: stage 1 failed: RuntimeError: injected fault" in result.stderr
+    assert not _still_running(str(save)), "a stage process outlived the run"
+
+
+def test_failing_stage_stops_the_in_process_runner(tmp_path, capsys):
+    import os
+
+    os.environ["LOCALPIPE_INJECT_FAULT"] = "2:2"
+    try:
+        start = time.monotonic()
+        code = main(["--model", "mlp", "--num-layers", "3", "--num-hidden", "32", "--dataset",
+                     "synthetic", "--stages", "4", "--save-dir", str(tmp_path), "--threads", "1"])
+    finally:
+        del os.environ["LOCALPIPE_INJECT_FAULT"]
+    assert code == 1 and time.monotonic() - start < 30
+    assert "stage 2 failed: RuntimeError: injected fault" in capsys.readouterr().err
+
+
+def test_channel_backpressure_and_abort():
+    abort = Abort()
+    channel = Channel(1, abort, timeout=0.2, name="test queue")
+    channel.put(Message(Kind.STOP, 0, 0))
+    with pytest.raises(TimeoutError, match="could not send to test queue"):
+        channel.put(Message(Kind.STOP, 0, 0))
+    channel.get()
+    abort.fail(StageFailed(3, "boom"))
+    with pytest.raises(StageFailed, match="stage 3 failed: boom"):
+        channel.get()
+
+
+def test_best_balance_minimises_the_slowest_stage():
+    assert partition.best_balance([1, 1, 1, 1], 2) == [2, 2]
+    assert partition.best_balance([5, 1, 1, 1, 1, 1], 2) == [1, 5]
+    assert partition.best_balance([1, 2, 3, 4, 5], 3) == [3, 1, 1]  # 6 | 4 | 5
+    assert max(partition.stage_costs([1, 2, 3, 4, 5], [3, 1, 1])) == 6
+    assert partition.split([2, 1], 3) == [[0, 1], [2]]
+    with pytest.raises(ConfigError):
+        partition.best_balance([1, 2], 3)

@@ -7,8 +7,10 @@ batch depends only on where it sits in the run: the same in every runner and aft
 """
 from __future__ import annotations
 
+import gzip
 import math
 import os
+import struct
 from collections import deque
 from dataclasses import dataclass
 from typing import Iterator
@@ -78,6 +80,12 @@ def _torchvision_split(name: str, root: str, train: bool,
     if name in ("MNIST", "FashionMNIST", "KuzushijiMNIST"):
         cls = {"MNIST": tvd.MNIST, "FashionMNIST": tvd.FashionMNIST,
                "KuzushijiMNIST": tvd.KMNIST}[name]
+        prefix = "train" if train else "t10k"
+        files = [_idx_path(os.path.join(root, cls.__name__, "raw"), f"{prefix}-{kind}")
+                 for kind in ("images-idx3-ubyte", "labels-idx1-ubyte")]
+        if all(files):  # read in place: a read-only copy of the .gz files is enough
+            images, labels = (torch.from_numpy(read_idx(f)) for f in files)
+            return images.unsqueeze(1).contiguous(), labels.long()
         ds = _open(cls, name, root, f"{root}/{cls.__name__}/raw: "
                    + ", ".join(f for f, _ in cls.resources), train=train)
         images, labels = [ds.data.unsqueeze(1)], [ds.targets]
@@ -101,6 +109,22 @@ def _torchvision_split(name: str, root: str, train: bool,
     else:
         raise DataError(f"unknown dataset {name!r}")
     return torch.cat(images).contiguous(), torch.cat(labels).long()
+
+
+def _idx_path(folder: str, stem: str) -> str | None:
+    for path in (os.path.join(folder, stem), os.path.join(folder, stem + ".gz")):
+        if os.path.exists(path):
+            return path
+    return None
+
+
+def read_idx(path: str) -> np.ndarray:
+    """An IDX file (the MNIST format), gzipped or not."""
+    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+        data = f.read()
+    ndim = data[3]
+    dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims).copy()
 
 
 def synthetic(train: bool) -> tuple[Tensor, Tensor]:

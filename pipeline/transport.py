@@ -143,59 +143,76 @@ def _header(msg: Message, device: torch.device) -> Tensor:
                         device=device)
 
 
-class DistSender(threading.Thread):
-    """Sends each message of ``channel`` to rank ``dst``: a fixed-size header, then x and y.
+class _Link(threading.Thread):
+    """A thread that pumps messages between a channel and one neighbouring rank. Any error
+    (a dead peer, a broken connection) goes to ``on_error``: the whole run must stop."""
+
+    def __init__(self, channel: Channel, group, peer: int, device: torch.device,
+                 on_error, name: str) -> None:
+        super().__init__(name=name, daemon=True)
+        self.channel, self.group, self.peer, self.device, self.on_error = (
+            channel, group, peer, device, on_error)
+
+    def run(self) -> None:
+        try:
+            _use_device(self.device)
+            self.pump()
+        except Exception as exc:
+            self.on_error(f"lost the link to stage {self.peer}: {_first_line(exc)}")
+
+    def pump(self) -> None:
+        raise NotImplementedError
+
+
+class DistSender(_Link):
+    """Sends each message of ``channel`` to rank ``peer``: a fixed-size header, then x and y.
 
     Plain blocking sends in order, one link per process group: ``batch_isend_irecv`` can hang
     on gloo. The channel in front of it holds the ``--queue-depth`` messages in flight.
     """
 
-    def __init__(self, channel: Channel, group, dst: int, device: torch.device,
+    def __init__(self, channel: Channel, group, peer: int, device: torch.device,
                  on_error) -> None:
-        super().__init__(name=f"send-to-{dst}", daemon=True)
-        self.channel, self.group, self.dst, self.device, self.on_error = (
-            channel, group, dst, device, on_error)
+        super().__init__(channel, group, peer, device, on_error, f"send-to-{peer}")
 
-    def run(self) -> None:
-        try:
-            while True:
-                msg, _ = self.channel.get(timeout=None)
-                dist.send(_header(msg, self.device), dst=self.dst, group=self.group)
-                if msg.x is not None:
-                    dist.send(msg.x.contiguous(), dst=self.dst, group=self.group)
-                    dist.send(msg.y, dst=self.dst, group=self.group)
-                if msg.kind == Kind.STOP:
-                    return
-        except Exception as exc:  # a dead peer, a broken link: the whole run must stop
-            self.on_error(f"lost the link to stage {self.dst}: {_first_line(exc)}")
+    def pump(self) -> None:
+        while True:
+            msg, _ = self.channel.get(timeout=None)
+            dist.send(_header(msg, self.device), dst=self.peer, group=self.group)
+            if msg.x is not None:
+                dist.send(msg.x.contiguous(), dst=self.peer, group=self.group)
+                dist.send(msg.y, dst=self.peer, group=self.group)
+            if msg.kind == Kind.STOP:
+                return
 
 
-class DistReceiver(threading.Thread):
-    """Receives messages from rank ``src`` into ``channel`` (blocking when it is full)."""
+class DistReceiver(_Link):
+    """Receives messages from rank ``peer`` into ``channel`` (blocking while it is full)."""
 
-    def __init__(self, channel: Channel, group, src: int, device: torch.device,
+    def __init__(self, channel: Channel, group, peer: int, device: torch.device,
                  on_error) -> None:
-        super().__init__(name=f"recv-from-{src}", daemon=True)
-        self.channel, self.group, self.src, self.device, self.on_error = (
-            channel, group, src, device, on_error)
+        super().__init__(channel, group, peer, device, on_error, f"recv-from-{peer}")
 
-    def run(self) -> None:
-        try:
-            while True:
-                header = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device)
-                dist.recv(header, src=self.src, group=self.group)
-                kind, epoch, step, ndim, *dims = header.tolist()
-                msg = Message(Kind(kind), epoch, step)
-                if ndim:
-                    msg.x = torch.empty(dims[:ndim], device=self.device)
-                    msg.y = torch.empty(dims[0], dtype=torch.int64, device=self.device)
-                    dist.recv(msg.x, src=self.src, group=self.group)
-                    dist.recv(msg.y, src=self.src, group=self.group)
-                self.channel.put(msg, timeout=None)
-                if msg.kind == Kind.STOP:
-                    return
-        except Exception as exc:
-            self.on_error(f"lost the link to stage {self.src}: {_first_line(exc)}")
+    def pump(self) -> None:
+        while True:
+            header = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device)
+            dist.recv(header, src=self.peer, group=self.group)
+            kind, epoch, step, ndim, *dims = header.tolist()
+            msg = Message(Kind(kind), epoch, step)
+            if ndim:
+                msg.x = torch.empty(dims[:ndim], device=self.device)
+                msg.y = torch.empty(dims[0], dtype=torch.int64, device=self.device)
+                dist.recv(msg.x, src=self.peer, group=self.group)
+                dist.recv(msg.y, src=self.peer, group=self.group)
+            self.channel.put(msg, timeout=None)
+            if msg.kind == Kind.STOP:
+                return
+
+
+def _use_device(device: torch.device) -> None:
+    """The current CUDA device is per thread: a link thread must pick its rank's GPU itself."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
 
 
 def _first_line(exc: Exception) -> str:

@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--pre-act", action="store_true", help="accepted for compatibility (ResNet only)")
     a("--seed", type=int, default=d.seed)
     a("--save-dir", default=d.save_dir, help="outputs go here ('' saves nothing)")
-    a("--resume", default=d.resume, help=argparse.SUPPRESS)
+    a("--resume", default=d.resume,
+      help="continue from a checkpoint folder, a save dir's newest checkpoint, or 'auto'")
     a("--progress-bar", action="store_true")
     a("--no-print-stats", action="store_true", help="skip the local heads at test time")
     a("--bio", action="store_true", help="backprop-free local heads (§5)")
@@ -111,8 +112,6 @@ def parse_config(argv: list[str] | None = None) -> Config:
     args = vars(build_parser().parse_args(argv))
     if args.pop("no_cuda"):
         args["device"] = "cpu"
-    if args["resume"]:
-        raise ConfigError("--resume is not supported yet")
     return Config(**args, no_cuda=args["device"] == "cpu").validate()
 
 

@@ -64,6 +64,37 @@ def make_plan(cfg: Config, device: torch.device, measure: bool = True) -> Plan:
     return Plan(info, specs, partition.split(balance, len(specs)), costs, kind)
 
 
+@dataclass
+class Start:
+    """Where training begins: from scratch, or after the epochs of a checkpoint."""
+
+    folder: str | None = None
+    manifest: dict | None = None
+    epoch: int = 0  # epochs already done
+    steps: int = 0  # training batches already done
+
+    def restore(self, stage) -> None:
+        if self.folder is not None:
+            stage.load_checkpoint_state(
+                checkpoint.load_units(self.folder, self.manifest, stage.indices))
+
+
+def start_point(cfg: Config) -> Start:
+    """Resolve --resume (a checkpoint folder, a save dir, or "auto") into a Start."""
+    if not cfg.resume:
+        return Start()
+    try:
+        folder = checkpoint.find_checkpoint(cfg.resume, cfg.save_dir)
+        if folder is None:
+            return Start()
+        manifest = checkpoint.read_manifest(folder, cfg.to_dict())
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(f"cannot resume: {exc}") from None
+    print(f"resuming from {folder} (epoch {manifest['epoch']}, step {manifest['step']})",
+          flush=True)
+    return Start(folder, manifest, manifest["epoch"], manifest["step"])
+
+
 def seed_everything(seed: int) -> None:
     """Seed the global generators too, for anything outside the per-purpose streams."""
     torch.manual_seed(seed)
@@ -80,15 +111,18 @@ def default_device(cfg: Config) -> torch.device:
 
 
 def feed(cfg: Config, train: Batches, test: Batches, device: torch.device,
-         progress: bool) -> Iterator[Message]:
+         start: Start) -> Iterator[Message]:
     """Stage 0's input: each epoch's training batches, its test batches, END_EPOCH; then STOP.
 
     ``--max-steps`` ends training after that many batches, still closing with an evaluation."""
     from tqdm import tqdm
 
-    steps = 0
-    for epoch in range(1, cfg.epochs + 1):
-        bar = tqdm(total=len(train), desc=f"epoch {epoch}", disable=not progress, leave=False,
+    steps = start.steps
+    for epoch in range(start.epoch + 1, cfg.epochs + 1):
+        if cfg.max_steps and steps >= cfg.max_steps:
+            break
+        bar = tqdm(total=len(train), desc=f"epoch {epoch}", disable=not cfg.progress_bar,
+                   leave=False,
                    file=sys.stderr)
         for step, (x, y) in enumerate(train.epoch(epoch)):
             yield _to_device(Message(Kind.TRAIN, epoch, step, x, y), device)
@@ -100,8 +134,6 @@ def feed(cfg: Config, train: Batches, test: Batches, device: torch.device,
         for step, (x, y) in enumerate(test.epoch(epoch)):
             yield _to_device(Message(Kind.EVAL, epoch, step, x, y), device)
         yield Message(Kind.END_EPOCH, epoch, len(train))
-        if steps == cfg.max_steps:
-            break
     yield Message(Kind.STOP, 0, 0)
 
 
@@ -152,14 +184,15 @@ class Coordinator:
         return self.state is not None
 
 
-def prepare_save_dir(cfg: Config) -> None:
+def prepare_save_dir(cfg: Config, start: Start) -> None:
+    """Write args.json; start metrics.jsonl afresh unless resuming (then it is appended to)."""
     if not cfg.save_dir:
         return
     try:
         os.makedirs(cfg.save_dir, exist_ok=True)
         with open(os.path.join(cfg.save_dir, "args.json"), "w") as f:
             json.dump(cfg.to_dict(), f, indent=1)
-        open(os.path.join(cfg.save_dir, "metrics.jsonl"), "w").close()
+        open(os.path.join(cfg.save_dir, "metrics.jsonl"), "a" if start.folder else "w").close()
     except OSError as exc:
         raise ConfigError(f"cannot write to --save-dir {cfg.save_dir}: {exc.strerror}") from None
 
@@ -191,13 +224,16 @@ def run_inprocess(cfg: Config, fault: Fault | None = None) -> Coordinator:
     device = default_device(cfg)
     if device.type == "cpu":  # OpenMP gives every stage thread its own team: share the cores
         set_threads(cfg, max(1, (os.cpu_count() or 1) // cfg.stages))
+    start = start_point(cfg)
     run_plan = make_plan(cfg, device)
-    prepare_save_dir(cfg)
+    prepare_save_dir(cfg, start)
     train, test = load_batches(cfg, run_plan.info)
     devices = stage_devices(cfg, device)
     info = run_plan.info
     stages = [build_stage(cfg, info.shape, info.num_classes, part, dev)
               for part, dev in zip(run_plan.parts, devices)]
+    for stage in stages:
+        start.restore(stage)
     coordinator = Coordinator(cfg, run_plan)
     abort = Abort()
     channels = [Channel(cfg.queue_depth, abort, cfg.comm_timeout, f"stage {k}'s input queue")
@@ -218,13 +254,13 @@ def run_inprocess(cfg: Config, fault: Fault | None = None) -> Coordinator:
             abort.fail(StageFailed(k, f"{type(exc).__name__}: {exc}"))
 
     def feeder() -> None:
-        for msg in feed(cfg, train, test, devices[0], cfg.progress_bar):
+        for msg in feed(cfg, train, test, devices[0], start):
             channels[0].put(msg, timeout=None)
 
     def worker(k: int) -> None:
         outbox = channels[k + 1] if k + 1 < cfg.stages else None
         run_stage(stages[k], k, channels[k], outbox, reports.put, devices[k], cfg.save_dir,
-                  fault)
+                  fault, start.steps)
 
     threads = [threading.Thread(target=guarded, args=(0, feeder), name="feed", daemon=True)]
     threads += [threading.Thread(target=guarded, args=(k, lambda k=k: worker(k)),
@@ -266,8 +302,9 @@ def run_distributed(cfg: Config, fault: Fault | None = None) -> Coordinator | No
     set_threads(cfg, 0)
     partition.check_stages(len(plan(cfg, INFO[cfg.dataset].shape, INFO[cfg.dataset].num_classes)),
                            cfg.stages)
+    start = start_point(cfg)
     if rank == 0:
-        prepare_save_dir(cfg)
+        prepare_save_dir(cfg, start)
         train, test = load_batches(cfg, INFO[cfg.dataset])
     dist.init_process_group("nccl" if use_cuda else "gloo",
                             timeout=timedelta(seconds=cfg.comm_timeout),
@@ -287,12 +324,13 @@ def run_distributed(cfg: Config, fault: Fault | None = None) -> Coordinator | No
         run_plan: Plan = shared[0]
         info = run_plan.info
         stage = build_stage(cfg, info.shape, info.num_classes, run_plan.parts[rank], device)
+        start.restore(stage)
         coordinator = Coordinator(cfg, run_plan) if rank == 0 else None
         abort = Abort()
         inbox = Channel(cfg.queue_depth, abort, cfg.comm_timeout, f"stage {rank}'s input queue")
         if rank == 0:
             threading.Thread(target=lambda: [inbox.put(m, timeout=None) for m in feed(
-                cfg, train, test, device, cfg.progress_bar)], name="feed", daemon=True).start()
+                cfg, train, test, device, start)], name="feed", daemon=True).start()
         else:
             DistReceiver(inbox, links[rank - 1], rank - 1, device, lost_link).start()
         outbox, sender = None, None
@@ -309,7 +347,7 @@ def run_distributed(cfg: Config, fault: Fault | None = None) -> Coordinator | No
                 for item in gathered:
                     coordinator.handle(item)
 
-        run_stage(stage, rank, inbox, outbox, report, device, cfg.save_dir, fault)
+        run_stage(stage, rank, inbox, outbox, report, device, cfg.save_dir, fault, start.steps)
         if sender is not None:
             sender.join(timeout=cfg.comm_timeout)
         dist.destroy_process_group()

@@ -36,11 +36,11 @@ class Fault:
 
 def run_stage(stage: Stage, index: int, inbox: Channel, outbox: Channel | None,
               report: Callable[[dict], None], device: torch.device, save_dir: str | None,
-              fault: Fault | None = None) -> None:
+              fault: Fault | None = None, steps: int = 0) -> None:
     """Serve messages until STOP. ``outbox`` is None for the last stage, whose output is the
-    logits; ``report`` receives a dict at every END_EPOCH and the final weights at STOP."""
+    logits; ``report`` receives a dict at every END_EPOCH and the final weights at STOP.
+    ``steps`` counts the training batches done over the whole run (a resume starts above 0)."""
     timer = StageTimer()
-    steps = 0  # training batches done, over the whole run
 
     def send(msg: Message) -> None:
         if outbox is not None:

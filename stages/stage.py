@@ -104,3 +104,14 @@ class Stage(nn.Module):
                                 "rng": u.rng_state()} for u in self.units},
             "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),
         }
+
+    def load_checkpoint_state(self, state: dict) -> None:
+        """Restore what ``checkpoint_state`` saved, for the units of this stage."""
+        for unit in self.units:
+            saved = state["units"][unit.index]
+            unit.load_state_dict(saved["state"])
+            if unit.optimizer is not None:
+                unit.optimizer.load_state_dict(saved["optimizer"])
+            unit.set_rng_state(saved["rng"])
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(state["optimizer"])

@@ -106,7 +106,8 @@ class Recorder:
             return "n/a" if v is None else format(v, fmt)
 
         speed = num(r["samples_per_s"], ".1f")
-        print(f"Train epoch={r['epoch']}, lr={r['lr']:.2e}, loss_local={num(r['train_loss_local'])}, "
+        print(f"Train epoch={r['epoch']}, lr={r['lr']:.2e}, "
+              f"loss_local={num(r['train_loss_local'])}, "
               f"loss_global={num(r['train_loss_global'])}, error={num(r['train_error'], '.3f')}%, "
               f"mem={r['peak_memory_bytes'] / 2**20:.0f}MiB, {speed} samples/s", flush=True)
         for phase in ("train", "test"):

@@ -135,7 +135,8 @@ class Config:
              f"unknown --loss-unsup {self.loss_unsup!r}")
         need(self.nonlin in ("relu", "leakyrelu"), f"unknown --nonlin {self.nonlin!r}")
         need(self.device in ("auto", "cpu", "cuda"), f"unknown --device {self.device!r}")
-        need(not (self.backprop and self.no_detach), "--backprop and --no-detach exclude each other")
+        need(not (self.backprop and self.no_detach),
+             "--backprop and --no-detach exclude each other")
         need(not (self.bio and self.backprop), "--bio has no meaning with --backprop")
         need(self.local or self.stages == 1,
              f"--{'backprop' if self.backprop else 'no-detach'} sends gradients between blocks "

@@ -1,6 +1,5 @@
 """Datasets, §6 preprocessing and the batch stream, with generated data for the sets that are
 not on this machine."""
-import gzip
 import struct
 
 import numpy as np

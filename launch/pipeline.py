@@ -19,13 +19,13 @@ if __package__ in (None, ""):
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from pipeline.data import INFO, DataError  # noqa: E402
-from pipeline.runner import make_plan, run_distributed, run_inprocess  # noqa: E402
+from pipeline.runner import StopRequest, make_plan, run_distributed, run_inprocess  # noqa: E402
 from pipeline.transport import StageFailed  # noqa: E402
 from pipeline.worker import Fault  # noqa: E402
 from stages.config import DATASETS, MODELS, Config, ConfigError  # noqa: E402
 from stages.models import backprop_parameters, build_unit  # noqa: E402
 
-FAULT_ENV = "LOCALPIPE_INJECT_FAULT"  # "STAGE:STEP", a test hook
+FAULT_ENV = "LOCALPIPE_INJECT_FAULT"  # "STAGE:STEP[:raise|kill|nan]", a test hook
 
 
 class Parser(argparse.ArgumentParser):
@@ -98,6 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     g("--threads", type=int, default=d.threads, help="torch threads per process (0: auto)")
     g("--comm-timeout", type=float, default=d.comm_timeout,
       help="seconds any wait between stages may take before the run is stopped")
+    g("--checkpoint-every", type=int, default=d.checkpoint_every,
+      help="also checkpoint every N training batches (0: at epoch ends only)")
+    g("--keep-checkpoints", type=int, default=d.keep_checkpoints,
+      help="keep only the newest N checkpoints (0: all)")
+    g("--on-nan", default=d.on_nan, choices=["stop", "skip"],
+      help="on a NaN/inf loss: stop the run, or skip that batch's update")
     return p
 
 
@@ -149,11 +155,13 @@ def main(argv: list[str] | None = None) -> int:
             describe(cfg)
             return 0
         fault = Fault.parse(os.environ.get(FAULT_ENV))
+        stop = StopRequest()
+        stop.install()
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            run_distributed(cfg, fault)
+            run_distributed(cfg, stop, fault)
         else:
-            run_inprocess(cfg, fault)
-        return 0
+            run_inprocess(cfg, stop, fault)
+        return 0 if stop.signum is None else 128 + stop.signum
     except (ConfigError, DataError) as exc:
         print(f"localpipe: error: {exc}", file=sys.stderr)
         return 2

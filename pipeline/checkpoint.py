@@ -1,53 +1,79 @@
 """Checkpoint files: one per stage, then a manifest written last, every write atomic.
 
-A checkpoint directory is complete exactly when its ``manifest.json`` exists, so a run killed
-while saving leaves the previous checkpoint as the newest usable one.
+A checkpoint folder (``checkpoints/step-NNNNNNNNN``, named by training batches done) is complete
+exactly when its ``manifest.json`` exists, so a run killed while saving leaves the previous
+checkpoint as the newest usable one. The manifest records each stage file's size and SHA-256,
+the position to continue from, and the run's options.
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
+import shutil
 import tempfile
+import time
 
 import torch
 
-
-def checkpoint_dir(save_dir: str, epoch: int) -> str:
-    return os.path.join(save_dir, "checkpoints", f"epoch-{epoch:04d}")
+PAUSE_ENV = "LOCALPIPE_TEST_SAVE_PAUSE"  # test hook: seconds to stall before a rename
 
 
-def atomic_write(path: str, write) -> int:
-    """Write through ``write(file)`` to a temporary file, fsync, rename; return the size."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
+def checkpoint_dir(save_dir: str, steps: int) -> str:
+    return os.path.join(save_dir, "checkpoints", f"step-{steps:09d}")
+
+
+def atomic_write(path: str, data: bytes) -> None:
+    """Write to a temporary file beside ``path``, fsync, then rename over it."""
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
     try:
         with os.fdopen(fd, "wb") as f:
-            write(f)
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        time.sleep(float(os.environ.get(PAUSE_ENV, 0)))
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    return os.path.getsize(path)
 
 
-def save_torch(obj, path: str) -> int:
-    return atomic_write(path, lambda f: torch.save(obj, f))
+def save_torch(obj, path: str) -> dict:
+    """Atomically save ``obj``; return its size and SHA-256."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    data = buffer.getvalue()
+    atomic_write(path, data)
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
-def save_stage(save_dir: str, epoch: int, stage: int, state: dict) -> dict:
+def save_stage(save_dir: str, steps: int, stage: int, state: dict) -> dict:
     """Write one stage's state; return its entry for the manifest."""
-    path = os.path.join(checkpoint_dir(save_dir, epoch), f"stage-{stage}.pt")
-    return {"file": os.path.basename(path), "bytes": save_torch(state, path)}
+    path = os.path.join(checkpoint_dir(save_dir, steps), f"stage-{stage}.pt")
+    return {"file": os.path.basename(path), **save_torch(state, path)}
 
 
-def write_manifest(save_dir: str, epoch: int, step: int, args: dict, files: list[dict]) -> str:
-    path = os.path.join(checkpoint_dir(save_dir, epoch), "manifest.json")
-    text = json.dumps({"epoch": epoch, "step": step, "args": args, "files": files}, indent=1)
-    atomic_write(path, lambda f: f.write(text.encode()))
-    return path
+def write_manifest(save_dir: str, steps: int, position: tuple[int, int], args: dict,
+                   files: list[dict], keep: int) -> str:
+    """Complete the checkpoint after ``steps`` batches; then keep only the newest ``keep``
+    complete checkpoints (0 keeps all) and drop incomplete older ones."""
+    folder = checkpoint_dir(save_dir, steps)
+    text = json.dumps({"epoch": position[0], "step": position[1], "steps": steps, "args": args,
+                       "files": files}, indent=1)
+    atomic_write(os.path.join(folder, "manifest.json"), text.encode())
+    root = os.path.dirname(folder)
+    names = sorted(os.listdir(root))
+    complete = [n for n in names if os.path.exists(os.path.join(root, n, "manifest.json"))]
+    doomed = [n for n in names if n < os.path.basename(folder) and n not in complete]
+    if keep:
+        doomed += complete[:-keep]
+    for name in doomed:
+        shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    return folder
 
 
 # Options that change the network or its training, so a checkpoint made with other values
@@ -77,13 +103,20 @@ def find_checkpoint(resume: str, save_dir: str) -> str | None:
 
 
 def read_manifest(folder: str, args: dict) -> dict:
-    """The manifest of ``folder``, refused if its run trained a different network."""
+    """The manifest of ``folder``, refused if its run trained a different network or if a
+    stage file is missing, truncated or altered."""
     with open(os.path.join(folder, "manifest.json")) as f:
         manifest = json.load(f)
     for key in MODEL_ARGS:
         if manifest["args"].get(key) != args.get(key):
             raise ValueError(f"checkpoint {folder} was made with --{key.replace('_', '-')} "
                              f"{manifest['args'].get(key)}, this run has {args.get(key)}")
+    for entry in manifest["files"]:
+        path = os.path.join(folder, entry["file"])
+        with open(path, "rb") as f:
+            data = f.read()
+        if len(data) != entry["bytes"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            raise ValueError(f"checkpoint file {path} is truncated or corrupt")
     return manifest
 
 
@@ -93,10 +126,8 @@ def load_units(folder: str, manifest: dict, indices: list[int]) -> dict:
     for entry in manifest["files"]:
         if not set(entry["units"]) & set(indices):
             continue
-        path = os.path.join(folder, entry["file"])
-        if os.path.getsize(path) != entry["bytes"]:
-            raise ValueError(f"checkpoint file {path} is truncated or corrupt")
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(os.path.join(folder, entry["file"]), map_location="cpu",
+                           weights_only=False)
         units.update({i: s for i, s in state["units"].items() if i in indices})
         optimizer = optimizer or state["optimizer"]
     return {"units": units, "optimizer": optimizer}

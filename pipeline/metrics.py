@@ -86,6 +86,8 @@ class Recorder:
             "train_loss_global": out["train"]["loss"], "train_error": out["train"]["error"],
             "test_loss": out["test"]["loss"], "test_error": out["test"]["error"],
             "train_samples": samples, "test_samples": out["test"]["n"],
+            "nonfinite_batches": out["train"]["nonfinite"] + sum(
+                m["train"]["nonfinite"] for m in meters.values()),
             "blocks": blocks,
             "samples_per_s": samples / elapsed if elapsed > 0 else None,
             "peak_memory_bytes": max(r["memory"]["peak_memory_bytes"] for r in reports),

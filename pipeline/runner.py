@@ -12,6 +12,7 @@ import json
 import os
 import queue
 import random
+import signal
 import sys
 import threading
 from dataclasses import dataclass
@@ -66,12 +67,14 @@ def make_plan(cfg: Config, device: torch.device, measure: bool = True) -> Plan:
 
 @dataclass
 class Start:
-    """Where training begins: from scratch, or after the epochs of a checkpoint."""
+    """Where training begins: batch ``step`` of ``epoch`` (1-based), after ``steps`` batches in
+    all; from scratch, or from the checkpoint in ``folder``."""
 
     folder: str | None = None
     manifest: dict | None = None
-    epoch: int = 0  # epochs already done
-    steps: int = 0  # training batches already done
+    epoch: int = 1
+    step: int = 0
+    steps: int = 0
 
     def restore(self, stage) -> None:
         if self.folder is not None:
@@ -90,9 +93,27 @@ def start_point(cfg: Config) -> Start:
         manifest = checkpoint.read_manifest(folder, cfg.to_dict())
     except (OSError, ValueError, KeyError) as exc:
         raise ConfigError(f"cannot resume: {exc}") from None
-    print(f"resuming from {folder} (epoch {manifest['epoch']}, step {manifest['step']})",
+    print(f"resuming from {folder}: epoch {manifest['epoch']}, batch {manifest['step']}",
           flush=True)
-    return Start(folder, manifest, manifest["epoch"], manifest["step"])
+    return Start(folder, manifest, manifest["epoch"], manifest["step"], manifest["steps"])
+
+
+class StopRequest:
+    """Set by SIGINT/SIGTERM: the feed then checkpoints where it is and stops the run."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def install(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:  # a second signal: give up at once
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"localpipe: {signal.Signals(signum).name} received, saving a checkpoint and "
+              f"stopping", file=sys.stderr, flush=True)
 
 
 def seed_everything(seed: int) -> None:
@@ -110,30 +131,40 @@ def default_device(cfg: Config) -> torch.device:
     return torch.device("cuda", 0) if use_cuda else torch.device("cpu")
 
 
-def feed(cfg: Config, train: Batches, test: Batches, device: torch.device,
-         start: Start) -> Iterator[Message]:
-    """Stage 0's input: each epoch's training batches, its test batches, END_EPOCH; then STOP.
+def feed(cfg: Config, train: Batches, test: Batches, device: torch.device, start: Start,
+         stop: StopRequest) -> Iterator[Message]:
+    """Stage 0's input: each epoch's training batches, its test batches and END_EPOCH, with a
+    CHECKPOINT marker every --checkpoint-every batches; then STOP.
 
-    ``--max-steps`` ends training after that many batches, still closing with an evaluation."""
+    ``--max-steps`` ends training after that many batches, still closing with an evaluation.
+    A stop request ends it at once, after a checkpoint."""
     from tqdm import tqdm
 
     steps = start.steps
-    for epoch in range(start.epoch + 1, cfg.epochs + 1):
+    for epoch in range(start.epoch, cfg.epochs + 1):
         if cfg.max_steps and steps >= cfg.max_steps:
             break
-        bar = tqdm(total=len(train), desc=f"epoch {epoch}", disable=not cfg.progress_bar,
-                   leave=False,
-                   file=sys.stderr)
-        for step, (x, y) in enumerate(train.epoch(epoch)):
+        first = start.step if epoch == start.epoch else 0
+        bar = tqdm(total=len(train), initial=first, desc=f"epoch {epoch}", leave=False,
+                   disable=not cfg.progress_bar, file=sys.stderr)
+        for step, (x, y) in enumerate(train.epoch(epoch, first), first):
             yield _to_device(Message(Kind.TRAIN, epoch, step, x, y), device)
             bar.update()
             steps += 1
+            if stop.signum is not None:
+                yield Message(Kind.CHECKPOINT, epoch, step + 1)
+                yield Message(Kind.STOP, 0, 0)
+                return
             if steps == cfg.max_steps:
                 break
+            if cfg.checkpoint_every and steps % cfg.checkpoint_every == 0 \
+                    and step + 1 < len(train):  # an epoch's end checkpoints anyway
+                yield Message(Kind.CHECKPOINT, epoch, step + 1)
         bar.close()
+        fed = step + 1
         for step, (x, y) in enumerate(test.epoch(epoch)):
             yield _to_device(Message(Kind.EVAL, epoch, step, x, y), device)
-        yield Message(Kind.END_EPOCH, epoch, len(train))
+        yield Message(Kind.END_EPOCH, epoch, fed)
     yield Message(Kind.STOP, 0, 0)
 
 
@@ -146,11 +177,11 @@ def _to_device(msg: Message, device: torch.device) -> Message:
 
 
 class Coordinator:
-    """Rank 0's bookkeeping: one metrics record and one manifest per epoch, ``model.pt`` at
-    the end. It takes stage reports in any order and acts once all K of a kind are in."""
+    """Rank 0's bookkeeping: a metrics record per epoch, a manifest per checkpoint, ``model.pt``
+    at the end. It takes stage reports in any order and acts once all K of a kind are in."""
 
-    def __init__(self, cfg: Config, run_plan: Plan) -> None:
-        self.cfg, self.plan = cfg, run_plan
+    def __init__(self, cfg: Config, run_plan: Plan, train_batches: int) -> None:
+        self.cfg, self.plan, self.train_batches = cfg, run_plan, train_batches
         self.save_dir = cfg.save_dir or None
         self.recorder = Recorder(self.save_dir, [s.describe() for s in run_plan.specs],
                                  cfg.backprop)
@@ -159,21 +190,24 @@ class Coordinator:
         self.state: dict | None = None
 
     def handle(self, report: dict) -> None:
-        key = (report["kind"], report.get("epoch"))
+        key = (report["kind"], report.get("epoch"), report.get("step"))
         got = self.pending.setdefault(key, [])
         got.append(report)
         if len(got) < len(self.plan.parts):
             return
         del self.pending[key]
         got.sort(key=lambda r: r["stage"])
-        if report["kind"] == "epoch":
-            epoch = report["epoch"]
+        kind, epoch, step = key
+        if kind == "end_epoch":
             self.records.append(self.recorder.epoch(epoch, self.cfg.lr_at(epoch), got))
+            if step == self.train_batches:  # a whole epoch: go on with the next one
+                epoch, step = epoch + 1, 0
+        if kind != "final":
             if self.save_dir:
                 checkpoint.write_manifest(
-                    self.save_dir, epoch, got[0]["step"], self.cfg.to_dict(),
+                    self.save_dir, got[0]["steps"], (epoch, step), self.cfg.to_dict(),
                     [{"stage": r["stage"], "units": r["units"], **f} for r in got
-                     for f in r["files"]])
+                     for f in r["files"]], self.cfg.keep_checkpoints)
         else:
             self.state = {k: v for r in got for k, v in r["state"].items()}
             if self.save_dir:
@@ -218,7 +252,7 @@ def stage_devices(cfg: Config, first: torch.device) -> list[torch.device]:
     return [first] * cfg.stages
 
 
-def run_inprocess(cfg: Config, fault: Fault | None = None) -> Coordinator:
+def run_inprocess(cfg: Config, stop: StopRequest, fault: Fault | None = None) -> Coordinator:
     """Train with every stage as a thread of this process; raise StageFailed if one fails."""
     seed_everything(cfg.seed)
     device = default_device(cfg)
@@ -234,7 +268,7 @@ def run_inprocess(cfg: Config, fault: Fault | None = None) -> Coordinator:
               for part, dev in zip(run_plan.parts, devices)]
     for stage in stages:
         start.restore(stage)
-    coordinator = Coordinator(cfg, run_plan)
+    coordinator = Coordinator(cfg, run_plan, len(train))
     abort = Abort()
     channels = [Channel(cfg.queue_depth, abort, cfg.comm_timeout, f"stage {k}'s input queue")
                 for k in range(cfg.stages)]
@@ -254,7 +288,7 @@ def run_inprocess(cfg: Config, fault: Fault | None = None) -> Coordinator:
             abort.fail(StageFailed(k, f"{type(exc).__name__}: {exc}"))
 
     def feeder() -> None:
-        for msg in feed(cfg, train, test, devices[0], start):
+        for msg in feed(cfg, train, test, devices[0], start, stop):
             channels[0].put(msg, timeout=None)
 
     def worker(k: int) -> None:
@@ -282,7 +316,8 @@ def run_inprocess(cfg: Config, fault: Fault | None = None) -> Coordinator:
 
 
 # ------------------------------------------------------------------------ multi-process runner
-def run_distributed(cfg: Config, fault: Fault | None = None) -> Coordinator | None:
+def run_distributed(cfg: Config, stop: StopRequest,
+                    fault: Fault | None = None) -> Coordinator | None:
     """Train as rank RANK of WORLD_SIZE == --stages processes started by torchrun.
 
     Any failure in this process prints which stage failed and ends the process at once; the
@@ -306,9 +341,14 @@ def run_distributed(cfg: Config, fault: Fault | None = None) -> Coordinator | No
     if rank == 0:
         prepare_save_dir(cfg, start)
         train, test = load_batches(cfg, INFO[cfg.dataset])
-    dist.init_process_group("nccl" if use_cuda else "gloo",
-                            timeout=timedelta(seconds=cfg.comm_timeout),
-                            device_id=device if use_cuda else None)
+    timeout = timedelta(seconds=cfg.comm_timeout)
+    # torchrun keeps its store across --max-restarts: without a prefix of its own, a restarted
+    # worker can read a dead worker's address from the last attempt and fail to connect.
+    store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timeout,
+                            store=dist.PrefixStore(f"localpipe/attempt-{attempt}", store),
+                            rank=rank, world_size=world, device_id=device if use_cuda else None)
 
     def die(reason: str, verb: str = "failed") -> None:
         print(f"localpipe: stage {rank} {verb}: {reason}", file=sys.stderr, flush=True)
@@ -325,12 +365,12 @@ def run_distributed(cfg: Config, fault: Fault | None = None) -> Coordinator | No
         info = run_plan.info
         stage = build_stage(cfg, info.shape, info.num_classes, run_plan.parts[rank], device)
         start.restore(stage)
-        coordinator = Coordinator(cfg, run_plan) if rank == 0 else None
+        coordinator = Coordinator(cfg, run_plan, len(train)) if rank == 0 else None
         abort = Abort()
         inbox = Channel(cfg.queue_depth, abort, cfg.comm_timeout, f"stage {rank}'s input queue")
         if rank == 0:
             threading.Thread(target=lambda: [inbox.put(m, timeout=None) for m in feed(
-                cfg, train, test, device, start)], name="feed", daemon=True).start()
+                cfg, train, test, device, start, stop)], name="feed", daemon=True).start()
         else:
             DistReceiver(inbox, links[rank - 1], rank - 1, device, lost_link).start()
         outbox, sender = None, None

@@ -24,6 +24,7 @@ class Kind(IntEnum):
     EVAL = 1
     END_EPOCH = 2  # every batch of the epoch, train and test, has gone before it
     STOP = 3
+    CHECKPOINT = 4  # save now; (epoch, step) is where training continues
 
 
 @dataclass

@@ -22,6 +22,19 @@ from stages.config import Config, derive_seed
 Update = Callable[[], None]
 
 
+class NonFiniteLoss(FloatingPointError):
+    """A local (or global) loss came out NaN or infinite under ``--on-nan stop``."""
+
+
+def finite_or_skip(loss: Tensor, what: str, cfg: Config) -> bool:
+    """True if ``loss`` may be stepped on; False to skip this batch's update (--on-nan skip)."""
+    if bool(torch.isfinite(loss)):
+        return True
+    if cfg.on_nan == "skip":
+        return False
+    raise NonFiniteLoss(f"{what}: loss is {loss.item()}")
+
+
 @dataclass(frozen=True)
 class PredPooling:
     """AvgPool2d that shrinks a C×S×S map to at most ``dim-in-decoder`` features (§3.2)."""
@@ -48,30 +61,39 @@ def pred_pooling(channels: int, size: int, dim_in_decoder: int) -> PredPooling:
 
 class Meter:
     """Running sums of one unit's losses and errors, kept as tensors so that recording a batch
-    never waits for the device; ``take`` reads and resets them once per epoch."""
+    never waits for the device; ``take`` reads and resets them once per epoch. A batch whose
+    loss is NaN or infinite (kept going by --on-nan skip) is counted apart, not averaged in."""
 
     KEYS = ("loss", "loss_sim", "loss_pred", "errors")
 
     def __init__(self) -> None:
         self.sums: dict[str, Tensor] = {}
-        self.n = 0
 
     def add(self, n: int, **values: Tensor) -> None:
+        finite = torch.isfinite(values["loss"].detach())
+        values = {**values, "n": finite.double(), "nonfinite": (~finite).double()}
         for key, value in values.items():
-            value = value.detach().double() * (1 if key == "errors" else n)
+            value = value.detach().double() * (1 if key in ("errors", "nonfinite") else n)
+            value = torch.where(finite | (key == "nonfinite"), value, torch.zeros_like(value))
             self.sums[key] = self.sums[key] + value if key in self.sums else value
-        self.n += n
 
     def take(self) -> dict[str, float | int | None]:
         """Per-example averages (errors in percent); None for a quantity never recorded."""
-        out: dict[str, float | int | None] = {"n": self.n}
+        sums = {k: v.item() for k, v in self.sums.items()}
+        n = int(sums.get("n", 0))
+        out: dict[str, float | int | None] = {"n": n, "nonfinite": int(sums.get("nonfinite", 0))}
         for key in self.KEYS:
-            total = self.sums.get(key)
-            value = None if total is None or self.n == 0 else total.item() / self.n
+            value = None if key not in sums or n == 0 else sums[key] / n
             out["error" if key == "errors" else key] = (
                 None if value is None else 100.0 * value if key == "errors" else value)
-        self.sums, self.n = {}, 0
+        self.sums = {}
         return out
+
+    def state(self) -> dict:
+        return {k: v.cpu() for k, v in self.sums.items()}
+
+    def load(self, state: dict, device: torch.device) -> None:
+        self.sums = {k: v.to(device) for k, v in state.items()}
 
 
 def make_optimizer(params, cfg: Config) -> torch.optim.Optimizer:
@@ -135,6 +157,8 @@ class Unit(nn.Module):
         assert optimizer is not None
 
         def update() -> None:
+            if not finite_or_skip(loss, f"unit {self.index}", self.cfg):
+                return
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -88,6 +88,9 @@ class Config:
     device: str = "auto"
     threads: int = 0
     comm_timeout: float = 300.0
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 0
+    on_nan: str = "stop"
 
     @property
     def local(self) -> bool:
@@ -117,7 +120,7 @@ class Config:
                                           f"got {getattr(self, name)}")
         for name in ("num_layers", "classes_per_batch", "classes_per_batch_until_epoch",
                      "max_steps", "limit_train", "limit_test", "threads", "momentum",
-                     "weight_decay"):
+                     "weight_decay", "checkpoint_every", "keep_checkpoints"):
             need(getattr(self, name) >= 0, f"--{name.replace('_', '-')} must not be negative, "
                                            f"got {getattr(self, name)}")
         need(self.feat_mult > 0, f"--feat-mult must be positive, got {self.feat_mult}")
@@ -135,6 +138,7 @@ class Config:
              f"unknown --loss-unsup {self.loss_unsup!r}")
         need(self.nonlin in ("relu", "leakyrelu"), f"unknown --nonlin {self.nonlin!r}")
         need(self.device in ("auto", "cpu", "cuda"), f"unknown --device {self.device!r}")
+        need(self.on_nan in ("stop", "skip"), f"unknown --on-nan {self.on_nan!r}")
         need(not (self.backprop and self.no_detach),
              "--backprop and --no-detach exclude each other")
         need(not (self.bio and self.backprop), "--bio has no meaning with --backprop")

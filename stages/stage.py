@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from stages.blocks import LocalBlock, OutputLayer, Unit, Update, make_optimizer
+from stages.blocks import (LocalBlock, OutputLayer, Unit, Update, finite_or_skip,
+                           make_optimizer)
 from stages.config import Config
 
 
@@ -72,6 +73,8 @@ class Stage(nn.Module):
         optimizers = self.optimizers()
 
         def update() -> None:
+            if not finite_or_skip(total, "the global loss", self.cfg):
+                return
             total.backward()
             for opt in optimizers:
                 opt.step()
@@ -101,7 +104,9 @@ class Stage(nn.Module):
             "units": {u.index: {"state": u.state_dict(),
                                 "optimizer": None if u.optimizer is None
                                 else u.optimizer.state_dict(),
-                                "rng": u.rng_state()} for u in self.units},
+                                "rng": u.rng_state(),
+                                "meters": {k: m.state() for k, m in u.meters.items()}}
+                      for u in self.units},
             "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),
         }
 
@@ -113,5 +118,8 @@ class Stage(nn.Module):
             if unit.optimizer is not None:
                 unit.optimizer.load_state_dict(saved["optimizer"])
             unit.set_rng_state(saved["rng"])
+            device = next(self.parameters()).device
+            for phase, meter in unit.meters.items():
+                meter.load(saved["meters"][phase], device)
         if self.optimizer is not None:
             self.optimizer.load_state_dict(state["optimizer"])

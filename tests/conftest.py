@@ -28,16 +28,24 @@ def mnist_root(tmp_path_factory) -> str:
     return str(root)
 
 
-def run_cli(*args: str, env: dict | None = None, timeout: float = 600,
-            torchrun: int = 0) -> subprocess.CompletedProcess:
-    """Run launch/pipeline.py in a fresh process (under torchrun with N processes if asked)."""
-    cmd = [sys.executable, str(LAUNCH)]
+def cli_command(*args: str, torchrun: int = 0, torchrun_args: tuple = ()) -> list[str]:
+    """launch/pipeline.py with ``args``, under torchrun with N processes if asked."""
     if torchrun:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(torchrun),
-               "--master-port", str(_free_port()), str(LAUNCH)]
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run(cmd + list(args), capture_output=True, text=True, timeout=timeout,
-                          env=full_env, cwd=ROOT)
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(torchrun),
+                "--master-port", str(_free_port()), *torchrun_args, str(LAUNCH), *args]
+    return [sys.executable, str(LAUNCH), *args]
+
+
+def cli_env(env: dict | None = None) -> dict:
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 600, torchrun: int = 0,
+            torchrun_args: tuple = ()) -> subprocess.CompletedProcess:
+    """Run launch/pipeline.py in a fresh process and wait for it."""
+    return subprocess.run(cli_command(*args, torchrun=torchrun, torchrun_args=torchrun_args),
+                          capture_output=True, text=True, timeout=timeout, env=cli_env(env),
+                          cwd=ROOT)
 
 
 def _free_port() -> int:

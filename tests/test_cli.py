@@ -44,15 +44,30 @@ BAD = [
      "--balance 1,2 sums to 3 but the network has 2 units"),
     (["--stages", "2", "--balance", "1"], "--balance has 1 entries but --stages is 2"),
     (["--backprop", "--stages", "2"], "cannot be pipelined"),
+    (["--no-detach", "--stages", "2"], "--no-detach sends gradients between blocks"),
     (["--optim", "rmsprop"], "invalid choice: 'rmsprop'"),
     (["--lr", "abc"], "invalid float value: 'abc'"),
+    (["--lr", "0"], "--lr must be positive"),
+    (["--epochs", "0"], "--epochs must be positive"),
+    (["--queue-depth", "0"], "--queue-depth must be positive"),
+    (["--num-layers", "-1"], "--num-layers must not be negative"),
+    (["--limit-train", "-5"], "--limit-train must not be negative"),
+    (["--checkpoint-every", "-1"], "--checkpoint-every must not be negative"),
+    (["--balance", "2,x"], "expected integers like 2,3,2"),
+    (["--stages", "2", "--balance", "2,0"], "--balance entries must be positive"),
+    (["--bio", "--backprop"], "--bio has no meaning with --backprop"),
+    (["--model", "mlp", "--dataset", "synthetic", "--save-dir", "/proc/localpipe-run"],
+     "cannot write to --save-dir /proc/localpipe-run"),
+    (["--model", "mlp", "--dataset", "synthetic", "--resume", "/nonexistent/run"],
+     "cannot resume: --resume /nonexistent/run: no complete checkpoint there"),
 ]
 
 
 @pytest.mark.parametrize("args,message", BAD)
 def test_bad_input_is_one_line_and_exit_code_2(capsys, args, message):
+    save = [] if "--save-dir" in args else ["--save-dir", ""]
     with pytest.raises(SystemExit) as exit_info:
-        code = main(args + ["--save-dir", "", "--max-steps", "1"])
+        code = main(args + save + ["--max-steps", "1"])
         raise SystemExit(code)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -67,3 +82,23 @@ def test_missing_data_offline_names_the_folder_and_files(tmp_path):
     assert len(err) == 1, result.stderr
     assert str(tmp_path) in err[0] and "train-images-idx3-ubyte.gz" in err[0]
     assert "Traceback" not in result.stderr
+
+
+def test_world_size_must_match_stages(tmp_path):
+    result = run_cli("--model", "mlp", "--dataset", "synthetic", "--stages", "3",
+                     "--save-dir", str(tmp_path), torchrun=2, timeout=120)
+    assert result.returncode != 0
+    assert "localpipe: error: torchrun started 2 processes but --stages is 3" in result.stderr
+    assert not (tmp_path / "args.json").exists(), "it should fail before touching anything"
+
+
+def test_corrupt_checkpoint_is_refused(tmp_path, capsys):
+    args = ["--model", "mlp", "--num-layers", "2", "--num-hidden", "32", "--dataset",
+            "synthetic", "--epochs", "1", "--save-dir", str(tmp_path), "--threads", "1"]
+    assert main(args) == 0
+    stage_file = next((tmp_path / "checkpoints").glob("*/stage-0.pt"))
+    stage_file.write_bytes(stage_file.read_bytes()[:-100])
+    capsys.readouterr()
+    assert main(args[:-6] + ["--epochs", "2", "--resume", "auto"] + args[-4:]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "stage-0.pt is truncated or corrupt" in err[0]

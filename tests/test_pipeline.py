@@ -58,7 +58,7 @@ def test_pipelined_equals_sequential(model, runner, stages, mnist_root, tmp_path
     assert_same_model(load_model(reference), load_model(tmp_path))
     assert _errors(reference) == _errors(tmp_path)
     assert len(metrics(tmp_path)) == 2 and metrics(tmp_path)[-1]["lr"] == pytest.approx(1.25e-4)
-    manifest = tmp_path / "checkpoints" / "epoch-0002" / "manifest.json"
+    manifest = tmp_path / "checkpoints" / "step-000000006" / "manifest.json"
     assert manifest.exists() and len(list(manifest.parent.glob("stage-*.pt"))) == stages
 
 

@@ -39,8 +39,8 @@ def test_resume_under_torchrun(mnist_root, tmp_path):
 def test_resume_refuses_a_different_network(mnist_root, tmp_path, capsys):
     save = str(tmp_path)
     assert main(ARGS + ["--data-root", mnist_root, "--epochs", "1", "--save-dir", save]) == 0
-    manifest = tmp_path / "checkpoints" / "epoch-0001" / "manifest.json"
-    assert json.loads(manifest.read_text())["epoch"] == 1
+    manifest = tmp_path / "checkpoints" / "step-000000004" / "manifest.json"
+    assert json.loads(manifest.read_text())["epoch"] == 2  # where training goes on
     capsys.readouterr()
     code = main(ARGS[:5] + ["128"] + ARGS[6:] + ["--data-root", mnist_root, "--epochs", "2",
                                                   "--save-dir", save, "--resume", "auto"])

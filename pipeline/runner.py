@@ -17,7 +17,7 @@ import sys
 import threading
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -269,9 +269,20 @@ def run_inprocess(cfg: Config, stop: StopRequest, fault: Fault | None = None) ->
     for stage in stages:
         start.restore(stage)
     coordinator = Coordinator(cfg, run_plan, len(train))
+    run_threads(cfg, stages, devices, feed(cfg, train, test, devices[0], start, stop),
+                coordinator.handle, fault, start.steps)
+    return coordinator
+
+
+def run_threads(cfg: Config, stages: list, devices: list[torch.device],
+                messages: Iterator[Message], on_report: Callable[[dict], None],
+                fault: Fault | None = None, steps: int = 0) -> None:
+    """Serve ``messages`` through the stages, one thread each, until STOP has passed every
+    stage. ``on_report`` gets every stage report, in this thread; StageFailed is raised here
+    when any stage (or ``on_report``) fails."""
     abort = Abort()
     channels = [Channel(cfg.queue_depth, abort, cfg.comm_timeout, f"stage {k}'s input queue")
-                for k in range(cfg.stages)]
+                for k in range(len(stages))]
     reports: queue.Queue[dict] = queue.Queue()
 
     def guarded(k: int, body) -> None:
@@ -288,31 +299,34 @@ def run_inprocess(cfg: Config, stop: StopRequest, fault: Fault | None = None) ->
             abort.fail(StageFailed(k, f"{type(exc).__name__}: {exc}"))
 
     def feeder() -> None:
-        for msg in feed(cfg, train, test, devices[0], start, stop):
+        for msg in messages:
             channels[0].put(msg, timeout=None)
 
     def worker(k: int) -> None:
-        outbox = channels[k + 1] if k + 1 < cfg.stages else None
+        outbox = channels[k + 1] if k + 1 < len(stages) else None
         run_stage(stages[k], k, channels[k], outbox, reports.put, devices[k], cfg.save_dir,
-                  fault, start.steps)
+                  fault, steps)
 
     threads = [threading.Thread(target=guarded, args=(0, feeder), name="feed", daemon=True)]
     threads += [threading.Thread(target=guarded, args=(k, lambda k=k: worker(k)),
-                                 name=f"stage-{k}", daemon=True) for k in range(cfg.stages)]
+                                 name=f"stage-{k}", daemon=True) for k in range(len(stages))]
     for t in threads:
         t.start()
-    while not coordinator.done:
+    finals = 0
+    while finals < len(stages):
         abort.check()
         try:
-            coordinator.handle(reports.get(timeout=0.1))
+            report = reports.get(timeout=0.1)
         except queue.Empty:
             continue
+        try:
+            on_report(report)
         except Exception as exc:  # writing metrics or checkpoints failed: stop every stage
             abort.fail(StageFailed(0, f"{type(exc).__name__}: {exc}"))
             raise
+        finals += report["kind"] == "final"
     for t in threads:
         t.join(timeout=cfg.comm_timeout)
-    return coordinator
 
 
 # ------------------------------------------------------------------------ multi-process runner
@@ -366,31 +380,42 @@ def run_distributed(cfg: Config, stop: StopRequest,
         stage = build_stage(cfg, info.shape, info.num_classes, run_plan.parts[rank], device)
         start.restore(stage)
         coordinator = Coordinator(cfg, run_plan, len(train)) if rank == 0 else None
-        abort = Abort()
-        inbox = Channel(cfg.queue_depth, abort, cfg.comm_timeout, f"stage {rank}'s input queue")
-        if rank == 0:
-            threading.Thread(target=lambda: [inbox.put(m, timeout=None) for m in feed(
-                cfg, train, test, device, start, stop)], name="feed", daemon=True).start()
-        else:
-            DistReceiver(inbox, links[rank - 1], rank - 1, device, lost_link).start()
-        outbox, sender = None, None
-        if rank < world - 1:
-            outbox = Channel(cfg.queue_depth, abort, cfg.comm_timeout,
-                             f"stage {rank}'s output queue")
-            sender = DistSender(outbox, links[rank], rank + 1, device, lost_link)
-            sender.start()
-
-        def report(r: dict) -> None:
-            gathered = [None] * world if rank == 0 else None
-            dist.gather_object(r, gathered, dst=0)
-            if coordinator is not None:
-                for item in gathered:
-                    coordinator.handle(item)
-
-        run_stage(stage, rank, inbox, outbox, report, device, cfg.save_dir, fault, start.steps)
-        if sender is not None:
-            sender.join(timeout=cfg.comm_timeout)
+        messages = feed(cfg, train, test, device, start, stop) if rank == 0 else None
+        serve_rank(cfg, stage, device, links, messages,
+                   coordinator.handle if coordinator else None, lost_link, fault, start.steps)
         dist.destroy_process_group()
         return coordinator
     except Exception as exc:
         die(f"{type(exc).__name__}: {exc}")
+
+
+def serve_rank(cfg: Config, stage, device: torch.device, links: list, messages,
+               on_report: Callable[[dict], None] | None, on_link_error: Callable[[str], None],
+               fault: Fault | None = None, steps: int = 0) -> None:
+    """Run this rank's stage under torch.distributed until STOP: rank 0 serves ``messages``,
+    the others receive from the rank before; every stage report is gathered to rank 0 and
+    handed to ``on_report`` there. ``links[k]`` is the process group of ranks k and k+1."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    abort = Abort()
+    inbox = Channel(cfg.queue_depth, abort, cfg.comm_timeout, f"stage {rank}'s input queue")
+    if rank == 0:
+        threading.Thread(target=lambda: [inbox.put(m, timeout=None) for m in messages],
+                         name="feed", daemon=True).start()
+    else:
+        DistReceiver(inbox, links[rank - 1], rank - 1, device, on_link_error).start()
+    outbox, sender = None, None
+    if rank < world - 1:
+        outbox = Channel(cfg.queue_depth, abort, cfg.comm_timeout, f"stage {rank}'s output queue")
+        sender = DistSender(outbox, links[rank], rank + 1, device, on_link_error)
+        sender.start()
+
+    def report(r: dict) -> None:
+        gathered = [None] * world if rank == 0 else None
+        dist.gather_object(r, gathered, dst=0)
+        if rank == 0 and on_report is not None:
+            for item in gathered:
+                on_report(item)
+
+    run_stage(stage, rank, inbox, outbox, report, device, cfg.save_dir, fault, steps)
+    if sender is not None:
+        sender.join(timeout=cfg.comm_timeout)

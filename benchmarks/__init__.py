@@ -1,0 +1,1 @@
+"""Benchmarks: local pipelines against backprop and GPipe/1F1B."""

@@ -1,0 +1,274 @@
+"""Throughput and memory of pipelined local learning against global backprop and GPipe/1F1B.
+
+    python benchmarks/run.py --model vgg8b --feat-mult 0.5 --stages 2 --batch-size 128
+    python benchmarks/run.py --quick                  # a smoke run, under 2 minutes on 2 cores
+    python benchmarks/run.py --sweep                  # stages 1, 2, 4 x batch 32-256, mlp and vgg8b
+
+Every mode trains the same network on the same batches at the same batch size in float32, and
+all modes share one thread budget (--threads, default: every core): K workers get C // K torch
+threads each. Warm-up batches are excluded; rates are medians over --repeats.
+Writes one JSON file (every figure plus the machine), prints a markdown table, and draws PNGs
+when matplotlib is installed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from benchmarks import harness  # noqa: E402
+from stages import partition  # noqa: E402
+from stages.config import Config  # noqa: E402
+
+MiB = 2 ** 20
+
+
+def measure(setup: harness.Setup, stages: int, microbatches: list[int], progress) -> dict:
+    """Every mode at K = ``stages``, plus the ratios that explain them."""
+    c, k = setup.threads, stages
+    per_worker = max(1, c // k)
+    costs = harness.unit_costs(setup, per_worker)
+    bp_costs = harness.backprop_unit_costs(setup, per_worker)
+    parts = partition.split(partition.best_balance(costs, k), len(costs))
+    bp_parts = partition.split(partition.best_balance(bp_costs, k), len(bp_costs))
+    modes: dict[str, dict] = {}
+
+    def run(name: str, fn, *args) -> None:
+        progress(name)
+        modes[name] = fn(*args)
+
+    run("backprop", harness.sequential, setup, True, c)
+    run("local_sequential_1thread", harness.sequential, setup, False, 1)
+    run(f"local_sequential_{c}threads", harness.sequential, setup, False, c)
+    if k > 1:
+        run("local_pipelined_threads", harness.local_threads, setup, parts)
+        run("local_pipelined_processes", harness.local_processes, setup, parts)
+        for schedule in ("gpipe", "1f1b"):
+            for m in microbatches:  # torch's 1F1B needs at least K micro-batches
+                if m <= setup.cfg.batch_size and (schedule == "gpipe" or m >= k):
+                    run(f"{schedule}_m{m}", harness.backprop_pipeline, setup, bp_parts,
+                        schedule, m)
+    batch = setup.cfg.batch_size
+    ideal_local = batch / max(partition.stage_costs(costs, [len(p) for p in parts]))
+    ideal_bp = batch / max(partition.stage_costs(bp_costs, [len(p) for p in bp_parts]))
+    for name, m in modes.items():
+        m["largest_stage_live_bytes"] = max(s["live_bytes"] for s in m["stages"])
+        m["total_live_bytes"] = sum(s["live_bytes"] for s in m["stages"])
+        ideal = ideal_bp if name.startswith(("gpipe", "1f1b")) else ideal_local
+        if "pipelined" in name or name.startswith(("gpipe", "1f1b")):
+            m["ideal_samples_per_s"] = ideal
+            m["efficiency"] = m["samples_per_s"] / ideal
+    out = {"stages": k, "threads_per_worker": per_worker, "partition": parts,
+           "backprop_partition": bp_parts, "unit_step_s": costs, "backprop_unit_step_s": bp_costs,
+           "modes": modes,
+           "local_head_compute_ratio": sum(costs) / sum(bp_costs)}
+    if k > 1:
+        out["comparison"] = compare(modes, ideal_local, ideal_bp)
+    return out
+
+
+def compare(modes: dict, ideal_local: float, ideal_bp: float) -> dict:
+    """The headline ratios, each split so a reader sees why one mode is ahead."""
+    seq1 = modes["local_sequential_1thread"]["samples_per_s"]
+    local = max(("local_pipelined_threads", "local_pipelined_processes"),
+                key=lambda n: modes[n]["samples_per_s"])
+    out = {"best_local_pipelined": local,
+           "parallel_efficiency_vs_2x_sequential_1thread":
+               modes[local]["samples_per_s"] / (len(modes[local]["stages"]) * seq1),
+           "efficiency_vs_ideal": modes[local]["efficiency"],
+           "largest_stage_vs_backprop_peak": modes[local]["largest_stage_live_bytes"]
+           / modes["backprop"]["largest_stage_live_bytes"]}
+    for schedule in ("gpipe", "1f1b"):
+        runs = {n: m for n, m in modes.items() if n.startswith(schedule)}
+        if not runs:
+            continue
+        best = max(runs, key=lambda n: runs[n]["samples_per_s"])
+        out[schedule] = {
+            "best": best,
+            "throughput_ratio": modes[local]["samples_per_s"] / runs[best]["samples_per_s"],
+            # ratio = (ideal local / ideal backprop) x (local efficiency / pipeline efficiency)
+            "compute_factor": ideal_local / ideal_bp,
+            "efficiency_factor": modes[local]["efficiency"] / runs[best]["efficiency"],
+            "largest_stage_memory_ratio": modes[local]["largest_stage_live_bytes"]
+            / runs[best]["largest_stage_live_bytes"]}
+    return out
+
+
+def table(result: dict) -> str:
+    rows = ["| mode | samples/s (min-max) | efficiency vs ideal | largest stage MiB | "
+            "total MiB | time split per stage (busy/recv/send) |", "|---|---|---|---|---|---|"]
+    for name, m in result["modes"].items():
+        split = " ; ".join(f"{s['busy']:.2f}/{s['recv_wait']:.2f}/{s['send_wait']:.2f}"
+                           for s in m["stages"] if "busy" in s) or "-"
+        eff = f"{m['efficiency']:.2f}" if "efficiency" in m else "-"
+        rows.append(f"| {name} | {m['samples_per_s']:.1f} ({m['min']:.1f}-{m['max']:.1f}) | "
+                    f"{eff} | {m['largest_stage_live_bytes'] / MiB:.1f} | "
+                    f"{m['total_live_bytes'] / MiB:.1f} | {split} |")
+    return "\n".join(rows)
+
+
+def plot(result: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install -e '.[plot]')")
+        return
+    names = list(result["modes"])
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.5))
+    ax1.barh(names, [result["modes"][n]["samples_per_s"] for n in names])
+    ax1.set_xlabel("samples/s (median)")
+    ax1.invert_yaxis()
+    left = [0.0] * len(names)
+    for s in range(max(len(result["modes"][n]["stages"]) for n in names)):
+        width = [result["modes"][n]["stages"][s]["live_bytes"] / MiB
+                 if s < len(result["modes"][n]["stages"]) else 0 for n in names]
+        ax2.barh(names, width, left=left, label=f"stage {s}")
+        left = [a + b for a, b in zip(left, width)]
+    ax2.set_xlabel("live tensor MiB per stage")
+    ax2.set_yticklabels([])
+    ax2.invert_yaxis()
+    ax2.legend()
+    fig.suptitle(result["title"])
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"plot: {path}")
+
+
+def sweep(args, base: Config, progress) -> dict:
+    """Local sequential vs local pipelined (threads) and backprop over stages and batch sizes."""
+    points = []
+    for model in ("mlp", "vgg8b"):
+        for batch in args.sweep_batches:
+            cfg = model_config(args, model=model, batch_size=batch)
+            setup = harness.Setup(cfg, args.threads, args.warmup, args.steps, args.repeats)
+            costs = None
+            for k in (1, 2, 4):
+                progress(f"{model} batch {batch} stages {k}")
+                if k == 1:
+                    m = harness.sequential(setup, False, args.threads)
+                    bp = harness.sequential(setup, True, args.threads)
+                else:
+                    costs = costs or harness.unit_costs(setup, max(1, args.threads // 2))
+                    k_eff = min(k, len(costs))
+                    parts = partition.split(partition.best_balance(costs, k_eff), len(costs))
+                    m = harness.local_threads(setup, parts)
+                points.append({"model": model, "batch_size": batch, "stages": k,
+                               "samples_per_s": m["samples_per_s"],
+                               "largest_stage_live_bytes": max(s["live_bytes"]
+                                                               for s in m["stages"]),
+                               "backprop_samples_per_s": bp["samples_per_s"] if k == 1
+                               else None})
+    return {"points": points}
+
+
+def plot_sweep(result: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install -e '.[plot]')")
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, model in zip(axes, ("mlp", "vgg8b")):
+        pts = [p for p in result["points"] if p["model"] == model]
+        for batch in sorted({p["batch_size"] for p in pts}):
+            row = sorted((p["stages"], p["samples_per_s"]) for p in pts
+                         if p["batch_size"] == batch)
+            ax.plot([s for s, _ in row], [v for _, v in row], marker="o", label=f"batch {batch}")
+        ax.set_xticks([1, 2, 4])
+        ax.set_xlabel("stages (threads, 1 process)")
+        ax.set_ylabel("samples/s")
+        ax.set_title(model)
+        ax.legend()
+    fig.suptitle(result["title"])
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"plot: {path}")
+
+
+def model_config(args, **override) -> Config:
+    values = dict(model=args.model, dataset=args.dataset, feat_mult=args.feat_mult,
+                  num_layers=args.num_layers, num_hidden=args.num_hidden,
+                  dim_in_decoder=args.dim_in_decoder, loss_sup=args.loss_sup,
+                  batch_size=args.batch_size, nonlin="leakyrelu", save_dir="")
+    values.update(override)
+    if values["model"] == "mlp" and "num_layers" not in override and args.model != "mlp":
+        values["num_layers"] = 3
+    return Config(**values).validate()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="vgg8b")
+    p.add_argument("--dataset", default="MNIST", help="sets the input shape; data is random")
+    p.add_argument("--feat-mult", type=float, default=0.5)
+    p.add_argument("--num-layers", type=int, default=1)
+    p.add_argument("--num-hidden", type=int, default=1024)
+    p.add_argument("--dim-in-decoder", type=int, default=1024)
+    p.add_argument("--loss-sup", default="predsim")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--stages", type=int, default=2)
+    p.add_argument("--microbatches", type=int, nargs="+", default=[1, 2, 4, 8])
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                   help="the whole thread budget C shared by every mode")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--quick", action="store_true",
+                   help="a small MLP and few batches: a smoke run of every mode")
+    p.add_argument("--sweep", action="store_true", help="the scaling sweep instead")
+    p.add_argument("--sweep-batches", type=int, nargs="+", default=[32, 64, 128, 256])
+    p.add_argument("--out", default="benchmarks/results", help="folder for JSON and PNG")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.model, args.num_layers, args.num_hidden, args.batch_size = "mlp", 3, 256, 64
+        args.warmup, args.steps, args.repeats, args.microbatches = 2, 4, 2, [2, 4]
+    from tqdm import tqdm
+
+    bar = tqdm(desc="benchmark", bar_format="{desc}: {elapsed} {postfix}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    if args.sweep:
+        result = sweep(args, model_config(args), lambda s: bar.set_postfix_str(s))
+        name = f"sweep-{args.feat_mult}"
+        result["title"] = f"local learning, threads; vgg8b x{args.feat_mult}; C={args.threads}"
+    else:
+        cfg = model_config(args)
+        setup = harness.Setup(cfg, args.threads, args.warmup, args.steps, args.repeats)
+        result = measure(setup, args.stages, args.microbatches, lambda s: bar.set_postfix_str(s))
+        name = f"{cfg.model}-x{cfg.feat_mult}-b{cfg.batch_size}-k{args.stages}"
+        result["title"] = (f"{cfg.model} x{cfg.feat_mult}, {cfg.dataset} shape, batch "
+                           f"{cfg.batch_size}, K={args.stages}, C={args.threads} threads")
+        result["config"] = cfg.to_dict()
+    bar.close()
+    result.update(machine=harness.machine(), seconds=time.time() - started,
+                  command=" ".join(["python", "benchmarks/run.py", *(argv or sys.argv[1:])]),
+                  thread_budget=f"{args.threads} threads in total for every mode; "
+                                f"K workers get {args.threads} // K each")
+    path = out / f"{name}.json"
+    path.write_text(json.dumps(result, indent=1))
+    print(f"results: {path}")
+    if args.sweep:
+        plot_sweep(result, out / f"{name}.png")
+    else:
+        print(table(result))
+        if "comparison" in result:
+            print(json.dumps(result["comparison"], indent=1))
+        plot(result, out / f"{name}.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

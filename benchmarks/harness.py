@@ -176,7 +176,8 @@ class BackpropPart(nn.Module):
 
 
 def backprop_unit_costs(setup: Setup, threads: int, repeats: int = 3) -> list[float]:
-    """Seconds of each backprop unit's forward and backward alone, given its output grad."""
+    """Seconds of each backprop unit's forward, backward (given its output grad) and optimizer
+    step alone: the same work as ``unit_costs`` without the local heads."""
     torch.set_num_threads(threads)
     cfg = setup.backprop_cfg
     x, y = setup.batch()
@@ -193,6 +194,8 @@ def backprop_unit_costs(setup: Setup, threads: int, repeats: int = 3) -> list[fl
                 nn.functional.cross_entropy(out, y).backward()
             else:
                 out.backward(torch.ones_like(out))
+            part.stage.optimizer.step()
+            part.stage.optimizer.zero_grad(set_to_none=True)
             if r > 0:
                 times[i].append(time.perf_counter() - start)
             h = out.detach()

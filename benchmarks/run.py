@@ -113,7 +113,8 @@ def table(result: dict) -> str:
     return "\n".join(rows)
 
 
-def plot(result: dict, path: Path) -> None:
+def _pyplot():
+    """matplotlib's pyplot for files, or None (with a note) when it is not installed."""
     try:
         import matplotlib
 
@@ -121,6 +122,13 @@ def plot(result: dict, path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib is not installed: no plot (pip install -e '.[plot]')")
+        return None
+    return plt
+
+
+def plot(result: dict, path: Path) -> None:
+    plt = _pyplot()
+    if plt is None:
         return
     names = list(result["modes"])
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.5))
@@ -171,13 +179,8 @@ def sweep(args, base: Config, progress) -> dict:
 
 
 def plot_sweep(result: dict, path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install -e '.[plot]')")
+    plt = _pyplot()
+    if plt is None:
         return
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, model in zip(axes, ("mlp", "vgg8b")):

@@ -203,7 +203,7 @@ class Coordinator:
             if step == self.train_batches:  # a whole epoch: go on with the next one
                 epoch, step = epoch + 1, 0
         if kind != "final":
-            if self.save_dir:
+            if self.save_dir:  # every stage has saved its file: complete the checkpoint
                 checkpoint.write_manifest(
                     self.save_dir, got[0]["steps"], (epoch, step), self.cfg.to_dict(),
                     [{"stage": r["stage"], "units": r["units"], **f} for r in got
@@ -212,10 +212,6 @@ class Coordinator:
             self.state = {k: v for r in got for k, v in r["state"].items()}
             if self.save_dir:
                 checkpoint.save_torch(self.state, os.path.join(self.save_dir, "model.pt"))
-
-    @property
-    def done(self) -> bool:
-        return self.state is not None
 
 
 def prepare_save_dir(cfg: Config, start: Start) -> None:

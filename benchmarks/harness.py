@@ -22,7 +22,7 @@ import torch.multiprocessing as mp
 from torch import Tensor, nn
 
 from pipeline.data import INFO
-from pipeline.runner import run_threads, serve_rank
+from pipeline.runner import run_threads, serve_rank, stage_devices
 from pipeline.transport import Kind, Message
 from stages import partition
 from stages.config import Config
@@ -39,6 +39,10 @@ class Setup:
     warmup: int  # batches before timing starts
     steps: int  # batches per timed repeat
     repeats: int
+    device: str = "cpu"  # "cuda": single-GPU modes on streams; process modes need K GPUs
+
+    def rank_device(self, rank: int = 0) -> torch.device:
+        return torch.device("cuda", rank) if self.device == "cuda" else torch.device("cpu")
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -52,10 +56,11 @@ class Setup:
     def backprop_cfg(self) -> Config:
         return replace(self.cfg, backprop=True, no_detach=False, bio=False)
 
-    def batch(self) -> tuple[Tensor, Tensor]:
+    def batch(self, rank: int = 0) -> tuple[Tensor, Tensor]:
         gen = torch.Generator().manual_seed(0)
-        return (torch.randn((self.cfg.batch_size, *self.shape), generator=gen),
-                torch.randint(self.classes, (self.cfg.batch_size,), generator=gen))
+        device = self.rank_device(rank)
+        return (torch.randn((self.cfg.batch_size, *self.shape), generator=gen).to(device),
+                torch.randint(self.classes, (self.cfg.batch_size,), generator=gen).to(device))
 
 
 def machine() -> dict:
@@ -126,6 +131,21 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def device_memory(device: torch.device) -> dict:
+    """On a GPU: the allocator's peak and NVML's used bytes for the whole device."""
+    if device.type != "cuda":
+        return {}
+    from pipeline.metrics import nvml_used
+
+    return {"cuda_max_allocated_bytes": torch.cuda.max_memory_allocated(device),
+            "nvml_used_bytes": nvml_used(device)}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def summary(rates: list[float]) -> dict:
     return {"samples_per_s": statistics.median(rates), "min": min(rates), "max": max(rates),
             "repeats": rates}
@@ -136,29 +156,32 @@ def sequential(setup: Setup, backprop: bool, threads: int) -> dict:
     """All units on one worker: localpipe's --stages 1 loop, or global backprop."""
     torch.set_num_threads(threads)
     cfg = setup.backprop_cfg if backprop else setup.cfg
-    stage = build_stage(cfg, setup.shape, setup.classes)
+    device = setup.rank_device()
+    stage = build_stage(cfg, setup.shape, setup.classes, device=device)
     stage.train()
     x, y = setup.batch()
     meter = LiveBytes(stage.parameters())
     rates = []
     for r in range(setup.repeats + 1):
         n = setup.warmup if r == 0 else setup.steps
+        sync(device)
         start = time.perf_counter()
         for _ in range(n):
             with meter.hooks():
                 _, update = stage.train_step(x, y)
             update()
+        sync(device)
         if r > 0:
             rates.append(n * cfg.batch_size / (time.perf_counter() - start))
     live = static_bytes(stage, stage.optimizers()) + meter.peak
     return {**summary(rates), "threads": threads, "stages": [{"live_bytes": live}],
-            "peak_rss_bytes": [peak_rss()]}
+            "peak_rss_bytes": [peak_rss()], **device_memory(device)}
 
 
 def unit_costs(setup: Setup, threads: int) -> list[float]:
     """Seconds of each local unit's full step alone (forward, heads, backward, optimizer)."""
     torch.set_num_threads(threads)
-    stage = build_stage(setup.cfg, setup.shape, setup.classes)
+    stage = build_stage(setup.cfg, setup.shape, setup.classes, device=setup.rank_device())
     return partition.measure_costs(stage, setup.shape, setup.classes, setup.cfg)
 
 
@@ -181,13 +204,15 @@ def backprop_unit_costs(setup: Setup, threads: int, repeats: int = 3) -> list[fl
     torch.set_num_threads(threads)
     cfg = setup.backprop_cfg
     x, y = setup.batch()
-    parts = [BackpropPart(build_stage(cfg, setup.shape, setup.classes, [i]))
+    device = setup.rank_device()
+    parts = [BackpropPart(build_stage(cfg, setup.shape, setup.classes, [i], device))
              for i in range(len(plan(cfg, setup.shape, setup.classes)))]
     times: list[list[float]] = [[] for _ in parts]
     for r in range(repeats + 1):
         h = x
         for i, part in enumerate(parts):
             inp = h.detach().requires_grad_(i > 0)
+            sync(device)
             start = time.perf_counter()
             out = part(inp)
             if i == len(parts) - 1:
@@ -196,6 +221,7 @@ def backprop_unit_costs(setup: Setup, threads: int, repeats: int = 3) -> list[fl
                 out.backward(torch.ones_like(out))
             part.stage.optimizer.step()
             part.stage.optimizer.zero_grad(set_to_none=True)
+            sync(device)
             if r > 0:
                 times[i].append(time.perf_counter() - start)
             h = out.detach()
@@ -205,7 +231,7 @@ def backprop_unit_costs(setup: Setup, threads: int, repeats: int = 3) -> list[fl
 # --------------------------------------------------------------------------- local pipelines
 def _messages(setup: Setup):
     """Warm-up batches, then each repeat's timed batches, each group closed by a marker."""
-    x, y = setup.batch()
+    x, y = setup.batch()  # on stage 0's device already, as in the sequential modes
     for r in range(setup.repeats + 1):
         n = setup.warmup if r == 0 else setup.steps
         for step in range(n):
@@ -242,26 +268,29 @@ def _wrap(stage, meter: LiveBytes) -> None:
 
 
 def local_threads(setup: Setup, parts: list[list[int]]) -> dict:
-    """localpipe's in-process runner: one thread per stage, C // K torch threads each."""
+    """localpipe's in-process runner: one thread per stage, C // K torch threads each (on a
+    GPU: one CUDA stream per stage, or one GPU per stage when K are visible)."""
     torch.set_num_threads(max(1, setup.threads // len(parts)))
     cfg = replace(setup.cfg, stages=len(parts), save_dir="")
-    stages = [build_stage(cfg, setup.shape, setup.classes, part) for part in parts]
+    devices = stage_devices(cfg, setup.rank_device())
+    stages = [build_stage(cfg, setup.shape, setup.classes, part, dev)
+              for part, dev in zip(parts, devices)]
     meters = [LiveBytes(s.parameters()) for s in stages]
     for s, m in zip(stages, meters):
         _wrap(s, m)
     reports: list[dict] = []
-    run_threads(cfg, stages, [torch.device("cpu")] * len(stages), _messages(setup),
-                reports.append)
+    run_threads(cfg, stages, devices, _messages(setup), reports.append)
     result = _collect(setup, reports)
     for info, s, m in zip(result["stages"], stages, meters):
         info["live_bytes"] = static_bytes(s, s.optimizers()) + m.peak
     result["peak_rss_bytes"] = [peak_rss()]
+    result.update(device_memory(devices[0]))
     return result
 
 
 def _spawn(fn, setup: Setup, k: int, *args) -> dict:
-    """Run ``fn(rank, k, setup, out, *args)`` in K fresh processes joined by gloo; rank 0
-    writes the result to ``out``."""
+    """Run ``fn(rank, k, setup, *args)`` in K fresh processes joined by gloo (NCCL with one GPU
+    each on CUDA); rank 0 writes the gathered results to a file read back here."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -275,7 +304,10 @@ def _process_main(rank: int, k: int, port: int, fn, setup: Setup, out: str, *arg
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(k))
     torch.set_num_threads(max(1, setup.threads // k))
-    dist.init_process_group("gloo", rank=rank, world_size=k)
+    if setup.device == "cuda":
+        torch.cuda.set_device(rank)
+    dist.init_process_group("nccl" if setup.device == "cuda" else "gloo", rank=rank,
+                            world_size=k)
     try:
         result = fn(rank, k, setup, *args)
         gathered = [None] * k if rank == 0 else None
@@ -288,7 +320,7 @@ def _process_main(rank: int, k: int, port: int, fn, setup: Setup, out: str, *arg
 
 
 def local_processes(setup: Setup, parts: list[list[int]]) -> dict:
-    """localpipe's multi-process runner: one gloo process per stage."""
+    """localpipe's multi-process runner: one process per stage."""
     per_rank = _spawn(_local_rank, setup, len(parts), parts)
     result = per_rank[0]["result"]
     for info, r in zip(result["stages"], per_rank):
@@ -299,7 +331,8 @@ def local_processes(setup: Setup, parts: list[list[int]]) -> dict:
 
 def _local_rank(rank: int, k: int, setup: Setup, parts: list[list[int]]) -> dict:
     cfg = replace(setup.cfg, stages=k, save_dir="")
-    stage = build_stage(cfg, setup.shape, setup.classes, parts[rank])
+    device = setup.rank_device(rank)
+    stage = build_stage(cfg, setup.shape, setup.classes, parts[rank], device)
     meter = LiveBytes(stage.parameters())
     _wrap(stage, meter)
     links = [dist.new_group([i, i + 1]) for i in range(k - 1)]
@@ -308,7 +341,7 @@ def _local_rank(rank: int, k: int, setup: Setup, parts: list[list[int]]) -> dict
     def broken(reason: str) -> None:
         raise RuntimeError(reason)
 
-    serve_rank(cfg, stage, torch.device("cpu"), links, _messages(setup) if rank == 0 else None,
+    serve_rank(cfg, stage, device, links, _messages(setup) if rank == 0 else None,
                reports.append, broken)
     return {"result": _collect(setup, reports) if rank == 0 else None,
             "live_bytes": static_bytes(stage, stage.optimizers()) + meter.peak,
@@ -318,7 +351,7 @@ def _local_rank(rank: int, k: int, setup: Setup, parts: list[list[int]]) -> dict
 # --------------------------------------------------------------------------- backprop pipelines
 def backprop_pipeline(setup: Setup, parts: list[list[int]], schedule: str,
                       microbatches: int) -> dict:
-    """``torch.distributed.pipelining`` with ScheduleGPipe or Schedule1F1B, K gloo processes."""
+    """``torch.distributed.pipelining`` with ScheduleGPipe or Schedule1F1B, K processes."""
     per_rank = _spawn(_pipelining_rank, setup, len(parts), parts, schedule, microbatches)
     last = per_rank[-1]
     return {**summary(last["rates"]), "microbatches": microbatches,
@@ -331,13 +364,14 @@ def _pipelining_rank(rank: int, k: int, setup: Setup, parts: list[list[int]], sc
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
     cfg = setup.backprop_cfg
-    module = BackpropPart(build_stage(cfg, setup.shape, setup.classes, parts[rank]))
+    device = setup.rank_device(rank)
+    module = BackpropPart(build_stage(cfg, setup.shape, setup.classes, parts[rank], device))
     module.train()
     optimizer = module.stage.optimizer
-    pipe_stage = PipelineStage(module, rank, k, torch.device("cpu"))
+    pipe_stage = PipelineStage(module, rank, k, device)
     cls = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[schedule]
     sched = cls(pipe_stage, n_microbatches=microbatches, loss_fn=nn.functional.cross_entropy)
-    x, y = setup.batch()
+    x, y = setup.batch(rank)
     meter = LiveBytes(module.parameters())
     rates = []
     for r in range(setup.repeats + 1):
@@ -354,6 +388,7 @@ def _pipelining_rank(rank: int, k: int, setup: Setup, parts: list[list[int]], sc
                     sched.step()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+        sync(device)
         if r > 0:
             rates.append(n * cfg.batch_size / (time.perf_counter() - start))
     return {"rates": rates, "live_bytes": static_bytes(module, [optimizer]) + meter.peak,

@@ -22,6 +22,8 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+import torch  # noqa: E402
+
 from benchmarks import harness  # noqa: E402
 from stages import partition  # noqa: E402
 from stages.config import Config  # noqa: E402
@@ -43,11 +45,16 @@ def measure(setup: harness.Setup, stages: int, microbatches: list[int], progress
         progress(name)
         modes[name] = fn(*args)
 
+    gpu = setup.device == "cuda"
     run("backprop", harness.sequential, setup, True, c)
-    run("local_sequential_1thread", harness.sequential, setup, False, 1)
-    run(f"local_sequential_{c}threads", harness.sequential, setup, False, c)
+    if not gpu:
+        run("local_sequential_1thread", harness.sequential, setup, False, 1)
+    run(f"local_sequential_{c}threads" if not gpu else "local_sequential", harness.sequential,
+        setup, False, c)
+    processes = not gpu or torch.cuda.device_count() >= k  # NCCL: one GPU per process
     if k > 1:
         run("local_pipelined_threads", harness.local_threads, setup, parts)
+    if k > 1 and processes:
         run("local_pipelined_processes", harness.local_processes, setup, parts)
         for schedule in ("gpipe", "1f1b"):
             for m in microbatches:  # torch's 1F1B needs at least K micro-batches
@@ -75,12 +82,12 @@ def measure(setup: harness.Setup, stages: int, microbatches: list[int], progress
 
 def compare(modes: dict, ideal_local: float, ideal_bp: float) -> dict:
     """The headline ratios, each split so a reader sees why one mode is ahead."""
-    seq1 = modes["local_sequential_1thread"]["samples_per_s"]
-    local = max(("local_pipelined_threads", "local_pipelined_processes"),
-                key=lambda n: modes[n]["samples_per_s"])
+    seq = modes.get("local_sequential_1thread", modes.get("local_sequential"))["samples_per_s"]
+    local = max((n for n in ("local_pipelined_threads", "local_pipelined_processes")
+                 if n in modes), key=lambda n: modes[n]["samples_per_s"])
     out = {"best_local_pipelined": local,
            "parallel_efficiency_vs_2x_sequential_1thread":
-               modes[local]["samples_per_s"] / (len(modes[local]["stages"]) * seq1),
+               modes[local]["samples_per_s"] / (len(modes[local]["stages"]) * seq),
            "efficiency_vs_ideal": modes[local]["efficiency"],
            "largest_stage_vs_backprop_peak": modes[local]["largest_stage_live_bytes"]
            / modes["backprop"]["largest_stage_live_bytes"]}
@@ -232,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="a small MLP and few batches: a smoke run of every mode")
     p.add_argument("--sweep", action="store_true", help="the scaling sweep instead")
     p.add_argument("--sweep-batches", type=int, nargs="+", default=[32, 64, 128, 256])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="cuda: backprop, local sequential and local stages on CUDA streams of "
+                        "one GPU; the process modes when K GPUs are visible")
     p.add_argument("--out", default="benchmarks/results", help="folder for JSON and PNG")
     args = p.parse_args(argv)
     if args.quick:
@@ -249,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
         result["title"] = f"local learning, threads; vgg8b x{args.feat_mult}; C={args.threads}"
     else:
         cfg = model_config(args)
-        setup = harness.Setup(cfg, args.threads, args.warmup, args.steps, args.repeats)
+        setup = harness.Setup(cfg, args.threads, args.warmup, args.steps, args.repeats,
+                              args.device)
         result = measure(setup, args.stages, args.microbatches, lambda s: bar.set_postfix_str(s))
         name = f"{cfg.model}-x{cfg.feat_mult}-b{cfg.batch_size}-k{args.stages}"
         result["title"] = (f"{cfg.model} x{cfg.feat_mult}, {cfg.dataset} shape, batch "

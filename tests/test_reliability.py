@@ -162,3 +162,13 @@ def test_soak_per_stage_peak_memory_stops_growing_after_the_first_epoch(mnist_ro
     for stage in range(2):
         warm = peaks[1][stage]
         assert all(p[stage] <= warm * 1.01 for p in peaks[2:]), peaks
+
+
+def test_keep_checkpoints_bounds_disk_use(tmp_path):
+    args = ["--model", "mlp", "--num-layers", "2", "--num-hidden", "32", "--dataset",
+            "synthetic", "--epochs", "2", "--checkpoint-every", "5", "--keep-checkpoints", "2",
+            "--save-dir", str(tmp_path), "--threads", "1"]
+    assert main(args) == 0
+    kept = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert kept == ["step-000000030", "step-000000032"]  # 16 batches an epoch
+    assert all((tmp_path / "checkpoints" / k / "manifest.json").exists() for k in kept)

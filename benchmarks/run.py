@@ -186,21 +186,26 @@ def sweep(args, base: Config, progress) -> dict:
 
 
 def plot_sweep(result: dict, path: Path) -> None:
+    """Throughput (top) and the largest stage's live memory (bottom) against stages."""
     plt = _pyplot()
     if plt is None:
         return
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for ax, model in zip(axes, ("mlp", "vgg8b")):
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8), sharex=True)
+    for col, model in enumerate(("mlp", "vgg8b")):
         pts = [p for p in result["points"] if p["model"] == model]
         for batch in sorted({p["batch_size"] for p in pts}):
-            row = sorted((p["stages"], p["samples_per_s"]) for p in pts
-                         if p["batch_size"] == batch)
-            ax.plot([s for s, _ in row], [v for _, v in row], marker="o", label=f"batch {batch}")
-        ax.set_xticks([1, 2, 4])
-        ax.set_xlabel("stages (threads, 1 process)")
-        ax.set_ylabel("samples/s")
-        ax.set_title(model)
-        ax.legend()
+            row = sorted((p["stages"], p["samples_per_s"], p["largest_stage_live_bytes"])
+                         for p in pts if p["batch_size"] == batch)
+            stages = [r[0] for r in row]
+            axes[0][col].plot(stages, [r[1] for r in row], marker="o", label=f"batch {batch}")
+            axes[1][col].plot(stages, [r[2] / MiB for r in row], marker="o",
+                              label=f"batch {batch}")
+        axes[0][col].set_title(model)
+        axes[0][col].set_ylabel("samples/s")
+        axes[1][col].set_ylabel("largest stage, live MiB")
+        axes[1][col].set_xlabel("stages (threads, 1 process)")
+        axes[1][col].set_xticks([1, 2, 4])
+        axes[0][col].legend()
     fig.suptitle(result["title"])
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -158,7 +158,7 @@ def plot(result: dict, path: Path) -> None:
     print(f"plot: {path}")
 
 
-def sweep(args, base: Config, progress) -> dict:
+def sweep(args, progress) -> dict:
     """Local sequential vs local pipelined (threads) and backprop over stages and batch sizes."""
     points = []
     for model in ("mlp", "vgg8b"):
@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     if args.sweep:
-        result = sweep(args, model_config(args), lambda s: bar.set_postfix_str(s))
+        result = sweep(args, lambda s: bar.set_postfix_str(s))
         name = f"sweep-{args.feat_mult}"
         result["title"] = f"local learning, threads; vgg8b x{args.feat_mult}; C={args.threads}"
     else:

@@ -45,9 +45,10 @@ class Plan:
     cost_kind: str = "given"
 
 
-def make_plan(cfg: Config, device: torch.device, measure: bool = True) -> Plan:
-    """Plan the units and choose the cut: --balance if given, else the measured best one
-    (parameter counts when ``measure`` is False)."""
+def make_plan(cfg: Config, device: torch.device) -> Plan:
+    """Plan the units and choose the cut: --balance if given, else the best one for each
+    unit's measured step time, or for its parameter count where a full copy of the network
+    cannot be trained on ``device`` (out of memory) to measure it."""
     info = INFO[cfg.dataset]
     specs = plan(cfg, info.shape, info.num_classes)
     partition.check_stages(len(specs), cfg.stages)
@@ -55,12 +56,15 @@ def make_plan(cfg: Config, device: torch.device, measure: bool = True) -> Plan:
         return Plan(info, specs, partition.split(cfg.balance, len(specs)))
     if cfg.stages == 1:
         return Plan(info, specs, [list(range(len(specs)))])
-    throwaway = build_stage(cfg, info.shape, info.num_classes, device=device)
-    if measure:
-        costs, kind = partition.measure_costs(throwaway, info.shape, info.num_classes, cfg), \
-            "measured"
-    else:
-        costs, kind = partition.parameter_costs(throwaway), "parameters"
+    try:
+        throwaway = build_stage(cfg, info.shape, info.num_classes, device=device)
+        costs = partition.measure_costs(throwaway, info.shape, info.num_classes, cfg)
+        kind = "measured"
+    except torch.OutOfMemoryError:
+        with torch.device("meta"):
+            costs = partition.parameter_costs(build_stage(cfg, info.shape, info.num_classes,
+                                                          device="meta"))
+        kind = "parameters"
     balance = partition.best_balance(costs, cfg.stages)
     return Plan(info, specs, partition.split(balance, len(specs)), costs, kind)
 
@@ -108,7 +112,7 @@ class StopRequest:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._handle)
 
-    def _handle(self, signum, frame) -> None:
+    def _handle(self, signum, _frame) -> None:
         if self.signum is not None:  # a second signal: give up at once
             raise KeyboardInterrupt
         self.signum = signum

@@ -57,10 +57,6 @@ class Abort:
                 self.failure = failure
         self._event.set()
 
-    @property
-    def is_set(self) -> bool:
-        return self._event.is_set()
-
     def check(self) -> None:
         if self._event.is_set():
             raise self.failure

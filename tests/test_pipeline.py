@@ -126,3 +126,19 @@ def test_best_balance_minimises_the_slowest_stage():
     assert partition.split([2, 1], 3) == [[0, 1], [2]]
     with pytest.raises(ConfigError):
         partition.best_balance([1, 2], 3)
+
+
+def test_auto_cut_falls_back_to_parameter_counts_when_measuring_runs_out_of_memory(
+        monkeypatch):
+    from pipeline.runner import make_plan
+    from stages.config import Config
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("no room for a throwaway copy")
+
+    monkeypatch.setattr(partition, "measure_costs", out_of_memory)
+    cfg = Config(model="mlp", num_layers=3, num_hidden=64, dataset="synthetic", stages=2)
+    run_plan = make_plan(cfg, torch.device("cpu"))
+    assert run_plan.cost_kind == "parameters"
+    assert run_plan.costs[0] == 784 * 64 + 64 + 2 * 64 + 64 * 64 + 64 * 10 + 10  # with heads
+    assert [len(p) for p in run_plan.parts] == partition.best_balance(run_plan.costs, 2)

@@ -101,9 +101,10 @@ def test_kill_during_a_checkpoint_write_keeps_the_previous_one(straight, mnist_r
 
 
 def test_sigterm_saves_a_checkpoint_and_stops_cleanly(mnist_root, tmp_path):
-    # wide enough that the second epoch lasts a few seconds, so the signal lands inside it
-    args = ARGS + ["--data-root", mnist_root, "--num-hidden", "1024", "--stages", "2",
-                   "--checkpoint-every", "0"]
+    # wide and long enough (30 batches) that the second epoch lasts seconds: the signal lands
+    # inside it
+    args = ARGS + ["--data-root", mnist_root, "--num-hidden", "1024", "--limit-train", "1920",
+                   "--stages", "2", "--checkpoint-every", "0"]
     assert main(args + ["--save-dir", str(tmp_path / "straight")]) == 0
     save = tmp_path / "stopped"
     proc = subprocess.Popen(cli_command(*args, "--save-dir", str(save)), env=cli_env(),

@@ -155,12 +155,11 @@ def main(argv: list[str] | None = None) -> int:
             describe(cfg)
             return 0
         fault = Fault.parse(os.environ.get(FAULT_ENV))
-        stop = StopRequest()
-        stop.install()
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            run_distributed(cfg, stop, fault)
-        else:
-            run_inprocess(cfg, stop, fault)
+        with StopRequest().installed() as stop:
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                run_distributed(cfg, stop, fault)
+            else:
+                run_inprocess(cfg, stop, fault)
         return 0 if stop.signum is None else 128 + stop.signum
     except (ConfigError, DataError) as exc:
         print(f"localpipe: error: {exc}", file=sys.stderr)

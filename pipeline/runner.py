@@ -8,6 +8,7 @@ on its own CUDA stream, or its own GPU when K are visible; plain threads on the 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -108,9 +109,16 @@ class StopRequest:
     def __init__(self) -> None:
         self.signum: int | None = None
 
-    def install(self) -> None:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._handle)
+    @contextlib.contextmanager
+    def installed(self):
+        """Handle SIGINT and SIGTERM inside the block; the previous handlers come back after."""
+        previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT,
+                                                                      signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     def _handle(self, signum, _frame) -> None:
         if self.signum is not None:  # a second signal: give up at once

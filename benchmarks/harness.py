@@ -56,6 +56,10 @@ class Setup:
     def backprop_cfg(self) -> Config:
         return replace(self.cfg, backprop=True, no_detach=False, bio=False)
 
+    def groups(self) -> list[tuple[int, int]]:
+        """(index, batches) of the warm-up group (index 0) and of each timed repeat."""
+        return [(r, self.warmup if r == 0 else self.steps) for r in range(self.repeats + 1)]
+
     def batch(self, rank: int = 0) -> tuple[Tensor, Tensor]:
         gen = torch.Generator().manual_seed(0)
         device = self.rank_device(rank)
@@ -162,8 +166,7 @@ def sequential(setup: Setup, backprop: bool, threads: int) -> dict:
     x, y = setup.batch()
     meter = LiveBytes(stage.parameters())
     rates = []
-    for r in range(setup.repeats + 1):
-        n = setup.warmup if r == 0 else setup.steps
+    for r, n in setup.groups():
         sync(device)
         start = time.perf_counter()
         for _ in range(n):
@@ -232,8 +235,7 @@ def backprop_unit_costs(setup: Setup, threads: int, repeats: int = 3) -> list[fl
 def _messages(setup: Setup):
     """Warm-up batches, then each repeat's timed batches, each group closed by a marker."""
     x, y = setup.batch()  # on stage 0's device already, as in the sequential modes
-    for r in range(setup.repeats + 1):
-        n = setup.warmup if r == 0 else setup.steps
+    for r, n in setup.groups():
         for step in range(n):
             yield Message(Kind.TRAIN, 1, step, x, y)
         yield Message(Kind.END_EPOCH, r, n)
@@ -374,8 +376,7 @@ def _pipelining_rank(rank: int, k: int, setup: Setup, parts: list[list[int]], sc
     x, y = setup.batch(rank)
     meter = LiveBytes(module.parameters())
     rates = []
-    for r in range(setup.repeats + 1):
-        n = setup.warmup if r == 0 else setup.steps
+    for r, n in setup.groups():
         dist.barrier()
         start = time.perf_counter()
         for _ in range(n):

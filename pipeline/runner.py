@@ -46,17 +46,25 @@ class Plan:
     cost_kind: str = "given"
 
 
-def make_plan(cfg: Config, device: torch.device) -> Plan:
-    """Plan the units and choose the cut: --balance if given, else the best one for each
-    unit's measured step time, or for its parameter count where a full copy of the network
-    cannot be trained on ``device`` (out of memory) to measure it."""
+def static_plan(cfg: Config) -> Plan:
+    """The units, and the cut where nothing needs measuring (--balance, one stage; else no
+    parts yet). Checks --stages and --balance against the network: cheap, before any setup."""
     info = INFO[cfg.dataset]
     specs = plan(cfg, info.shape, info.num_classes)
     partition.check_stages(len(specs), cfg.stages)
     if cfg.balance is not None:
         return Plan(info, specs, partition.split(cfg.balance, len(specs)))
-    if cfg.stages == 1:
-        return Plan(info, specs, [list(range(len(specs)))])
+    return Plan(info, specs, [list(range(len(specs)))] if cfg.stages == 1 else [])
+
+
+def make_plan(cfg: Config, device: torch.device) -> Plan:
+    """Plan the units and choose the cut: --balance if given, else the best one for each
+    unit's measured step time, or for its parameter count where a full copy of the network
+    cannot be trained on ``device`` (out of memory) to measure it."""
+    static = static_plan(cfg)
+    if static.parts:
+        return static
+    info = static.info
     try:
         throwaway = build_stage(cfg, info.shape, info.num_classes, device=device)
         costs = partition.measure_costs(throwaway, info.shape, info.num_classes, cfg)
@@ -67,7 +75,7 @@ def make_plan(cfg: Config, device: torch.device) -> Plan:
                                                           device="meta"))
         kind = "parameters"
     balance = partition.best_balance(costs, cfg.stages)
-    return Plan(info, specs, partition.split(balance, len(specs)), costs, kind)
+    return Plan(info, static.specs, partition.split(balance, len(costs)), costs, kind)
 
 
 @dataclass
@@ -357,8 +365,7 @@ def run_distributed(cfg: Config, stop: StopRequest,
     if use_cuda:
         torch.cuda.set_device(device)
     set_threads(cfg, 0)
-    partition.check_stages(len(plan(cfg, INFO[cfg.dataset].shape, INFO[cfg.dataset].num_classes)),
-                           cfg.stages)
+    static_plan(cfg)  # a bad --stages or --balance fails here, before any process group
     start = start_point(cfg)
     if rank == 0:
         prepare_save_dir(cfg, start)

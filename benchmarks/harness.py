@@ -2,28 +2,33 @@
 time goes, and memory. Every mode trains the same network on the same random batches at the
 same batch size and precision, within the same total thread budget.
 
-Local modes run localpipe's own stage code (``pipeline.runner.run_threads`` and
-``serve_rank``); the backprop pipelines run ``torch.distributed.pipelining``.
+Local modes run localpipe's own stage code (``pipeline.inprocess.run_threads`` and
+``pipeline.distributed.serve``); the backprop pipelines run ``torch.distributed.pipelining``.
+Memory is counted the way a run counts it (``pipeline.memory.StageMemory``: the activations
+on the first, untimed, batch only), and each mode starts from an emptied allocator.
 """
 from __future__ import annotations
 
 import os
 import platform
-import resource
 import socket
 import statistics
 import tempfile
 import time
 from dataclasses import dataclass, replace
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import Tensor, nn
 
+from pipeline import device as dev
+from pipeline import memory
 from pipeline.data import INFO
-from pipeline.runner import run_threads, serve_rank, stage_devices
-from pipeline.transport import Kind, Message
+from pipeline.distributed import join, serve
+from pipeline.inprocess import run_threads
+from pipeline.message import Kind, Message
 from stages import partition
 from stages.config import Config
 from stages.models import build_stage, plan
@@ -80,74 +85,15 @@ def machine() -> dict:
 
 
 # --------------------------------------------------------------------------- memory
-class LiveBytes:
-    """Peak bytes of activations held for backward, counted through autograd's saved-tensor
-    hooks (each storage once, parameters left out). Added to ``static_bytes`` this is the
-    CPU's stand-in for CUDA's ``max_memory_allocated``: live tensor bytes, not RSS."""
-
-    def __init__(self, params) -> None:
-        self.skip = {p.untyped_storage().data_ptr() for p in params}
-        self.refs: dict[int, int] = {}
-        self.current = self.peak = 0
-
-    def pack(self, t: Tensor):
-        key = t.untyped_storage().data_ptr()
-        if key in self.skip:
-            return t
-        if not self.refs.get(key):
-            self.current += t.untyped_storage().nbytes()
-            self.peak = max(self.peak, self.current)
-        self.refs[key] = self.refs.get(key, 0) + 1
-        return _Held(t, key, self)
-
-    @staticmethod
-    def unpack(held):
-        return held if isinstance(held, Tensor) else held.tensor
-
-    def release(self, key: int, nbytes: int) -> None:
-        self.refs[key] -= 1
-        if not self.refs[key]:
-            del self.refs[key]
-            self.current -= nbytes
-
-    def hooks(self):
-        return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+def fresh(device: torch.device) -> None:
+    """Before a mode: nothing cached by an earlier one counts in its allocator peak or NVML."""
+    dev.release(device)
 
 
-class _Held:
-    def __init__(self, tensor: Tensor, key: int, meter: LiveBytes) -> None:
-        self.tensor, self.key, self.meter = tensor, key, meter
-        self.nbytes = tensor.untyped_storage().nbytes()
-
-    def __del__(self) -> None:
-        self.meter.release(self.key, self.nbytes)
-
-
-def static_bytes(module: nn.Module, optimizers) -> int:
-    """Parameters, their gradients and the optimizer states: what a stage holds at all times."""
-    params = sum(p.numel() * p.element_size() for p in module.parameters())
-    states = sum(v.numel() * v.element_size() for opt in optimizers
-                 for s in opt.state.values() for v in s.values() if isinstance(v, Tensor))
-    return 2 * params + states
-
-
-def peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def device_memory(device: torch.device) -> dict:
-    """On a GPU: the allocator's peak and NVML's used bytes for the whole device."""
-    if device.type != "cuda":
-        return {}
-    from pipeline.metrics import nvml_used
-
-    return {"cuda_max_allocated_bytes": torch.cuda.max_memory_allocated(device),
-            "nvml_used_bytes": nvml_used(device)}
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def device_figures(device: torch.device) -> list[dict]:
+    """After a mode on one process: its peak on ``device`` since ``fresh`` (and NVML's view
+    of the GPU, or the peak resident set on the CPU)."""
+    return [memory.sample(device, 0)]
 
 
 def summary(rates: list[float]) -> dict:
@@ -161,24 +107,26 @@ def sequential(setup: Setup, backprop: bool, threads: int) -> dict:
     torch.set_num_threads(threads)
     cfg = setup.backprop_cfg if backprop else setup.cfg
     device = setup.rank_device()
+    fresh(device)
     stage = build_stage(cfg, setup.shape, setup.classes, device=device)
     stage.train()
     x, y = setup.batch()
-    meter = LiveBytes(stage.parameters())
+    mem = memory.StageMemory(stage)
     rates = []
     for r, n in setup.groups():
-        sync(device)
+        dev.synchronize(device)
         start = time.perf_counter()
         for _ in range(n):
-            with meter.hooks():
+            with mem.watching():  # the first warm-up batch only
                 _, update = stage.train_step(x, y)
             update()
-        sync(device)
+            mem.after_step()
+        dev.synchronize(device)
         if r > 0:
             rates.append(n * cfg.batch_size / (time.perf_counter() - start))
-    live = static_bytes(stage, stage.optimizers()) + meter.peak
-    return {**summary(rates), "threads": threads, "stages": [{"live_bytes": live}],
-            "peak_rss_bytes": [peak_rss()], **device_memory(device)}
+    return {**summary(rates), "threads": threads,
+            "stages": [{"live_bytes": mem.take()["peak_bytes"]}],
+            "devices": device_figures(device)}
 
 
 def unit_costs(setup: Setup, threads: int) -> list[float]:
@@ -215,7 +163,7 @@ def backprop_unit_costs(setup: Setup, threads: int, repeats: int = 3) -> list[fl
         h = x
         for i, part in enumerate(parts):
             inp = h.detach().requires_grad_(i > 0)
-            sync(device)
+            dev.synchronize(device)
             start = time.perf_counter()
             out = part(inp)
             if i == len(parts) - 1:
@@ -224,7 +172,7 @@ def backprop_unit_costs(setup: Setup, threads: int, repeats: int = 3) -> list[fl
                 out.backward(torch.ones_like(out))
             part.stage.optimizer.step()
             part.stage.optimizer.zero_grad(set_to_none=True)
-            sync(device)
+            dev.synchronize(device)
             if r > 0:
                 times[i].append(time.perf_counter() - start)
             h = out.detach()
@@ -237,62 +185,60 @@ def _messages(setup: Setup):
     x, y = setup.batch()  # on stage 0's device already, as in the sequential modes
     for r, n in setup.groups():
         for step in range(n):
-            yield Message(Kind.TRAIN, 1, step, x, y)
+            yield Message(Kind.TRAIN, 1, step, {"x": x, "y": y}).depart()
         yield Message(Kind.END_EPOCH, r, n)
     yield Message(Kind.STOP, 0, 0)
 
 
 def _collect(setup: Setup, reports: list[dict]) -> dict:
-    """Throughput per repeat from the stages' wall-clock stamps, and each stage's time split."""
+    """Throughput per repeat from the stages' wall-clock stamps, each stage's time split and
+    own bytes, and every process's device figures."""
     k = max(r["stage"] for r in reports) + 1
     marks = [[r for r in reports if r["kind"] == "end_epoch" and r["epoch"] == i]
              for i in range(1, setup.repeats + 1)]
     rates = [setup.steps * setup.cfg.batch_size /
              (max(r["timing"]["train_end"] for r in m) - min(r["timing"]["train_start"]
                                                            for r in m)) for m in marks]
+    ends = [r for r in reports if r["kind"] == "end_epoch"]
     per_stage = []
     for s in range(k):
         t = [r["timing"] for m in marks for r in m if r["stage"] == s]
         total = sum(x["busy_s"] + x["recv_wait_s"] + x["send_wait_s"] for x in t)
-        per_stage.append({key: sum(x[f"{key}_s"] for x in t) / total
-                          for key in ("busy", "recv_wait", "send_wait")})
-    return {**summary(rates), "stages": per_stage}
+        split = {key: sum(x[f"{key}_s"] for x in t) / total
+                 for key in ("busy", "recv_wait", "send_wait")}
+        split["live_bytes"] = max(r["memory"]["peak_bytes"] for r in ends if r["stage"] == s)
+        per_stage.append(split)
+    samples = [r["device_memory"] for r in ends if r.get("device_memory")]
+    peaks: dict[tuple, dict] = {}  # the largest figures of each process and device
+    for d in samples:
+        key = (d["host"], d["pid"], d["device"])
+        if key not in peaks or _peak(d) > _peak(peaks[key]):
+            peaks[key] = d
+    return {**summary(rates), "stages": per_stage, "devices": list(peaks.values())}
 
 
-def _wrap(stage, meter: LiveBytes) -> None:
-    """Count the activations a stage saves for backward (benchmark only)."""
-    step = stage.train_step
-
-    def counted(x, y):
-        with meter.hooks():
-            return step(x, y)
-    stage.train_step = counted
+def _peak(sample: dict) -> int:
+    return sample.get("peak_allocated_bytes", sample.get("peak_rss_bytes", 0))
 
 
 def local_threads(setup: Setup, parts: list[list[int]]) -> dict:
     """localpipe's in-process runner: one thread per stage, C // K torch threads each (on a
-    GPU: one CUDA stream per stage, or one GPU per stage when K are visible)."""
+    GPU: one CUDA stream per stage, neighbours grouped when there are fewer GPUs than stages)."""
     torch.set_num_threads(max(1, setup.threads // len(parts)))
     cfg = replace(setup.cfg, stages=len(parts), save_dir="")
-    devices = stage_devices(cfg, setup.rank_device())
-    stages = [build_stage(cfg, setup.shape, setup.classes, part, dev)
-              for part, dev in zip(parts, devices)]
-    meters = [LiveBytes(s.parameters()) for s in stages]
-    for s, m in zip(stages, meters):
-        _wrap(s, m)
+    devices = dev.stage_devices(len(parts), setup.rank_device())
+    for d in set(devices):
+        fresh(d)
+    stages = [build_stage(cfg, setup.shape, setup.classes, part, d)
+              for part, d in zip(parts, devices)]
     reports: list[dict] = []
     run_threads(cfg, stages, devices, _messages(setup), reports.append)
-    result = _collect(setup, reports)
-    for info, s, m in zip(result["stages"], stages, meters):
-        info["live_bytes"] = static_bytes(s, s.optimizers()) + m.peak
-    result["peak_rss_bytes"] = [peak_rss()]
-    result.update(device_memory(devices[0]))
-    return result
+    return _collect(setup, reports)
 
 
 def _spawn(fn, setup: Setup, k: int, *args) -> dict:
-    """Run ``fn(rank, k, setup, *args)`` in K fresh processes joined by gloo (NCCL with one GPU
-    each on CUDA); rank 0 writes the gathered results to a file read back here."""
+    """Run ``fn(rank, k, setup, store, *args)`` in K fresh processes sharing a TCP store;
+    rank 0's result is written to a file read back here."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -303,70 +249,48 @@ def _spawn(fn, setup: Setup, k: int, *args) -> dict:
 
 
 def _process_main(rank: int, k: int, port: int, fn, setup: Setup, out: str, *args) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(k))
     torch.set_num_threads(max(1, setup.threads // k))
-    if setup.device == "cuda":
-        torch.cuda.set_device(rank)
-    dist.init_process_group("nccl" if setup.device == "cuda" else "gloo", rank=rank,
-                            world_size=k)
-    try:
-        result = fn(rank, k, setup, *args)
-        gathered = [None] * k if rank == 0 else None
-        dist.gather_object(result, gathered, dst=0)
-        if rank == 0:
-            torch.save(gathered, out)
-        dist.barrier()  # no rank tears down while another still has work in flight
-    finally:
-        dist.destroy_process_group()
+    store = dist.TCPStore("127.0.0.1", port, k, rank == 0, timedelta(seconds=300))
+    result = fn(rank, k, setup, store, *args)
+    if rank == 0:
+        torch.save(result, out)
+    dist.destroy_process_group()
 
 
 def local_processes(setup: Setup, parts: list[list[int]]) -> dict:
-    """localpipe's multi-process runner: one process per stage."""
-    per_rank = _spawn(_local_rank, setup, len(parts), parts)
-    result = per_rank[0]["result"]
-    for info, r in zip(result["stages"], per_rank):
-        info["live_bytes"] = r["live_bytes"]
-    result["peak_rss_bytes"] = [r["rss"] for r in per_rank]
-    return result
+    """localpipe's multi-process runner: one process per stage, joined as under torchrun."""
+    return _spawn(_local_rank, setup, len(parts), parts)
 
 
-def _local_rank(rank: int, k: int, setup: Setup, parts: list[list[int]]) -> dict:
+def _local_rank(rank: int, k: int, setup: Setup, store, parts: list[list[int]]) -> dict | None:
     cfg = replace(setup.cfg, stages=k, save_dir="")
     device = setup.rank_device(rank)
+    fresh(device)
+    me = join(cfg, store, rank, k, device, shared=False)
     stage = build_stage(cfg, setup.shape, setup.classes, parts[rank], device)
-    meter = LiveBytes(stage.parameters())
-    _wrap(stage, meter)
-    links = [dist.new_group([i, i + 1]) for i in range(k - 1)]
     reports: list[dict] = []
-
-    def broken(reason: str) -> None:
-        raise RuntimeError(reason)
-
-    serve_rank(cfg, stage, device, links, _messages(setup) if rank == 0 else None,
-               reports.append, broken)
-    return {"result": _collect(setup, reports) if rank == 0 else None,
-            "live_bytes": static_bytes(stage, stage.optimizers()) + meter.peak,
-            "rss": peak_rss()}
+    serve(me, stage, _messages(setup) if rank == 0 else None, reports.append)
+    me.control.finish()
+    return _collect(setup, reports) if rank == 0 else None
 
 
 # --------------------------------------------------------------------------- backprop pipelines
 def backprop_pipeline(setup: Setup, parts: list[list[int]], schedule: str,
                       microbatches: int) -> dict:
     """``torch.distributed.pipelining`` with ScheduleGPipe or Schedule1F1B, K processes."""
-    per_rank = _spawn(_pipelining_rank, setup, len(parts), parts, schedule, microbatches)
-    last = per_rank[-1]
-    return {**summary(last["rates"]), "microbatches": microbatches,
-            "stages": [{"live_bytes": r["live_bytes"]} for r in per_rank],
-            "peak_rss_bytes": [r["rss"] for r in per_rank]}
+    return _spawn(_pipelining_rank, setup, len(parts), parts, schedule, microbatches)
 
 
-def _pipelining_rank(rank: int, k: int, setup: Setup, parts: list[list[int]], schedule: str,
-                     microbatches: int) -> dict:
+def _pipelining_rank(rank: int, k: int, setup: Setup, store, parts: list[list[int]],
+                     schedule: str, microbatches: int) -> dict | None:
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
-    cfg = setup.backprop_cfg
     device = setup.rank_device(rank)
+    fresh(device)
+    dist.init_process_group("nccl" if setup.device == "cuda" else "gloo", store=store,
+                            rank=rank, world_size=k, device_id=device
+                            if setup.device == "cuda" else None)
+    cfg = setup.backprop_cfg
     module = BackpropPart(build_stage(cfg, setup.shape, setup.classes, parts[rank], device))
     module.train()
     optimizer = module.stage.optimizer
@@ -374,13 +298,13 @@ def _pipelining_rank(rank: int, k: int, setup: Setup, parts: list[list[int]], sc
     cls = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[schedule]
     sched = cls(pipe_stage, n_microbatches=microbatches, loss_fn=nn.functional.cross_entropy)
     x, y = setup.batch(rank)
-    meter = LiveBytes(module.parameters())
+    mem = memory.StageMemory(module.stage)
     rates = []
     for r, n in setup.groups():
         dist.barrier()
         start = time.perf_counter()
         for _ in range(n):
-            with meter.hooks():
+            with mem.watching():  # the first warm-up step only
                 if rank == 0:
                     sched.step(x)
                 elif rank == k - 1:
@@ -389,8 +313,17 @@ def _pipelining_rank(rank: int, k: int, setup: Setup, parts: list[list[int]], sc
                     sched.step()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        sync(device)
+            mem.after_step()
+        dev.synchronize(device)
         if r > 0:
             rates.append(n * cfg.batch_size / (time.perf_counter() - start))
-    return {"rates": rates, "live_bytes": static_bytes(module, [optimizer]) + meter.peak,
-            "rss": peak_rss()}
+    mine = {"rates": rates, "live_bytes": mem.take()["peak_bytes"],
+            "devices": device_figures(device)}
+    gathered = [None] * k if rank == 0 else None
+    dist.gather_object(mine, gathered, dst=0)
+    dist.barrier()  # no rank tears down while another still has work in flight
+    if rank != 0:
+        return None
+    return {**summary(gathered[-1]["rates"]), "microbatches": microbatches,
+            "stages": [{"live_bytes": g["live_bytes"]} for g in gathered],
+            "devices": [d for g in gathered for d in g["devices"]]}

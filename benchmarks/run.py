@@ -164,7 +164,8 @@ def sweep(args, progress) -> dict:
     for model in ("mlp", "vgg8b"):
         for batch in args.sweep_batches:
             cfg = model_config(args, model=model, batch_size=batch)
-            setup = harness.Setup(cfg, args.threads, args.warmup, args.steps, args.repeats)
+            setup = harness.Setup(cfg, args.threads, args.warmup, args.steps, args.repeats,
+                                  args.device)
             costs = None
             for k in (1, 2, 4):
                 progress(f"{model} batch {batch} stages {k}")

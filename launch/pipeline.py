@@ -18,9 +18,12 @@ if __package__ in (None, ""):
     # ``pipeline`` package: put the project root there instead.
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+from pipeline.channel import StageFailed  # noqa: E402
 from pipeline.data import INFO, DataError  # noqa: E402
-from pipeline.runner import StopRequest, make_plan, run_distributed, run_inprocess  # noqa: E402
-from pipeline.transport import StageFailed  # noqa: E402
+from pipeline.distributed import run_distributed  # noqa: E402
+from pipeline.inprocess import run_inprocess  # noqa: E402
+from pipeline.plan import make_plan  # noqa: E402
+from pipeline.signals import StopRequest  # noqa: E402
 from pipeline.worker import Fault  # noqa: E402
 from stages.config import DATASETS, MODELS, Config, ConfigError  # noqa: E402
 from stages.models import backprop_parameters, build_unit  # noqa: E402
@@ -97,7 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
     g("--device", default=d.device, choices=["auto", "cpu", "cuda"])
     g("--threads", type=int, default=d.threads, help="torch threads per process (0: auto)")
     g("--comm-timeout", type=float, default=d.comm_timeout,
-      help="seconds any wait between stages may take before the run is stopped")
+      help="seconds a stage may wait for a neighbour, or spend on one batch, before the run "
+           "is stopped (the last resort: dead and frozen ranks are named sooner)")
+    g("--heartbeat-timeout", type=float, default=d.heartbeat_timeout,
+      help="under torchrun, seconds without a heartbeat after which a rank counts as frozen")
+    g("--deterministic", action="store_true",
+      help="deterministic kernels (torch.use_deterministic_algorithms), so a GPU run repeats "
+           "bit for bit")
     g("--checkpoint-every", type=int, default=d.checkpoint_every,
       help="also checkpoint every N training batches (0: at epoch ends only)")
     g("--keep-checkpoints", type=int, default=d.keep_checkpoints,
@@ -126,10 +135,13 @@ def describe(cfg: Config) -> None:
     last the parameter count of the backprop network as the paper counts it."""
     import torch
 
-    from pipeline.runner import default_device
+    from pipeline import device
 
     info = INFO[cfg.dataset]
-    run_plan = make_plan(cfg, default_device(cfg))
+    try:
+        run_plan = make_plan(cfg, device.choose(cfg.device))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     with torch.device("meta"):
         counts = [sum(p.numel() for p in build_unit(s, cfg, info.num_classes).parameters())
                   for s in run_plan.specs]
@@ -155,10 +167,11 @@ def main(argv: list[str] | None = None) -> int:
             describe(cfg)
             return 0
         fault = Fault.parse(os.environ.get(FAULT_ENV))
-        with StopRequest().installed() as stop:
-            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-                run_distributed(cfg, stop, fault)
-            else:
+        stop = StopRequest()
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            run_distributed(cfg, stop, fault)  # handles signals once the job is joined
+        else:
+            with stop.installed():
                 run_inprocess(cfg, stop, fault)
         return 0 if stop.signum is None else 128 + stop.signum
     except (ConfigError, DataError) as exc:

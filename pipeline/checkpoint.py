@@ -1,40 +1,54 @@
-"""Checkpoint files: one per stage, then a manifest written last, every write atomic.
+"""Checkpoint files: one per stage, then a manifest written last, every write atomic; and the
+start point of a run that resumes from one.
 
 A checkpoint folder (``checkpoints/step-NNNNNNNNN``, named by training batches done) is complete
 exactly when its ``manifest.json`` exists, so a run killed while saving leaves the previous
-checkpoint as the newest usable one. The manifest records each stage file's size and SHA-256,
-the position to continue from, and the run's options.
+checkpoint as the newest usable one. The manifest records its format, each stage file's size
+and SHA-256, the position to continue from, and the run's options. Stage files hold tensors
+and plain containers only and are read with ``weights_only=True``: loading one runs no code.
+
+A checkpoint is portable: its tensors are saved on the CPU and restored onto whatever devices
+the resumed run uses, cut into any number of stages, and dropout masks are drawn from
+(seed, unit, epoch, step), so there is no generator state to carry across device types.
 """
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
+import queue
 import shutil
 import tempfile
+import threading
 import time
+from dataclasses import dataclass
+from typing import BinaryIO, Callable
 
 import torch
+from torch import Tensor
 
-PAUSE_ENV = "LOCALPIPE_TEST_SAVE_PAUSE"  # test hook: seconds to stall before a rename
+from stages.config import ConfigError
+
+FORMAT = 2  # 2: no dropout generator states (masks are keyed by position), weights_only files
+PAUSE_ENV = "LOCALPIPE_TEST_SAVE_PAUSE"  # test hook "SECONDS[@STAGE]": stall before a rename
 
 
 def checkpoint_dir(save_dir: str, steps: int) -> str:
     return os.path.join(save_dir, "checkpoints", f"step-{steps:09d}")
 
 
-def atomic_write(path: str, data: bytes) -> None:
-    """Write to a temporary file beside ``path``, fsync, then rename over it."""
+def atomic_write(path: str, write: Callable[[BinaryIO], None], pause: float = 0.0) -> None:
+    """Call ``write(file)`` on a temporary file beside ``path``, fsync, then rename it over
+    ``path``: a reader sees the old file or the whole new one, never a part."""
     folder = os.path.dirname(path) or "."
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
-        time.sleep(float(os.environ.get(PAUSE_ENV, 0)))
+        time.sleep(pause)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -42,19 +56,106 @@ def atomic_write(path: str, data: bytes) -> None:
         raise
 
 
-def save_torch(obj, path: str) -> dict:
-    """Atomically save ``obj``; return its size and SHA-256."""
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    data = buffer.getvalue()
-    atomic_write(path, data)
-    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+class _Hashing:
+    """A file that counts and hashes what goes through it, so that nothing is held twice."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f, self.sha, self.bytes = f, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        self.sha.update(data)
+        self.bytes += len(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
 
 
-def save_stage(save_dir: str, steps: int, stage: int, state: dict) -> dict:
+def save_torch(obj, path: str, pause: float = 0.0) -> dict:
+    """Atomically save ``obj``, streamed to disk; return its size and SHA-256."""
+    hashed: list[_Hashing] = []
+
+    def write(f: BinaryIO) -> None:
+        hashed.append(_Hashing(f))
+        torch.save(obj, hashed[0])
+    atomic_write(path, write, pause)
+    return {"bytes": hashed[0].bytes, "sha256": hashed[0].sha.hexdigest()}
+
+
+def save_stage(save_dir: str, steps: int, stage: int, state: dict, pause: float = 0.0) -> dict:
     """Write one stage's state; return its entry for the manifest."""
     path = os.path.join(checkpoint_dir(save_dir, steps), f"stage-{stage}.pt")
-    return {"file": os.path.basename(path), **save_torch(state, path)}
+    entry = {"file": os.path.basename(path), **save_torch(state, path, pause)}
+    return {**entry, "saved_at": time.time()}
+
+
+def snapshot(state):
+    """A copy of ``state`` on the CPU that later training steps cannot change."""
+    if isinstance(state, Tensor):
+        return state.detach().to("cpu", copy=True)
+    if isinstance(state, dict):
+        return type(state)((k, snapshot(v)) for k, v in state.items())
+    if isinstance(state, (list, tuple)):
+        return type(state)(snapshot(v) for v in state)
+    return state
+
+
+def test_pause(stage: int) -> float:
+    """Seconds the test hook stalls ``stage``'s writes ("2" for every stage, "2@1" for one)."""
+    value = os.environ.get(PAUSE_ENV, "")
+    if not value:
+        return 0.0
+    seconds, _, only = value.partition("@")
+    return float(seconds) if not only or int(only) == stage else 0.0
+
+
+class Writer:
+    """Writes one stage's checkpoint files on a thread of its own, in order, and passes each
+    marker's report on once its file is on disk. The stage goes on with the next batches while
+    a file is written; at most one snapshot waits behind the one being written, so a slow disk
+    slows the stage only when checkpoints come faster than it can take them."""
+
+    def __init__(self, save_dir: str | None, stage: int, report) -> None:
+        self.save_dir, self.stage, self.report = save_dir or None, stage, report
+        self.pause = test_pause(stage)
+        self.queue: queue.Queue = queue.Queue(maxsize=1)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name=f"checkpoint-writer-{stage}",
+                                       daemon=True)
+        self.thread.start()
+
+    def submit(self, steps: int, state: dict | None, r: dict) -> None:
+        """Queue ``state`` (taken now) for writing, and ``r`` to report once it is written."""
+        self.queue.put((steps, None if state is None else snapshot(state), r))
+
+    def _run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            steps, state, r = item
+            try:
+                r["files"] = [] if state is None else [
+                    save_stage(self.save_dir, steps, self.stage, state, self.pause)]
+                self.report(r)
+            except BaseException as exc:
+                self.error = exc
+                return
+
+    def check(self) -> None:
+        """Raise the error of a write that failed (disk full, permissions), in the stage."""
+        if self.error is not None:
+            raise self.error
+
+    def close(self) -> None:
+        """Finish every queued write, then report any error."""
+        self.queue.put(None)
+        self.thread.join()
+        self.check()
+
+    def abandon(self) -> None:
+        """Let the thread end after its current write (the run is failing or done)."""
+        try:
+            self.queue.put_nowait(None)
+        except queue.Full:
+            pass
 
 
 def write_manifest(save_dir: str, steps: int, position: tuple[int, int], args: dict,
@@ -62,9 +163,10 @@ def write_manifest(save_dir: str, steps: int, position: tuple[int, int], args: d
     """Complete the checkpoint after ``steps`` batches; then keep only the newest ``keep``
     complete checkpoints (0 keeps all) and drop incomplete older ones."""
     folder = checkpoint_dir(save_dir, steps)
-    text = json.dumps({"epoch": position[0], "step": position[1], "steps": steps, "args": args,
+    text = json.dumps({"format": FORMAT, "epoch": position[0], "step": position[1],
+                       "steps": steps, "written_at": time.time(), "args": args,
                        "files": files}, indent=1)
-    atomic_write(os.path.join(folder, "manifest.json"), text.encode())
+    atomic_write(os.path.join(folder, "manifest.json"), lambda f: f.write(text.encode()))
     root = os.path.dirname(folder)
     names = sorted(os.listdir(root))
     complete = [n for n in names if os.path.exists(os.path.join(root, n, "manifest.json"))]
@@ -77,7 +179,7 @@ def write_manifest(save_dir: str, steps: int, position: tuple[int, int], args: d
 
 
 # Options that change the network or its training, so a checkpoint made with other values
-# cannot be continued. The rest (epochs, stages, balance, paths, logging) may change freely.
+# cannot be continued. The rest (epochs, stages, balance, paths, devices, logging) may change.
 MODEL_ARGS = ("model", "dataset", "num_layers", "num_hidden", "dim_in_decoder", "feat_mult",
               "loss_sup", "loss_unsup", "bio", "backprop", "no_detach", "no_batch_norm",
               "target_proj_size", "optim", "nonlin", "seed", "batch_size", "dropout", "alpha",
@@ -103,10 +205,13 @@ def find_checkpoint(resume: str, save_dir: str) -> str | None:
 
 
 def read_manifest(folder: str, args: dict) -> dict:
-    """The manifest of ``folder``, refused if its run trained a different network or if a
-    stage file is missing, truncated or altered."""
+    """The manifest of ``folder``, refused if it is of another format, if its run trained a
+    different network, or if a stage file is missing, truncated or altered."""
     with open(os.path.join(folder, "manifest.json")) as f:
         manifest = json.load(f)
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"checkpoint {folder} has format {manifest.get('format', 1)}; this "
+                         f"localpipe reads format {FORMAT} only")
     for key in MODEL_ARGS:
         if manifest["args"].get(key) != args.get(key):
             raise ValueError(f"checkpoint {folder} was made with --{key.replace('_', '-')} "
@@ -127,7 +232,40 @@ def load_units(folder: str, manifest: dict, indices: list[int]) -> dict:
         if not set(entry["units"]) & set(indices):
             continue
         state = torch.load(os.path.join(folder, entry["file"]), map_location="cpu",
-                           weights_only=False)
+                           weights_only=True)
         units.update({i: s for i, s in state["units"].items() if i in indices})
         optimizer = optimizer or state["optimizer"]
     return {"units": units, "optimizer": optimizer}
+
+
+@dataclass
+class Start:
+    """Where training begins: batch ``step`` of ``epoch`` (1-based), after ``steps`` batches in
+    all; from scratch, or from the checkpoint in ``folder``."""
+
+    folder: str | None = None
+    manifest: dict | None = None
+    epoch: int = 1
+    step: int = 0
+    steps: int = 0
+
+    def restore(self, stage) -> None:
+        if self.folder is not None:
+            stage.load_checkpoint_state(load_units(self.folder, self.manifest, stage.indices))
+
+
+def start_point(cfg) -> Start:
+    """Resolve --resume (a checkpoint folder, a save dir, or "auto") into a Start; a checkpoint
+    that cannot be continued is a ConfigError, raised before anything else is set up."""
+    if not cfg.resume:
+        return Start()
+    try:
+        folder = find_checkpoint(cfg.resume, cfg.save_dir)
+        if folder is None:
+            return Start()
+        manifest = read_manifest(folder, cfg.to_dict())
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(f"cannot resume: {exc}") from None
+    print(f"resuming from {folder}: epoch {manifest['epoch']}, batch {manifest['step']}",
+          flush=True)
+    return Start(folder, manifest, manifest["epoch"], manifest["step"], manifest["steps"])

@@ -144,6 +144,13 @@ def synthetic(train: bool) -> tuple[Tensor, Tensor]:
     return (images.clamp(0, 1) * 255).round().to(torch.uint8), labels
 
 
+def load_batches(cfg: Config) -> tuple["Batches", "Batches"]:
+    """The training and test batches of --dataset."""
+    info = INFO[cfg.dataset]
+    return (Batches(*load_split(cfg, True), info, cfg, train=True),
+            Batches(*load_split(cfg, False), info, cfg, train=False))
+
+
 # ---------------------------------------------------------------------------------- batches
 class Batches:
     """The batches of one split for a given epoch, reproducible from (seed, epoch, step)."""

@@ -1,61 +1,49 @@
-"""What a run measures: per-stage timing and memory, and the per-epoch record of the whole run
+"""What a run measures: per-stage timing, and the per-epoch record of the whole run
 (``metrics.jsonl`` and the paper-style lines on stdout), composed on rank 0 from stage reports."""
 from __future__ import annotations
 
 import json
 import os
-import resource
 import time
-from dataclasses import dataclass, field
 
 import torch
 
+from pipeline.device import Clock
 
-@dataclass
+
 class StageTimer:
-    """Where one stage's wall time goes in an epoch: computing, waiting for input, waiting for
-    room downstream, and how full its input queue was when it looked."""
+    """Where one stage's time goes in an epoch: computing (device time on a GPU), waiting for
+    input, waiting for room downstream, and how full its input queue was when it looked."""
 
-    busy_s: float = 0.0
-    recv_wait_s: float = 0.0
-    send_wait_s: float = 0.0
-    occupancy: list[int] = field(default_factory=list)
-    train_start: float | None = None  # wall clock (time.time) of the first train batch
-    train_end: float | None = None
-    train_samples: int = 0
+    def __init__(self, device: torch.device) -> None:
+        self.clock = Clock(device)
+        self.recv_wait_s = self.send_wait_s = 0.0
+        self.occupancy: list[int] = []
+        self.train_start: float | None = None  # wall clock (time.time) of the first train batch
+        self.train_end: float | None = None
+        self.train_samples = 0
 
     def take(self) -> dict:
-        out = {"busy_s": self.busy_s, "recv_wait_s": self.recv_wait_s,
+        out = {"busy_s": self.clock.take(), "recv_wait_s": self.recv_wait_s,
                "send_wait_s": self.send_wait_s,
                "queue_occupancy": (sum(self.occupancy) / len(self.occupancy)
                                    if self.occupancy else 0.0),
                "train_start": self.train_start, "train_end": self.train_end,
                "train_samples": self.train_samples}
-        self.__init__()
+        self.__init__(self.clock.device)
         return out
 
 
-def memory_stats(device: torch.device) -> dict:
-    """Peak memory since the last call: CUDA allocator peak and NVML device use on a GPU, the
-    process's peak resident set on the CPU."""
-    if device.type == "cuda":
-        stats = {"peak_memory_bytes": torch.cuda.max_memory_allocated(device),
-                 "nvml_used_bytes": nvml_used(device)}
-        torch.cuda.reset_peak_memory_stats(device)
-        return stats
-    return {"peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
-
-
-def nvml_used(device: torch.device) -> int | None:
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        uuid = torch.cuda.get_device_properties(device).uuid  # NVML and CUDA number GPUs apart
-        handle = pynvml.nvmlDeviceGetHandleByUUID(f"GPU-{uuid}")
-        return int(pynvml.nvmlDeviceGetMemoryInfo(handle).used)
-    except Exception:  # no NVML (driver, container): the allocator figure still stands
-        return None
+def device_records(samples: list[dict]) -> dict:
+    """Each process's figures on each device it used, and NVML's view once per GPU; the
+    run's ``peak_memory_bytes`` is the largest allocator peak (GPU) or resident set (CPU)."""
+    processes = [{k: v for k, v in s.items() if k != "nvml_used_bytes"} for s in samples]
+    gpus = {s["uuid"]: {"uuid": s["uuid"], "host": s["host"],
+                        "nvml_used_bytes": s["nvml_used_bytes"]}
+            for s in samples if s.get("uuid")}
+    peaks = [s.get("peak_allocated_bytes", s.get("peak_rss_bytes", 0)) for s in samples]
+    return {"peak_memory_bytes": max(peaks, default=0), "processes": processes,
+            "gpus": list(gpus.values())}
 
 
 class Recorder:
@@ -90,10 +78,9 @@ class Recorder:
                 m["train"]["nonfinite"] for m in meters.values()),
             "blocks": blocks,
             "samples_per_s": samples / elapsed if elapsed > 0 else None,
-            "peak_memory_bytes": max(r["memory"]["peak_memory_bytes"] for r in reports),
-            "stages": [{"stage": r["stage"], "units": r["units"], **r["memory"],
-                        **{k: v for k, v in r["timing"].items()
-                           if k not in ("train_start", "train_end", "train_samples")}}
+            **device_records([r["device_memory"] for r in reports if r.get("device_memory")]),
+            "stages": [{"stage": r["stage"], "units": r["units"], "memory": r["memory"],
+                        **{k: v for k, v in r["timing"].items() if k != "train_samples"}}
                        for r in reports],
             "time": time.time(),
         }

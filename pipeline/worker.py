@@ -3,22 +3,25 @@
 For every training batch a worker forwards its units, hands the detached output on at once and
 only then runs its last unit's backward and optimizer step (§4.3): it never waits for a later
 stage. Evaluation batches stream through the same path. A marker (end of epoch, checkpoint) is
-forwarded, then the stage writes its checkpoint file and reports: since every link is FIFO,
-each stage saves after exactly the same batches, a consistent cut without draining.
+forwarded first; then the stage snapshots its state and goes straight on with the next batch,
+while its checkpoint writer puts the file on disk and passes the report on. Since every link is
+FIFO, each stage saves after exactly the same batches: a consistent cut, without draining.
 """
 from __future__ import annotations
 
 import os
 import signal
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from pipeline import checkpoint
-from pipeline.metrics import StageTimer, memory_stats
-from pipeline.transport import Channel, Kind, Message, arrive, depart
+from pipeline.channel import Channel, StageFailed
+from pipeline.memory import DeviceMemory, StageMemory
+from pipeline.message import Kind, Message
+from pipeline.metrics import StageTimer
 from stages.blocks import NonFiniteLoss
 from stages.stage import Stage
 
@@ -27,8 +30,8 @@ from stages.stage import Stage
 class Fault:
     """A test hook, from LOCALPIPE_INJECT_FAULT="STAGE:STEP[:ACTION]": at its STEP-th training
     batch (1-based, over the whole run) stage STAGE raises ("raise"), kills its own process
-    with SIGKILL on the first attempt of a torchrun job ("kill"), or feeds NaN into its
-    units ("nan")."""
+    with SIGKILL on the first attempt of a torchrun job ("kill"), stops it with SIGSTOP
+    ("freeze"), or feeds NaN into its units ("nan")."""
 
     stage: int
     step: int
@@ -46,81 +49,114 @@ class Fault:
             return x
         if self.action == "nan":
             return x * float("nan")
-        if self.action == "kill":
+        if self.action in ("kill", "freeze"):
             if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
-                os.kill(os.getpid(), signal.SIGKILL)
+                os.kill(os.getpid(), signal.SIGKILL if self.action == "kill" else signal.SIGSTOP)
             return x
         raise RuntimeError(f"injected fault at training step {steps}")
 
 
+class Watchdog:
+    """When each stage of a process began the message it is on. A stage that spends more than
+    --comm-timeout seconds on one message is stuck (in a device wait that never returns, say):
+    it is named, not the neighbours that wait for it, whose own waits began later."""
+
+    def __init__(self, limit: float) -> None:
+        self.limit = limit
+        self.since: dict[int, float] = {}
+
+    def begin(self, stage: int) -> None:
+        self.since[stage] = time.monotonic()
+
+    def end(self, stage: int) -> None:
+        self.since.pop(stage, None)
+
+    def stuck(self) -> StageFailed | None:
+        now = time.monotonic()
+        for stage, since in list(self.since.items()):
+            if now - since > self.limit:
+                return StageFailed(stage, f"stuck for {now - since:.0f} s on one message "
+                                          f"(--comm-timeout {self.limit:g})")
+        return None
+
+
 def run_stage(stage: Stage, index: int, inbox: Channel, outbox: Channel | None,
               report: Callable[[dict], None], device: torch.device, save_dir: str | None,
-              fault: Fault | None = None, steps: int = 0) -> None:
+              fault: Fault | None = None, steps: int = 0,
+              devices: DeviceMemory | None = None, watchdog: Watchdog | None = None) -> None:
     """Serve messages until STOP. ``outbox`` is None for the last stage, whose output is the
-    logits. ``report`` receives a dict at every END_EPOCH and CHECKPOINT marker (after this
-    stage has saved its file) and the final weights at STOP. ``steps`` counts the training
-    batches done over the whole run (a resumed run starts above 0)."""
-    timer = StageTimer()
+    logits. ``report`` receives, in order, a dict for every END_EPOCH and CHECKPOINT marker
+    (once this stage's file is written) and the final weights at STOP. ``steps`` counts the
+    training batches done over the whole run (a resumed run starts above 0). ``devices``
+    samples the process's device memory at epoch ends, once all of its stages on ``device``
+    have got there (by default this stage is the only one); ``watchdog`` is told when the
+    stage starts and ends each message."""
+    timer = StageTimer(device)
+    memory = StageMemory(stage, inbox.nbytes)
+    devices = devices or DeviceMemory([device])
+    devices.add(device, memory)
+    writer = checkpoint.Writer(save_dir, index, report)
+    watchdog = watchdog or Watchdog(float("inf"))
 
     def send(msg: Message) -> None:
         if outbox is not None:
-            timer.send_wait_s += outbox.put(depart(msg))
+            timer.send_wait_s += outbox.put(msg.depart())
 
-    def train(msg: Message, start: float) -> float:
-        """Forward, hand on, update; return the busy seconds (sending excluded)."""
+    def train(msg: Message) -> None:
         x = msg.x if fault is None else fault.apply(index, steps, msg.x)
         stage.train()
-        stage.set_epoch(msg.epoch)
-        out, update = stage.train_step(x, msg.y)
-        busy = time.perf_counter() - start
-        send(replace(msg, x=out))
-        start = time.perf_counter()
+        stage.set_position(msg.epoch, msg.step)
+        started = timer.clock.start()
+        with memory.watching():
+            out, update = stage.train_step(x, msg.y)
+        timer.clock.stop(started)
+        send(msg.with_tensors(x=out))
+        started = timer.clock.start()
         update()
-        _sync(device)
-        return busy + time.perf_counter() - start
+        timer.clock.stop(started)
+        memory.after_step()
 
-    while True:
-        timer.occupancy.append(inbox.qsize())
-        msg, waited = inbox.get()
-        timer.recv_wait_s += waited
-        start = time.perf_counter()
-        msg = arrive(msg, device)
-        if msg.kind == Kind.TRAIN:
-            if timer.train_start is None:
-                timer.train_start = time.time()
-            steps += 1
-            try:
-                timer.busy_s += train(msg, start)
-            except NonFiniteLoss as exc:
-                raise NonFiniteLoss(f"{exc} at epoch {msg.epoch}, batch {msg.step + 1}") from None
-            timer.train_end = time.time()
-            timer.train_samples += msg.y.size(0)
-            continue
-        if msg.kind == Kind.EVAL:
-            stage.eval()
-            out = stage.eval_step(msg.x, msg.y)
-            _sync(device)
-            timer.busy_s += time.perf_counter() - start
-            send(replace(msg, x=out))
-            continue
-        send(msg)
-        if msg.kind == Kind.STOP:
-            report({"kind": "final", "stage": index,
-                    "state": {k: v.detach().cpu() for k, v in stage.state_dict().items()}})
-            return
-        # END_EPOCH or CHECKPOINT: every batch before the marker is done here, and only those
-        r = {"kind": msg.kind.name.lower(), "stage": index, "epoch": msg.epoch,
-             "step": msg.step, "steps": steps, "units": stage.indices}
-        if msg.kind == Kind.END_EPOCH:
-            r.update(meters=stage.take_meters(), timing=timer.take())
-        r["files"] = [] if not save_dir else [
-            checkpoint.save_stage(save_dir, steps, index, stage.checkpoint_state())]
-        if msg.kind == Kind.END_EPOCH:  # after the save, whose buffers count too
-            r["memory"] = memory_stats(device)
-        report(r)
-
-
-def _sync(device: torch.device) -> None:
-    """On a GPU, make busy time mean device time (timing only; correctness needs no sync)."""
-    if device.type == "cuda":
-        torch.cuda.current_stream(device).synchronize()
+    try:
+        while True:
+            writer.check()
+            timer.occupancy.append(inbox.qsize())
+            memory.saw_queue()
+            watchdog.end(index)
+            msg, waited = inbox.get()
+            watchdog.begin(index)
+            timer.recv_wait_s += waited
+            msg = msg.arrive(device)
+            if msg.kind == Kind.TRAIN:
+                if timer.train_start is None:
+                    timer.train_start = time.time()
+                steps += 1
+                try:
+                    train(msg)
+                except NonFiniteLoss as exc:
+                    raise NonFiniteLoss(f"{exc} at epoch {msg.epoch}, batch {msg.step + 1}") \
+                        from None
+                timer.train_end = time.time()
+                timer.train_samples += msg.y.size(0)
+                continue
+            if msg.kind == Kind.EVAL:
+                stage.eval()
+                started = timer.clock.start()
+                out = stage.eval_step(msg.x, msg.y)
+                timer.clock.stop(started)
+                send(msg.with_tensors(x=out))
+                continue
+            send(msg)
+            if msg.kind == Kind.STOP:
+                writer.close()  # every checkpoint report goes out before the final one
+                report({"kind": "final", "stage": index,
+                        "state": {k: v.detach().cpu() for k, v in stage.state_dict().items()}})
+                return
+            # END_EPOCH or CHECKPOINT: every batch before the marker is done here, and only those
+            r = {"kind": msg.kind.name.lower(), "stage": index, "epoch": msg.epoch,
+                 "step": msg.step, "steps": steps, "units": stage.indices}
+            if msg.kind == Kind.END_EPOCH:
+                r.update(meters=stage.take_meters(), timing=timer.take(),
+                         memory=memory.take(), device_memory=devices.epoch_end(device, msg.epoch))
+            writer.submit(steps, stage.checkpoint_state() if save_dir else None, r)
+    finally:
+        writer.abandon()

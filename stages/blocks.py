@@ -107,7 +107,8 @@ def make_optimizer(params, cfg: Config) -> torch.optim.Optimizer:
 
 class Unit(nn.Module):
     """What blocks and the output layer share: an index in the network, an optimizer, meters,
-    and a dropout generator seeded from (seed, index) so masks never depend on run order."""
+    and dropout masks drawn from (seed, index, epoch, step): a batch's masks depend only on
+    where it sits in the run, never on run order, device count or a restart."""
 
     def __init__(self, index: int, cfg: Config) -> None:
         super().__init__()
@@ -115,9 +116,8 @@ class Unit(nn.Module):
         self.cfg = cfg
         self.optimizer: torch.optim.Optimizer | None = None
         self.meters = {"train": Meter(), "test": Meter()}
-        self._dropout_seed = derive_seed(cfg.seed, "dropout", index)
+        self.position = (0, 0)  # (epoch, step) of the batch being trained
         self._dropout_gen: torch.Generator | None = None
-        self._pending_rng: Tensor | None = None
 
     def make_optimizer(self) -> None:
         """Give the unit its private optimizer (not in --backprop, where the stage holds one)."""
@@ -134,23 +134,13 @@ class Unit(nn.Module):
                 group["lr"] = lr
 
     def dropout_generator(self, device: torch.device) -> torch.Generator:
-        """The unit's own dropout stream, created on first use on the activation's device."""
-        if self._dropout_gen is None:
+        """The generator of this unit's masks for the current batch, seeded from its position
+        (a generator of the activation's device: the masks differ between device types)."""
+        if self._dropout_gen is None or self._dropout_gen.device != device:
             self._dropout_gen = torch.Generator(device=device)
-            self._dropout_gen.manual_seed(self._dropout_seed)
-            if self._pending_rng is not None:
-                self._dropout_gen.set_state(self._pending_rng)
+        self._dropout_gen.manual_seed(derive_seed(self.cfg.seed, "dropout", self.index,
+                                                  *self.position))
         return self._dropout_gen
-
-    def rng_state(self) -> Tensor | None:
-        """State of the dropout stream for a checkpoint (None: never drawn from yet)."""
-        return None if self._dropout_gen is None else self._dropout_gen.get_state()
-
-    def set_rng_state(self, state: Tensor | None) -> None:
-        if self._dropout_gen is not None and state is not None:
-            self._dropout_gen.set_state(state)
-        else:
-            self._pending_rng = state
 
     def step_closure(self, loss: Tensor) -> Update:
         optimizer = self.optimizer

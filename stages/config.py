@@ -88,6 +88,8 @@ class Config:
     device: str = "auto"
     threads: int = 0
     comm_timeout: float = 300.0
+    heartbeat_timeout: float = 10.0
+    deterministic: bool = False
     checkpoint_every: int = 0
     keep_checkpoints: int = 0
     on_nan: str = "stop"
@@ -130,6 +132,8 @@ class Config:
         need(0.0 <= self.alpha <= 1.0, f"--alpha must lie in [0, 1], got {self.alpha}")
         need(0.0 <= self.dropout < 1.0, f"--dropout must lie in [0, 1), got {self.dropout}")
         need(self.comm_timeout > 0, f"--comm-timeout must be positive, got {self.comm_timeout}")
+        need(self.heartbeat_timeout > 0,
+             f"--heartbeat-timeout must be positive, got {self.heartbeat_timeout}")
         need(self.model == "mlp" or int(64 * self.feat_mult) >= 1,
              f"--feat-mult {self.feat_mult} leaves a conv layer with no channels")
         need(self.optim in ("adam", "amsgrad", "sgd"), f"unknown --optim {self.optim!r}")

@@ -36,11 +36,13 @@ class Stage(nn.Module):
     def indices(self) -> list[int]:
         return [u.index for u in self.units]
 
-    def set_epoch(self, epoch: int) -> None:
-        """Use the learning rate of ``epoch`` (the batch's own epoch, not the wall clock's)."""
+    def set_position(self, epoch: int, step: int) -> None:
+        """The batch about to be trained: its epoch's learning rate (the batch's own epoch, not
+        the wall clock's) and its dropout masks."""
         lr = self.cfg.lr_at(epoch)
         for unit in self.units:
             unit.set_lr(lr)
+            unit.position = (epoch, step)
         if self.optimizer is not None:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
@@ -99,12 +101,11 @@ class Stage(nn.Module):
         return {u.index: {phase: m.take() for phase, m in u.meters.items()} for u in self.units}
 
     def checkpoint_state(self) -> dict:
-        """Everything to continue exactly: weights, buffers, optimizer moments, dropout streams."""
+        """Everything to continue exactly: weights, buffers, optimizer moments, epoch meters."""
         return {
             "units": {u.index: {"state": u.state_dict(),
                                 "optimizer": None if u.optimizer is None
                                 else u.optimizer.state_dict(),
-                                "rng": u.rng_state(),
                                 "meters": {k: m.state() for k, m in u.meters.items()}}
                       for u in self.units},
             "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),
@@ -117,7 +118,6 @@ class Stage(nn.Module):
             unit.load_state_dict(saved["state"])
             if unit.optimizer is not None:
                 unit.optimizer.load_state_dict(saved["optimizer"])
-            unit.set_rng_state(saved["rng"])
             device = next(self.parameters()).device
             for phase, meter in unit.meters.items():
                 meter.load(saved["meters"][phase], device)

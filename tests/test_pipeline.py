@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from launch.pipeline import main
-from pipeline.transport import Abort, Channel, Message, Kind, StageFailed
+from pipeline.channel import Abort, Channel, StageFailed
+from pipeline.message import Kind, Message
 from stages import partition
 from stages.config import ConfigError
 
@@ -130,7 +131,7 @@ def test_best_balance_minimises_the_slowest_stage():
 
 def test_auto_cut_falls_back_to_parameter_counts_when_measuring_runs_out_of_memory(
         monkeypatch):
-    from pipeline.runner import make_plan
+    from pipeline.plan import make_plan
     from stages.config import Config
 
     def out_of_memory(*args, **kwargs):

@@ -2,15 +2,19 @@
 checkpoint, resumed runs are bit-identical to uninterrupted ones, and NaNs are caught."""
 import json
 import math
+import re
+import shutil
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from launch.pipeline import main
+from launch.pipeline import main, parse_config
+from stages.models import build_stage
 
 from conftest import (ROOT, assert_same_model, cli_command, cli_env, load_model, metrics,
                       run_cli)
@@ -38,21 +42,23 @@ def test_sigkill_of_one_rank_stops_all_then_resume_auto_is_exact(straight, mnist
                                                                   tmp_path):
     args = ARGS + ["--data-root", mnist_root, "--save-dir", str(tmp_path), "--stages", "3"]
     start = time.monotonic()
-    killed = run_cli(*args, torchrun=3, env={"LOCALPIPE_INJECT_FAULT": "1:5:kill"}, timeout=120)
+    killed = run_cli(*args, torchrun=3, env={"LOCALPIPE_INJECT_FAULT": "1:9:kill"}, timeout=120)
     assert killed.returncode != 0 and time.monotonic() - start < 60
-    assert "lost the link to stage 1" in killed.stderr, killed.stderr[-3000:]
+    assert "stopped: stage 1 died" in killed.stderr, killed.stderr[-3000:]
     assert _gone(str(tmp_path)), "a stage process outlived the run"
     assert not (tmp_path / "model.pt").exists()
     resumed = run_cli(*args, "--resume", "auto", torchrun=3, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resuming from" in resumed.stdout and "step-000000003" in resumed.stdout
+    # files are written in the background: the newest checkpoint before batch 9 that was
+    # complete when the rank died
+    assert re.search(r"resuming from .*step-00000000[36]", resumed.stdout), resumed.stdout
     assert_same_model(load_model(straight), load_model(tmp_path))
 
 
 def test_max_restarts_continues_with_no_manual_step(straight, mnist_root, tmp_path):
     result = run_cli(*ARGS, "--data-root", mnist_root, "--save-dir", str(tmp_path), "--stages",
                      "3", "--resume", "auto", torchrun=3, torchrun_args=("--max-restarts", "1"),
-                     env={"LOCALPIPE_INJECT_FAULT": "1:5:kill"}, timeout=300)
+                     env={"LOCALPIPE_INJECT_FAULT": "1:9:kill"}, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("resuming from") == 3  # every rank of the restarted group
     assert_same_model(load_model(straight), load_model(tmp_path))
@@ -126,12 +132,12 @@ def test_nan_stops_the_run_naming_stage_block_epoch_and_step(mnist_root, tmp_pat
                                                              monkeypatch, capsys):
     args = ARGS + ["--data-root", mnist_root, "--save-dir", str(tmp_path), "--stages", "2",
                    "--balance", "2,2"]
-    monkeypatch.setenv("LOCALPIPE_INJECT_FAULT", "1:5:nan")
+    monkeypatch.setenv("LOCALPIPE_INJECT_FAULT", "1:9:nan")
     assert main(args) == 1
     err = capsys.readouterr().err
-    assert "stage 1 failed: NonFiniteLoss: unit 2: loss is nan at epoch 1, batch 5" in err, err
-    good = sorted((tmp_path / "checkpoints").glob("*/manifest.json"))
-    assert [p.parent.name for p in good] == ["step-000000003"]
+    assert "stage 1 failed: NonFiniteLoss: unit 2: loss is nan at epoch 1, batch 9" in err, err
+    good = sorted(p.parent.name for p in (tmp_path / "checkpoints").glob("*/manifest.json"))
+    assert good and set(good) <= {"step-000000003", "step-000000006"}, good
     monkeypatch.delenv("LOCALPIPE_INJECT_FAULT")
     assert main(args + ["--resume", "auto", "--epochs", "1"]) == 0  # the last one still loads
 
@@ -150,19 +156,21 @@ def test_on_nan_skip_drops_the_update_and_counts_it(mnist_root, tmp_path, monkey
 
 
 def test_soak_per_stage_peak_memory_stops_growing_after_the_first_epoch(mnist_root, tmp_path):
-    """A shortened soak: 5 epochs, 2 stage processes. The first epoch and its end (checkpoint
-    buffers, the metrics gather) are the warm-up; from the second epoch on, each stage's peak
-    RSS stays within 1% (a leak of one batch's tensors per step would not)."""
+    """A shortened soak: 6 epochs, 2 stage processes. The first three epochs are the warm-up
+    (each thread's malloc arena, the checkpoint writer's among them, reaches its high-water
+    mark; it settles within 1% by then); over the next three each stage's peak RSS stays
+    within 2%. Leaking one input batch per step would add 3%, its activations far more."""
     result = run_cli("--model", "mlp", "--num-layers", "3", "--dataset", "MNIST", "--data-root",
-                     mnist_root, "--limit-train", "3200", "--limit-test", "1000", "--epochs", "5",
+                     mnist_root, "--limit-train", "3200", "--limit-test", "1000", "--epochs", "6",
                      "--stages", "2", "--dropout", "0.1", "--save-dir", str(tmp_path),
                      torchrun=2, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    peaks = [[s["peak_memory_bytes"] for s in r["stages"]] for r in metrics(tmp_path)]
-    assert len(peaks) == 5
+    peaks = [[p["peak_rss_bytes"] for p in sorted(r["processes"], key=lambda p: p["pid"])]
+             for r in metrics(tmp_path)]
+    assert len(peaks) == 6
     for stage in range(2):
-        warm = peaks[1][stage]
-        assert all(p[stage] <= warm * 1.01 for p in peaks[2:]), peaks
+        warm = peaks[2][stage]
+        assert all(p[stage] <= warm * 1.02 for p in peaks[3:]), peaks
 
 
 def test_keep_checkpoints_bounds_disk_use(tmp_path):
@@ -173,3 +181,102 @@ def test_keep_checkpoints_bounds_disk_use(tmp_path):
     kept = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert kept == ["step-000000030", "step-000000032"]  # 16 batches an epoch
     assert all((tmp_path / "checkpoints" / k / "manifest.json").exists() for k in kept)
+
+
+def _stopped(marker: str) -> bool:
+    """Whether a process of the run (its command line names ``marker``) is stopped (SIGSTOP)."""
+    for proc in Path("/proc").iterdir():
+        try:
+            if marker in (proc / "cmdline").read_text() and \
+                    (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] == "T":
+                return True
+        except (OSError, IndexError):
+            continue
+    return False
+
+
+def _timed_lines(proc: subprocess.Popen, lines: list) -> None:
+    for line in proc.stderr:
+        lines.append((time.monotonic(), line.rstrip()))
+
+
+def test_a_frozen_rank_is_named_by_every_other_rank_and_the_job_comes_down(mnist_root, tmp_path):
+    """SIGSTOP of stage 1 mid-epoch under torchrun, with --comm-timeout 600: the others name
+    it from its missing heartbeats (default --heartbeat-timeout 10) and exit within 30 s; the
+    job is down within 60 s, once torchrun has SIGKILLed the frozen process."""
+    args = ARGS + ["--data-root", mnist_root, "--save-dir", str(tmp_path), "--stages", "3",
+                   "--comm-timeout", "600"]
+    proc = subprocess.Popen(cli_command(*args, torchrun=3), cwd=ROOT, text=True,
+                            env=cli_env({"LOCALPIPE_INJECT_FAULT": "1:5:freeze"}),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    lines: list = []
+    reader = threading.Thread(target=_timed_lines, args=(proc, lines), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 120
+        while not _stopped(str(tmp_path)):
+            assert time.monotonic() < deadline and proc.poll() is None, lines
+            time.sleep(0.05)
+        frozen_at = time.monotonic()
+        proc.wait(timeout=90)
+        down = time.monotonic() - frozen_at
+    finally:
+        proc.kill()
+    reader.join(timeout=5)
+    named = [(t - frozen_at, text) for t, text in lines if "stopped: stage 1 froze" in text]
+    assert sorted(text.split(":")[1] for _, text in named) == [" stage 0 stopped",
+                                                               " stage 2 stopped"], lines
+    assert all(t < 30 for t, _ in named), named
+    assert "no heartbeat for 1" in named[0][1]  # ten seconds and a bit
+    assert down < 60 and proc.returncode != 0 and _gone(str(tmp_path))
+
+
+def test_sigkill_of_rank_0_is_named_by_every_other_rank(tmp_path):
+    start = time.monotonic()
+    result = run_cli("--model", "mlp", "--num-layers", "2", "--num-hidden", "64", "--dataset",
+                     "synthetic", "--stages", "3", "--save-dir", str(tmp_path), "--epochs", "5",
+                     torchrun=3, env={"LOCALPIPE_INJECT_FAULT": "0:3:kill"}, timeout=120)
+    assert result.returncode != 0 and time.monotonic() - start < 30
+    for k in (1, 2):
+        assert f"localpipe: stage {k} stopped: stage 0 died: its process is gone" \
+            in result.stderr, result.stderr[-3000:]
+    assert _gone(str(tmp_path))
+
+
+def test_checkpoints_do_not_drain_the_pipeline(straight, mnist_root, tmp_path):
+    """Under torchrun, stage 2 takes 3 s to write each checkpoint file (a test hook). No stage
+    waits for it: stage 0 trains all of epoch 2 before the checkpoint taken at the end of
+    epoch 1 is complete, by its own records. That checkpoint then resumes bit-identically.
+    The same run's metrics show per-stage memory that adds up."""
+    args = ARGS + ["--data-root", mnist_root, "--stages", "3", "--checkpoint-every", "0"]
+    save = tmp_path / "run"
+    result = run_cli(*args, "--save-dir", str(save), torchrun=3,
+                     env={"LOCALPIPE_TEST_SAVE_PAUSE": "3@2"}, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    first = json.loads((save / "checkpoints" / "step-000000010" / "manifest.json").read_text())
+    records = metrics(save)
+    stage0 = records[1]["stages"][0]
+    assert stage0["train_start"] > records[0]["stages"][0]["train_end"]  # epoch 2's own batches
+    assert stage0["train_end"] < first["written_at"], (stage0, first["written_at"])
+    saved = {f["stage"]: f["saved_at"] for f in first["files"]}
+    assert saved[2] - saved[0] > 2.5  # the slow writer really was slow
+
+    cfg = parse_config(args)
+    for r in records:
+        assert len(r["processes"]) == 3 and len({p["pid"] for p in r["processes"]}) == 3
+        for s in r["stages"]:
+            m = s["memory"]
+            assert m["peak_bytes"] == (m["params_bytes"] + m["grads_bytes"]
+                                       + m["optimizer_bytes"] + m["activations_bytes"]
+                                       + m["queue_bytes"])
+            units = build_stage(cfg, (1, 28, 28), 10, s["units"])
+            assert m["params_bytes"] == sum(t.numel() * t.element_size() for t in
+                                            [*units.parameters(), *units.buffers()])
+            assert m["activations_bytes"] > 0 and m["optimizer_bytes"] > 2 * m["grads_bytes"]
+        assert [p["stage_bytes"] for p in sorted(r["processes"], key=lambda p: p["pid"])] \
+            == [s["memory"]["current_bytes"] for s in r["stages"]]
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(save / "checkpoints" / "step-000000010", resumed / "checkpoints" / "step-1")
+    assert main(args + ["--save-dir", str(resumed), "--resume", "auto"]) == 0
+    assert_same_model(load_model(straight), load_model(resumed))

@@ -1,0 +1,210 @@
+"""Devices, streams and events: the one place in localpipe that tells a CPU from a GPU.
+
+Everything else is written once for both. On a GPU the stages, the link threads and the data
+feed each work on a CUDA stream of their own, and tensors handed from one stream to another
+travel with an event: the producer records it (``depart``), the consumer's stream waits for it
+and tells the caching allocator that it uses the tensor too (``arrive``), so ordering lives on
+the device and no thread ever waits for the host. On the CPU a stream is a placeholder, events
+are None, and every helper is a no-op or a plain copy. (torchgpipe's ``stream.py`` is the model.)
+
+Where each stage runs is decided here as well: one device per process under torchrun (ranks
+share the GPUs when there are more ranks than GPUs), neighbouring stages grouped contiguously
+when one process holds more stages than there are GPUs.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Iterator, Union
+
+import torch
+from torch import Tensor
+
+
+class CPUStream:
+    """The stream of a CPU device: work on it is done by the time a call returns."""
+
+    def __repr__(self) -> str:
+        return "<CPU stream>"
+
+
+CPU_STREAM = CPUStream()
+Stream = Union[torch.cuda.Stream, CPUStream]
+Event = torch.cuda.Event
+
+
+def is_cuda(device: torch.device) -> bool:
+    return torch.device(device).type == "cuda"
+
+
+def choose(requested: str) -> torch.device:
+    """The device type of a run: ``--device cuda|cpu|auto`` (auto: a GPU when one is visible).
+    Raises ValueError when a GPU is asked for and none is there."""
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but no CUDA device is available")
+    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", 0)
+    return torch.device("cpu")
+
+
+def stage_devices(stages: int, first: torch.device) -> list[torch.device]:
+    """The device of each of K in-process stages: on n GPUs, stage k goes to GPU ⌊k·n/K⌋, so
+    neighbours share a GPU and only n − 1 stage boundaries cross devices."""
+    if not is_cuda(first):
+        return [first] * stages
+    n = min(torch.cuda.device_count(), stages)
+    return [torch.device("cuda", k * n // stages) for k in range(stages)]
+
+
+def rank_device(kind: torch.device, local_rank: int, local_world: int) -> tuple[torch.device, bool]:
+    """This rank's device under torchrun and whether ranks of this node share GPUs (more
+    ranks than GPUs: rank r takes GPU r mod n)."""
+    if not is_cuda(kind):
+        return torch.device("cpu"), False
+    n = torch.cuda.device_count()
+    return torch.device("cuda", local_rank % n), local_world > n
+
+
+def uuid(device: torch.device) -> str | None:
+    """A GPU's identity across processes (NVML and CUDA number GPUs apart)."""
+    return f"GPU-{torch.cuda.get_device_properties(device).uuid}" if is_cuda(device) else None
+
+
+# ---------------------------------------------------------------------------- streams, events
+def current_stream(device: torch.device) -> Stream:
+    return torch.cuda.current_stream(device) if is_cuda(device) else CPU_STREAM
+
+
+def new_stream(device: torch.device) -> Stream:
+    return torch.cuda.Stream(device) if is_cuda(device) else CPU_STREAM
+
+
+@contextlib.contextmanager
+def use(device: torch.device, stream: Stream | None = None) -> Iterator[None]:
+    """Make ``device`` (and ``stream`` on it) current for this thread: the current CUDA device
+    and stream are per thread, so every thread that touches a GPU starts here."""
+    if not is_cuda(device):
+        yield
+        return
+    with torch.cuda.device(device):
+        if stream is None:
+            yield
+        else:
+            with torch.cuda.stream(stream):
+                yield
+
+
+def record(device: torch.device) -> Event | None:
+    """An event marking what the current stream of ``device`` has queued so far."""
+    if not is_cuda(device):
+        return None
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(device))
+    return event
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait on the host for every stream of ``device`` (setup and measurement only)."""
+    if is_cuda(device):
+        torch.cuda.synchronize(device)
+
+
+def depart(tensors: dict[str, Tensor]) -> Event | None:
+    """Mark the moment the producing stream has finished writing ``tensors``."""
+    first = next(iter(tensors.values()), None)
+    return record(first.device) if first is not None else None
+
+
+def arrive(tensors: dict[str, Tensor], ready: Event | None,
+           device: torch.device) -> dict[str, Tensor]:
+    """Make tensors from another stream (or device) safe to use on this thread's stream.
+
+    The current stream waits for the producer's event, and ``record_stream`` keeps the caching
+    allocator from reusing their memory while this stream may still read it. Tensors on another
+    device are copied over, on this stream."""
+    if ready is not None:
+        stream = torch.cuda.current_stream(ready_device(tensors))
+        stream.wait_event(ready)
+        for t in tensors.values():
+            t.record_stream(stream)
+    return {k: to(t, device) for k, t in tensors.items()}
+
+
+def ready_device(tensors: dict[str, Tensor]) -> torch.device:
+    return next(iter(tensors.values())).device
+
+
+def to(tensor: Tensor, device: torch.device) -> Tensor:
+    """Copy to ``device`` on the current stream, without a host sync (pinned when from the host)."""
+    if tensor.device == device:
+        return tensor
+    if is_cuda(device) and tensor.device.type == "cpu":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
+def to_host(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Copies in host memory of ``tensors``, complete when this returns: pinned buffers filled on
+    the current stream, which this thread then waits for (a link thread, never a stage's)."""
+    out = {}
+    for k, t in tensors.items():
+        if t.is_cuda:
+            buffer = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            buffer.copy_(t, non_blocking=True)
+            out[k] = buffer
+        else:
+            out[k] = t
+    first = next(iter(tensors.values()), None)
+    if first is not None and first.is_cuda:
+        torch.cuda.current_stream(first.device).synchronize()
+    return out
+
+
+def host_buffer(shape: list[int], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A host tensor to receive into, pinned when it will go on to ``device``'s GPU."""
+    return torch.empty(shape, dtype=dtype, pin_memory=is_cuda(device))
+
+
+def release(device: torch.device) -> None:
+    """Return cached blocks and restart the allocator's peak: after a throwaway network, or
+    between two measurements, so that neither counts in the next."""
+    if is_cuda(device):
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+# ---------------------------------------------------------------------------- timing
+class Clock:
+    """Busy time of one stream. On a GPU each interval is a pair of CUDA events, resolved only
+    when ``take`` is called (at a marker), so timing never stalls the host; on the CPU it is
+    plain wall time."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.seconds = 0.0
+        self.pending: list[tuple[Event, Event]] = []
+
+    def start(self) -> Event | float:
+        if not is_cuda(self.device):
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(torch.cuda.current_stream(self.device))
+        return event
+
+    def stop(self, started: Event | float) -> None:
+        if isinstance(started, float):
+            self.seconds += time.perf_counter() - started
+            return
+        end = torch.cuda.Event(enable_timing=True)
+        end.record(torch.cuda.current_stream(self.device))
+        self.pending.append((started, end))
+
+    def take(self) -> float:
+        """Seconds measured since the last call (waits for the last interval on a GPU)."""
+        if self.pending:
+            self.pending[-1][1].synchronize()
+            self.seconds += sum(a.elapsed_time(b) for a, b in self.pending) / 1000.0
+            self.pending = []
+        seconds, self.seconds = self.seconds, 0.0
+        return seconds

@@ -1,0 +1,238 @@
+"""The torchrun runner: one process per stage, wired by the transport and the control plane.
+
+Setup checks everything it can before any process group exists, so bad input exits with code 2
+on every rank. Then: the rendezvous, the default gloo group, the control plane, the link
+groups, the plan (rank 0 measures and broadcasts it), the stage. From then on a failure
+anywhere is published on the control plane, and every rank exits within seconds naming it.
+
+Ranks share GPUs when there are more ranks than GPUs on a node (rank r takes GPU r mod n); NCCL
+refuses two ranks on one GPU, so payloads then travel through pinned host memory over gloo.
+"""
+from __future__ import annotations
+
+import os
+import queue
+import sys
+import threading
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Callable, Iterator, NoReturn
+
+import torch
+import torch.distributed as dist
+
+from pipeline import device as dev
+from pipeline import process, topology
+from pipeline.channel import FOREVER, Abort, Channel
+from pipeline.checkpoint import start_point
+from pipeline.control import ControlPlane, Failure, ReportReceiver, ReportSender
+from pipeline.coordinator import Coordinator, prepare_save_dir
+from pipeline.data import load_batches
+from pipeline.feed import feed
+from pipeline.message import Message
+from pipeline.plan import Plan, make_plan, static_plan
+from pipeline.signals import StopRequest
+from pipeline.transport import Link, Receiver, Sender
+from pipeline.worker import Fault, Watchdog, run_stage
+from stages.config import Config, ConfigError
+from stages.models import build_stage
+
+
+@dataclass
+class Rank:
+    """One process of the job, joined to the others: what serving a stage needs."""
+
+    cfg: Config
+    topo: topology.Topology
+    device: torch.device
+    control: ControlPlane
+    inbound: Link | None
+    outbound: Link | None
+
+    @property
+    def name(self) -> str:
+        return self.topo.name(self.topo.rank)
+
+    def exit(self, failure: Failure) -> NoReturn:
+        """Name what stopped the run and end this process at once (blocked threads and all)."""
+        own = failure.who == self.name
+        print(f"localpipe: {failure}" if own else f"localpipe: {self.name} stopped: {failure}",
+              file=sys.stderr, flush=True)
+        os._exit(1)
+
+    def fail(self, reason: str) -> NoReturn:
+        """This rank failed: publish it (unless another failure came first), then exit."""
+        self.exit(self.control.publish(Failure(self.name, "failed", reason)))
+
+    def lost_link(self, peer: int | None, exc: BaseException) -> NoReturn:
+        self.exit(self.control.blame_link(peer, exc))
+
+
+def run_distributed(cfg: Config, stop: StopRequest,
+                    fault: Fault | None = None) -> Coordinator | None:
+    """Train as rank RANK of WORLD_SIZE == --stages processes started by torchrun."""
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if world != cfg.stages:
+        raise ConfigError(f"torchrun started {world} processes but --stages is {cfg.stages}; "
+                          f"use --nproc-per-node {cfg.stages} (or one process for the "
+                          f"in-process runner)")
+    try:
+        kind = dev.choose(cfg.device)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    process.configure(cfg)
+    static_plan(cfg)  # a bad --stages or --balance fails here, before any process group
+    start = start_point(cfg)
+    device, shared = dev.rank_device(kind, int(os.environ.get("LOCAL_RANK", 0)),
+                                     int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+    if rank == 0:
+        prepare_save_dir(cfg, start)
+        train, test = load_batches(cfg)
+    store = rendezvous_store(cfg)
+    me = join(cfg, store, rank, world, device, shared, stop)
+    # from here on a signal is a stop request only if the control plane confirms it (torchrun
+    # signals the survivors when a worker dies); before, the default action ends the process
+    with stop.installed(confirm_at_once=False):
+        try:
+            with dev.use(device):
+                shared_plan = [make_plan(cfg, device) if rank == 0 else None]
+                dist.broadcast_object_list(shared_plan, src=0)
+                run_plan: Plan = shared_plan[0]
+                info = run_plan.info
+                stage = build_stage(cfg, info.shape, info.num_classes, run_plan.parts[rank],
+                                    device)
+                start.restore(stage)
+            coordinator = Coordinator(cfg, run_plan, len(train)) if rank == 0 else None
+            messages = feed(cfg, train, test, device, start, stop) if rank == 0 else None
+        except Exception as exc:
+            me.fail(f"{type(exc).__name__}: {exc}")
+        serve(me, stage, messages, coordinator.handle if coordinator else None, fault,
+              start.steps)
+    me.control.finish()
+    dist.destroy_process_group()
+    return coordinator
+
+
+def rendezvous_store(cfg: Config) -> dist.Store:
+    """torchrun's store (served by its agent, or by rank 0 outside torchrun)."""
+    store, _, _ = next(dist.rendezvous("env://", timeout=timedelta(seconds=cfg.comm_timeout)))
+    return store
+
+
+def attempt(store: dist.Store) -> dist.PrefixStore:
+    """``store`` under a prefix of this attempt's own: torchrun keeps its store across
+    --max-restarts, and a restarted worker must not read a dead worker's entries."""
+    return dist.PrefixStore(f"localpipe/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}",
+                            store)
+
+
+def join(cfg: Config, store: dist.Store, rank: int, world: int, device: torch.device,
+         shared: bool, stop: StopRequest | None = None) -> Rank:
+    """Join the job: the default gloo group, the control plane (on a store connection of its
+    own, so that beats never queue behind a long wait), and the links to this rank's
+    neighbours. A failure here ends the process, named."""
+    topo = topology.Topology(rank, cfg.stages)
+    try:
+        with dev.use(device):
+            dist.init_process_group("gloo", store=attempt(store), rank=rank, world_size=world,
+                                    timeout=timedelta(seconds=cfg.comm_timeout))
+            me = Rank(cfg, topo, device, None, None, None)
+            me.control = ControlPlane(attempt(store.clone()), rank, topo.names(),
+                                      cfg.heartbeat_timeout, me.exit, stop, store_host(topo))
+            me.control.start()
+            me.inbound, me.outbound = topology.connect(topo, device, shared, cfg.comm_timeout)
+    except Exception as exc:
+        print(f"localpipe: {topo.name(rank)} failed: {type(exc).__name__}: {exc}",
+              file=sys.stderr, flush=True)
+        os._exit(1)
+    if rank == 0 and shared and dev.is_cuda(device):
+        print(f"localpipe: {world} ranks share {torch.cuda.device_count()} GPU(s) on this "
+              f"node; NCCL needs a GPU per rank, so payloads travel through pinned host memory "
+              f"over gloo", file=sys.stderr, flush=True)
+    return me
+
+
+def store_host(topo: topology.Topology) -> str:
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    return "torchrun's agent" if agent else topo.name(0)
+
+
+def serve(me: Rank, stage, messages: Iterator[Message] | None,
+          on_report: Callable[[dict], None] | None, fault: Fault | None = None,
+          steps: int = 0) -> None:
+    """Run this rank's stage until STOP has passed it: rank 0 serves ``messages`` and hands
+    every stage's reports to ``on_report``; the others receive from the rank before and send
+    their reports to rank 0. Ends with a barrier once rank 0 has taken every final report."""
+    cfg, rank, device = me.cfg, me.topo.rank, me.device
+    abort = Abort()  # a failure ends the process; the channels only need somewhere to look
+    inbox = Channel(cfg.queue_depth, abort, cfg.comm_timeout, f"{me.name}'s input queue")
+    outbox = None if me.outbound is None else Channel(
+        cfg.queue_depth, abort, cfg.comm_timeout, f"{me.name}'s output queue")
+    reports: queue.Queue[dict] = queue.Queue()
+    watchdog = Watchdog(cfg.comm_timeout)
+    threads: list[threading.Thread] = []
+
+    def guarded(name: str, body: Callable[[], None]) -> threading.Thread:
+        def run() -> None:
+            try:
+                with dev.use(device, dev.new_stream(device)):
+                    body()
+            except Exception as exc:
+                me.fail(f"{name}{type(exc).__name__}: {exc}")
+        thread = threading.Thread(target=run, name=name or "stage", daemon=True)
+        threads.append(thread)
+        return thread
+
+    if rank == 0:
+        guarded("the data feed: ", lambda: [inbox.put(m, timeout=FOREVER) for m in messages])
+        threads.append(ReportReceiver(me.topo.world, reports.put, me.lost_link))
+        send_report = reports.put
+    else:
+        threads.append(Receiver(inbox, me.inbound, device, me.lost_link))
+        report_sender = ReportSender(me.lost_link)
+        threads.append(report_sender)
+        send_report = report_sender.put
+    if me.outbound is not None:
+        threads.append(Sender(outbox, me.outbound, device, me.lost_link))
+    worker = guarded("", lambda: run_stage(stage, rank, inbox, outbox, send_report, device,
+                                           cfg.save_dir, fault, steps, watchdog=watchdog))
+    for thread in threads:
+        thread.start()
+
+    def watch(wait: Callable[[], bool]) -> None:
+        """Wait until ``wait()`` says done, naming this stage if it gets stuck meanwhile."""
+        while not wait():
+            if (failure := watchdog.stuck()) is not None:
+                me.fail(failure.reason)
+
+    if rank == 0:
+        finals = 0
+
+        def next_report() -> bool:
+            nonlocal finals
+            try:
+                report = reports.get(timeout=0.1)
+            except queue.Empty:
+                return False
+            try:
+                on_report(report)
+            except Exception as exc:  # writing metrics, a manifest or model.pt failed
+                me.fail(f"{type(exc).__name__}: {exc}")
+            finals += report["kind"] == "final"
+            return finals == me.topo.world
+        watch(next_report)
+    else:
+        watch(lambda: finished(worker))
+        report_sender.close()
+    for thread in threads:
+        if isinstance(thread, Sender):
+            thread.join()
+    try:
+        dist.barrier()  # every final report is in, and model.pt written, before anyone leaves
+    except Exception as exc:
+        me.lost_link(None, exc)
+
+
+def finished(thread: threading.Thread) -> bool:
+    thread.join(0.1)
+    return not thread.is_alive()

@@ -1,0 +1,111 @@
+"""The in-process runner: K stages as threads of one process, joined by bounded channels.
+
+On a GPU each stage computes on a CUDA stream of its own (neighbouring stages share a GPU when
+there are fewer GPUs than stages); on the CPU the cores are shared out between the stage
+threads. The main thread hands stage reports to the coordinator and stops every thread when
+one fails.
+"""
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from typing import Callable, Iterator
+
+import torch
+
+from pipeline import device as dev
+from pipeline import process
+from pipeline.channel import Abort, Channel, StageFailed
+from pipeline.checkpoint import start_point
+from pipeline.coordinator import Coordinator, prepare_save_dir
+from pipeline.data import load_batches
+from pipeline.feed import feed
+from pipeline.memory import DeviceMemory
+from pipeline.message import Message
+from pipeline.plan import make_plan
+from pipeline.signals import StopRequest
+from pipeline.worker import Fault, Watchdog, run_stage
+from stages.config import Config, ConfigError
+from stages.models import build_stage
+
+
+def run_inprocess(cfg: Config, stop: StopRequest, fault: Fault | None = None) -> Coordinator:
+    """Train with every stage as a thread of this process; raise StageFailed if one fails."""
+    try:
+        first = dev.choose(cfg.device)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    process.configure(cfg, 0 if dev.is_cuda(first) else
+                      max(1, (os.cpu_count() or 1) // cfg.stages))  # OpenMP team per thread
+    start = start_point(cfg)
+    run_plan = make_plan(cfg, first)
+    prepare_save_dir(cfg, start)
+    train, test = load_batches(cfg)
+    devices = dev.stage_devices(cfg.stages, first)
+    info = run_plan.info
+    stages = [build_stage(cfg, info.shape, info.num_classes, part, d)
+              for part, d in zip(run_plan.parts, devices)]
+    for stage in stages:
+        start.restore(stage)
+    coordinator = Coordinator(cfg, run_plan, len(train))
+    run_threads(cfg, stages, devices, feed(cfg, train, test, devices[0], start, stop),
+                coordinator.handle, fault, start.steps)
+    return coordinator
+
+
+def run_threads(cfg: Config, stages: list, devices: list[torch.device],
+                messages: Iterator[Message], on_report: Callable[[dict], None],
+                fault: Fault | None = None, steps: int = 0) -> None:
+    """Serve ``messages`` through the stages, one thread each, until STOP has passed every
+    stage. ``on_report`` gets every stage report, in this thread; StageFailed is raised here
+    when any stage (or ``on_report``) fails, or when a stage spends more than --comm-timeout
+    seconds on one message (stuck in a device wait, say)."""
+    abort = Abort()
+    channels = [Channel(cfg.queue_depth, abort, cfg.comm_timeout, f"stage {k}'s input queue")
+                for k in range(len(stages))]
+    reports: queue.Queue[dict] = queue.Queue()
+    memory = DeviceMemory(devices)
+    watchdog = Watchdog(cfg.comm_timeout)
+
+    def guarded(k: int, body: Callable[[], None]) -> None:
+        try:
+            with dev.use(devices[k], dev.new_stream(devices[k])):
+                body()
+        except StageFailed:
+            pass  # another stage failed first; it is the one reported
+        except Exception as exc:
+            abort.fail(StageFailed(k, f"{type(exc).__name__}: {exc}"))
+
+    def feeder() -> None:
+        for msg in messages:
+            channels[0].put(msg, timeout=None)
+
+    def worker(k: int) -> None:
+        outbox = channels[k + 1] if k + 1 < len(stages) else None
+        run_stage(stages[k], k, channels[k], outbox, reports.put, devices[k], cfg.save_dir,
+                  fault, steps, memory, watchdog)
+
+    threads = [threading.Thread(target=guarded, args=(0, feeder), name="feed", daemon=True)]
+    threads += [threading.Thread(target=guarded, args=(k, lambda k=k: worker(k)),
+                                 name=f"stage-{k}", daemon=True) for k in range(len(stages))]
+    for t in threads:
+        t.start()
+    finals = 0
+    while finals < len(stages):
+        abort.check()
+        if (failure := watchdog.stuck()) is not None:
+            abort.fail(failure)
+        try:
+            report = reports.get(timeout=0.1)
+        except queue.Empty:
+            continue
+        try:
+            on_report(report)
+        except Exception as exc:  # writing metrics or checkpoints failed: stop every stage
+            abort.fail(StageFailed(0, f"{type(exc).__name__}: {exc}"))
+            raise
+        finals += report["kind"] == "final"
+    for t in threads:
+        t.join(timeout=cfg.comm_timeout)
+

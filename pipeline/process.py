@@ -1,0 +1,26 @@
+"""The global state of one process, set once at its start: seeds, threads, determinism."""
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import torch
+
+from stages.config import Config
+
+CUBLAS_WORKSPACE = ":4096:8"  # what cuBLAS needs to be deterministic
+
+
+def configure(cfg: Config, threads_per_process: int = 0) -> None:
+    """Seed the global generators (for anything outside localpipe's own seeded streams), set
+    the torch threads (--threads, else ``threads_per_process`` if given) and, with
+    --deterministic, deterministic kernels; call before any CUDA work."""
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed % 2**32)
+    random.seed(cfg.seed)
+    if cfg.threads or threads_per_process:
+        torch.set_num_threads(cfg.threads or threads_per_process)
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+    torch.use_deterministic_algorithms(cfg.deterministic)

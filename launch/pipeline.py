@@ -19,6 +19,7 @@ if __package__ in (None, ""):
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from pipeline.channel import StageFailed  # noqa: E402
+from pipeline.checkpoint import WriteError  # noqa: E402
 from pipeline.data import INFO, DataError  # noqa: E402
 from pipeline.distributed import run_distributed  # noqa: E402
 from pipeline.inprocess import run_inprocess  # noqa: E402
@@ -177,8 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as exc:
         print(f"localpipe: error: {exc}", file=sys.stderr)
         return 2
-    except StageFailed as exc:
-        print(f"localpipe: {exc}", file=sys.stderr)
+    except (StageFailed, WriteError) as exc:
+        print(f"localpipe: {'' if isinstance(exc, StageFailed) else 'error: '}{exc}",
+              file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("localpipe: interrupted", file=sys.stderr)

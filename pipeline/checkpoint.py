@@ -14,8 +14,10 @@ the resumed run uses, cut into any number of stages, and dropout masks are drawn
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
+import pickle
 import queue
 import shutil
 import tempfile
@@ -37,22 +39,43 @@ def checkpoint_dir(save_dir: str, steps: int) -> str:
     return os.path.join(save_dir, "checkpoints", f"step-{steps:09d}")
 
 
+def _file_mode() -> int:
+    """What a plain ``open`` would give a new file: 0666 less this process's umask."""
+    try:
+        with open("/proc/self/status") as f:
+            umask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        umask = 0o022
+    return 0o666 & ~umask
+
+
+FILE_MODE = _file_mode()
+
+
+class WriteError(RuntimeError):
+    """A file of the run could not be written (disk full, permissions): one line naming it."""
+
+
 def atomic_write(path: str, write: Callable[[BinaryIO], None], pause: float = 0.0) -> None:
     """Call ``write(file)`` on a temporary file beside ``path``, fsync, then rename it over
     ``path``: a reader sees the old file or the whole new one, never a part."""
     folder = os.path.dirname(path) or "."
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+    tmp = None
     try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+        os.fchmod(fd, FILE_MODE)  # mkstemp's 0600 would hide results from the rest of a team
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         time.sleep(pause)
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as exc:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise WriteError(f"cannot write {path}: {exc.strerror or exc}") from None
         raise
 
 
@@ -205,13 +228,22 @@ def find_checkpoint(resume: str, save_dir: str) -> str | None:
 
 
 def read_manifest(folder: str, args: dict) -> dict:
-    """The manifest of ``folder``, refused if it is of another format, if its run trained a
-    different network, or if a stage file is missing, truncated or altered."""
-    with open(os.path.join(folder, "manifest.json")) as f:
-        manifest = json.load(f)
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"checkpoint {folder} has format {manifest.get('format', 1)}; this "
-                         f"localpipe reads format {FORMAT} only")
+    """The manifest of ``folder``, checked whole before anything else is set up: refused if it
+    is not a manifest, of another format, of a run that trained a different network, or if a
+    stage file is missing, truncated, altered, or holds more than tensors and plain containers."""
+    path = os.path.join(folder, "manifest.json")
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} is not a localpipe manifest ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format", 1) if isinstance(manifest, dict) else "none"
+        raise ValueError(f"{path} has format {found}; this localpipe reads format {FORMAT} "
+                         f"only")
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise ValueError(f"{path} is not a localpipe manifest: {problem}")
     for key in MODEL_ARGS:
         if manifest["args"].get(key) != args.get(key):
             raise ValueError(f"checkpoint {folder} was made with --{key.replace('_', '-')} "
@@ -222,7 +254,44 @@ def read_manifest(folder: str, args: dict) -> dict:
             data = f.read()
         if len(data) != entry["bytes"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
             raise ValueError(f"checkpoint file {path} is truncated or corrupt")
+        _check_stage_file(path, data, entry["units"])
     return manifest
+
+
+def _manifest_problem(m: dict) -> str | None:
+    """What makes ``m`` no manifest of this format, or None."""
+    ints = ("epoch", "step", "steps")
+    if not all(isinstance(m.get(k), int) and m[k] >= 0 for k in ints) or m["epoch"] < 1:
+        return "epoch, step and steps must be counts"
+    if not isinstance(m.get("args"), dict):
+        return "args must be an object"
+    files = m.get("files")
+    if not isinstance(files, list) or not files:
+        return "files must be a non-empty list"
+    for entry in files:
+        if not (isinstance(entry, dict) and isinstance(entry.get("file"), str)
+                and entry["file"] == os.path.basename(entry["file"]) and entry["file"]
+                and isinstance(entry.get("bytes"), int) and isinstance(entry.get("sha256"), str)
+                and isinstance(entry.get("units"), list) and entry["units"]
+                and all(isinstance(u, int) for u in entry["units"])):
+            return f"a files entry is malformed: {json.dumps(entry)[:120]}"
+    return None
+
+
+def _check_stage_file(path: str, data: bytes, units: list[int]) -> None:
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(f"checkpoint file {path} holds objects other than tensors and plain "
+                         f"containers; refused, since loading it could run code") from None
+    except Exception as exc:
+        raise ValueError(f"checkpoint file {path} is not a localpipe stage file "
+                         f"({type(exc).__name__})") from None
+    saved = state.get("units") if isinstance(state, dict) else None
+    if not isinstance(saved, dict) or any(
+            not isinstance(saved.get(u), dict) or not {"state", "optimizer", "meters"}
+            <= saved[u].keys() for u in units):
+        raise ValueError(f"checkpoint file {path} does not hold the state of units {units}")
 
 
 def load_units(folder: str, manifest: dict, indices: list[int]) -> dict:
@@ -254,9 +323,10 @@ class Start:
             stage.load_checkpoint_state(load_units(self.folder, self.manifest, stage.indices))
 
 
-def start_point(cfg) -> Start:
-    """Resolve --resume (a checkpoint folder, a save dir, or "auto") into a Start; a checkpoint
-    that cannot be continued is a ConfigError, raised before anything else is set up."""
+def start_point(cfg, units: int) -> Start:
+    """Resolve --resume (a checkpoint folder, a save dir, or "auto") into a Start for a network
+    of ``units`` units; a checkpoint that cannot be continued is a ConfigError, raised before
+    anything else is set up."""
     if not cfg.resume:
         return Start()
     try:
@@ -264,8 +334,21 @@ def start_point(cfg) -> Start:
         if folder is None:
             return Start()
         manifest = read_manifest(folder, cfg.to_dict())
-    except (OSError, ValueError, KeyError) as exc:
+        saved = sorted(u for entry in manifest["files"] for u in entry["units"])
+        if saved != list(range(units)):
+            raise ValueError(f"checkpoint {folder} holds units {saved}, not the {units} units "
+                             f"of this network")
+    except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot resume: {exc}") from None
+    return resume_from(folder)
+
+
+def resume_from(folder: str | None) -> Start:
+    """The Start of a checkpoint already checked (by ``start_point``, perhaps on rank 0)."""
+    if folder is None:
+        return Start()
+    with open(os.path.join(folder, "manifest.json")) as f:
+        manifest = json.load(f)
     print(f"resuming from {folder}: epoch {manifest['epoch']}, batch {manifest['step']}",
           flush=True)
     return Start(folder, manifest, manifest["epoch"], manifest["step"], manifest["steps"])

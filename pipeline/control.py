@@ -104,8 +104,12 @@ class ControlPlane:
         self._thread.start()
 
     def finish(self) -> None:
-        """This rank is done: others stop watching it, and it stops watching them."""
+        """This rank is done: others stop watching it, and it stops watching them. The monitor
+        is joined, so that no store call is under way while the process shuts down (a call cut
+        off by the interpreter's exit aborts the process)."""
         self._done.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=self.period + 10)
         self.store.set(f"beat/{self.rank}", "done")
 
     # ------------------------------------------------------------------ failures

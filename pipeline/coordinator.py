@@ -1,21 +1,23 @@
 """Rank 0's bookkeeping: a metrics record per epoch, a manifest per checkpoint, ``model.pt`` at
-the end. Stage reports come in any order; a record or manifest is written once all K of its
-kind are in, so no stage ever waits for it."""
+the end of a run that finished (a stopped run leaves its checkpoint instead). Stage reports
+come in any order; a record or manifest is written once all K of its kind are in, so no stage
+ever waits for it."""
 from __future__ import annotations
 
-import json
 import os
 
 from pipeline import checkpoint
-from pipeline.checkpoint import Start
+from pipeline.data import Batches
 from pipeline.metrics import Recorder
 from pipeline.plan import Plan
-from stages.config import Config, ConfigError
+from pipeline.signals import StopRequest
+from stages.config import Config
 
 
 class Coordinator:
-    def __init__(self, cfg: Config, run_plan: Plan, train_batches: int) -> None:
-        self.cfg, self.plan, self.train_batches = cfg, run_plan, train_batches
+    def __init__(self, cfg: Config, run_plan: Plan, train: Batches, stop: StopRequest) -> None:
+        self.cfg, self.plan, self.stop = cfg, run_plan, stop
+        self.train_batches, self.dropped = len(train), train.dropped
         self.save_dir = cfg.save_dir or None
         self.recorder = Recorder(self.save_dir, [s.describe() for s in run_plan.specs],
                                  cfg.backprop)
@@ -39,7 +41,8 @@ class Coordinator:
         got.sort(key=lambda r: r["stage"])
         kind, epoch, step = key
         if kind == "end_epoch":
-            self.records.append(self.recorder.epoch(epoch, self.cfg.lr_at(epoch), got))
+            self.records.append(self.recorder.epoch(epoch, self.cfg.lr_at(epoch), got,
+                                                    self.dropped))
             if step == self.train_batches:  # a whole epoch: go on with the next one
                 epoch, step = epoch + 1, 0
         if kind != "final":
@@ -50,18 +53,6 @@ class Coordinator:
                      for f in r["files"]], self.cfg.keep_checkpoints)
         else:
             self.state = {k: v for r in got for k, v in r["state"].items()}
-            if self.save_dir:
+            if self.save_dir and self.stop.signum is None:
                 checkpoint.save_torch(self.state, os.path.join(self.save_dir, "model.pt"))
 
-
-def prepare_save_dir(cfg: Config, start: Start) -> None:
-    """Write args.json; start metrics.jsonl afresh unless resuming (then it is appended to)."""
-    if not cfg.save_dir:
-        return
-    try:
-        os.makedirs(cfg.save_dir, exist_ok=True)
-        with open(os.path.join(cfg.save_dir, "args.json"), "w") as f:
-            json.dump(cfg.to_dict(), f, indent=1)
-        open(os.path.join(cfg.save_dir, "metrics.jsonl"), "a" if start.folder else "w").close()
-    except OSError as exc:
-        raise ConfigError(f"cannot write to --save-dir {cfg.save_dir}: {exc.strerror}") from None

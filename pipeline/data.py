@@ -11,6 +11,7 @@ import gzip
 import math
 import os
 import struct
+import zlib
 from collections import deque
 from dataclasses import dataclass
 from typing import Iterator
@@ -52,11 +53,22 @@ INFO: dict[str, DatasetInfo] = {
 
 # ---------------------------------------------------------------------------------- loading
 def load_split(cfg: Config, train: bool) -> tuple[Tensor, Tensor]:
-    """(uint8 images N×C×H×W, int64 labels N) of one split, limited by --limit-train/test."""
+    """(uint8 images N×C×H×W, int64 labels N) of one split, limited by --limit-train/test;
+    a split whose images and labels disagree (counts, shapes, classes) is a DataError."""
     if cfg.dataset == "synthetic":
         images, labels = synthetic(train)
     else:
         images, labels = _torchvision_split(cfg.dataset, cfg.data_root, train, cfg.download)
+    split = f"{cfg.dataset}'s {'training' if train else 'test'} split"
+    info = INFO[cfg.dataset]
+    if len(images) != len(labels):
+        raise DataError(f"{split} in {os.path.abspath(cfg.data_root)} has {len(images):,} "
+                        f"images but {len(labels):,} labels")
+    if tuple(images.shape[1:]) != info.shape:
+        raise DataError(f"{split} has images of shape {tuple(images.shape[1:])}, expected "
+                        f"{info.shape}")
+    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= info.num_classes):
+        raise DataError(f"{split} has labels outside 0..{info.num_classes - 1}")
     limit = cfg.limit_train if train else cfg.limit_test
     if limit:
         images, labels = images[:limit], labels[:limit]
@@ -119,12 +131,22 @@ def _idx_path(folder: str, stem: str) -> str | None:
 
 
 def read_idx(path: str) -> np.ndarray:
-    """An IDX file (the MNIST format), gzipped or not."""
-    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
-        data = f.read()
-    ndim = data[3]
-    dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims).copy()
+    """An IDX file of unsigned bytes (the MNIST format), gzipped or not; a file that is not
+    one, or is cut short, is a DataError naming it."""
+    try:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+            data = f.read()
+        if len(data) < 4 or data[:3] != b"\0\0\x08" or not 1 <= data[3] <= 4:
+            raise ValueError("no IDX header of unsigned bytes")
+        ndim = data[3]
+        dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+        expected = 4 + 4 * ndim + math.prod(dims)
+        if len(data) != expected:
+            raise ValueError(f"{len(data):,} bytes where its header announces {expected:,}")
+        return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims).copy()
+    except (OSError, EOFError, ValueError, struct.error, zlib.error) as exc:
+        raise DataError(f"{path} is not a readable IDX file: "
+                        f"{(str(exc).splitlines() or [type(exc).__name__])[0]}") from None
 
 
 def synthetic(train: bool) -> tuple[Tensor, Tensor]:
@@ -147,22 +169,34 @@ def synthetic(train: bool) -> tuple[Tensor, Tensor]:
 def load_batches(cfg: Config) -> tuple["Batches", "Batches"]:
     """The training and test batches of --dataset."""
     info = INFO[cfg.dataset]
-    return (Batches(*load_split(cfg, True), info, cfg, train=True),
-            Batches(*load_split(cfg, False), info, cfg, train=False))
+    train = Batches(*load_split(cfg, True), info, cfg, train=True)
+    if len(train) == 0:
+        raise DataError(f"{cfg.dataset}'s training split has {len(train.labels)} sample(s); "
+                        f"training needs at least {MIN_TRAIN_BATCH}")
+    return train, Batches(*load_split(cfg, False), info, cfg, train=False)
 
 
 # ---------------------------------------------------------------------------------- batches
+MIN_TRAIN_BATCH = 2  # batch norm cannot train on one sample
+
+
 class Batches:
-    """The batches of one split for a given epoch, reproducible from (seed, epoch, step)."""
+    """The batches of one split for a given epoch, reproducible from (seed, epoch, step).
+
+    The last partial batch is kept, except a training batch of fewer than 2 samples, on which
+    batch norm cannot train: it is dropped (``dropped`` samples an epoch), the same way on
+    every runner."""
 
     def __init__(self, images: Tensor, labels: Tensor, info: DatasetInfo, cfg: Config,
                  train: bool) -> None:
         self.images, self.labels, self.info, self.cfg, self.train = images, labels, info, cfg, train
         self.mean = torch.tensor(info.mean).view(1, -1, 1, 1)
         self.std = torch.tensor(info.std).view(1, -1, 1, 1)
+        short = len(labels) % cfg.batch_size
+        self.dropped = short if train and 0 < short < MIN_TRAIN_BATCH else 0
 
     def __len__(self) -> int:
-        return math.ceil(len(self.labels) / self.cfg.batch_size)  # last partial batch kept
+        return math.ceil((len(self.labels) - self.dropped) / self.cfg.batch_size)
 
     def order(self, epoch: int) -> list[Tensor]:
         """Index tensors of the epoch's batches."""
@@ -172,10 +206,12 @@ class Batches:
         if cfg.classes_per_batch and (cfg.classes_per_batch_until_epoch == 0
                                       or epoch <= cfg.classes_per_batch_until_epoch):
             rng = np.random.default_rng(derive_seed(cfg.seed, "sampler", epoch))
-            return [torch.from_numpy(b) for b in class_batches(
+            batches = [torch.from_numpy(b) for b in class_batches(
                 self.labels.numpy(), cfg.batch_size, cfg.classes_per_batch, rng)]
-        gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "order", epoch))
-        return list(torch.randperm(n, generator=gen).split(cfg.batch_size))
+        else:
+            gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "order", epoch))
+            batches = list(torch.randperm(n, generator=gen).split(cfg.batch_size))
+        return batches[:len(self)]  # a last batch of one sample is dropped
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
         """(x, y) for batches ``start``, ``start + 1``, … of ``epoch`` (1-based)."""
@@ -212,15 +248,18 @@ def random_flip(x: Tensor, gen: torch.Generator) -> Tensor:
 
 
 def cutout(x: Tensor, holes: int, length: int, gen: torch.Generator) -> Tensor:
-    """Zero squares [c − L//2, c + L//2) around uniform centres, clipped, on all channels (§6.2)."""
+    """Zero squares [c − L//2, c + L//2) around uniform centres, clipped, on all channels (§6.2).
+
+    A pixel is cut when some hole covers both its row and its column: the count of such holes
+    is a batched product of the holes' row and column masks, never an N×holes×H×W tensor."""
     n, _, h, w = x.shape
     cy = torch.randint(0, h, (n, holes, 1), generator=gen)
     cx = torch.randint(0, w, (n, holes, 1), generator=gen)
     rows = torch.arange(h).view(1, 1, h)
     cols = torch.arange(w).view(1, 1, w)
-    in_rows = (rows >= cy - length // 2) & (rows < cy + length // 2)
-    in_cols = (cols >= cx - length // 2) & (cols < cx + length // 2)
-    mask = (in_rows.unsqueeze(3) & in_cols.unsqueeze(2)).any(dim=1)  # N×H×W
+    in_rows = ((rows >= cy - length // 2) & (rows < cy + length // 2)).float()  # N×holes×H
+    in_cols = ((cols >= cx - length // 2) & (cols < cx + length // 2)).float()  # N×holes×W
+    mask = torch.bmm(in_rows.transpose(1, 2), in_cols) > 0  # N×H×W
     return x.masked_fill(mask.unsqueeze(1), 0.0)
 
 

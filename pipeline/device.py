@@ -65,6 +65,17 @@ def rank_device(kind: torch.device, local_rank: int, local_world: int) -> tuple[
     return torch.device("cuda", local_rank % n), local_world > n
 
 
+def memory(device: torch.device) -> tuple[int, str]:
+    """The bytes a run can hope to use on ``device``'s kind, and what they are: the smallest
+    visible GPU's memory, or this machine's RAM."""
+    if is_cuda(device):
+        n = torch.cuda.device_count()
+        return min(torch.cuda.get_device_properties(k).total_memory for k in range(n)), "a GPU"
+    with open("/proc/meminfo") as f:
+        kib = next(int(line.split()[1]) for line in f if line.startswith("MemTotal:"))
+    return kib * 1024, "this machine's RAM"
+
+
 def uuid(device: torch.device) -> str | None:
     """A GPU's identity across processes (NVML and CUDA number GPUs apart)."""
     return f"GPU-{torch.cuda.get_device_properties(device).uuid}" if is_cuda(device) else None

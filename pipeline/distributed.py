@@ -10,11 +10,12 @@ refuses two ranks on one GPU, so payloads then travel through pinned host memory
 """
 from __future__ import annotations
 
+import json
 import os
 import queue
 import sys
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Callable, Iterator, NoReturn
 
@@ -22,20 +23,23 @@ import torch
 import torch.distributed as dist
 
 from pipeline import device as dev
-from pipeline import process, topology
+from pipeline import process, runs, topology
 from pipeline.channel import FOREVER, Abort, Channel
-from pipeline.checkpoint import start_point
+from pipeline.checkpoint import resume_from, start_point
 from pipeline.control import ControlPlane, Failure, ReportReceiver, ReportSender
-from pipeline.coordinator import Coordinator, prepare_save_dir
-from pipeline.data import load_batches
+from pipeline.coordinator import Coordinator
+from pipeline.data import DataError, load_batches
 from pipeline.feed import feed
 from pipeline.message import Message
 from pipeline.plan import Plan, make_plan, static_plan
 from pipeline.signals import StopRequest
+from pipeline.topology import LONG
 from pipeline.transport import Link, Receiver, Sender
 from pipeline.worker import Fault, Watchdog, run_stage
 from stages.config import Config, ConfigError
 from stages.models import build_stage
+
+FOLDER = "localpipe/run-folder"  # the job's save folder, in the store for every attempt
 
 
 @dataclass
@@ -80,15 +84,12 @@ def run_distributed(cfg: Config, stop: StopRequest,
         kind = dev.choose(cfg.device)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    units = len(static_plan(cfg).specs)  # bad options fail here, on every rank
     process.configure(cfg)
-    static_plan(cfg)  # a bad --stages or --balance fails here, before any process group
-    start = start_point(cfg)
     device, shared = dev.rank_device(kind, int(os.environ.get("LOCAL_RANK", 0)),
                                      int(os.environ.get("LOCAL_WORLD_SIZE", world)))
-    if rank == 0:
-        prepare_save_dir(cfg, start)
-        train, test = load_batches(cfg)
     store = rendezvous_store(cfg)
+    cfg, start, train, test = verdict(cfg, store, rank, units)
     me = join(cfg, store, rank, world, device, shared, stop)
     # from here on a signal is a stop request only if the control plane confirms it (torchrun
     # signals the survivors when a worker dies); before, the default action ends the process
@@ -98,19 +99,55 @@ def run_distributed(cfg: Config, stop: StopRequest,
                 shared_plan = [make_plan(cfg, device) if rank == 0 else None]
                 dist.broadcast_object_list(shared_plan, src=0)
                 run_plan: Plan = shared_plan[0]
+                devices = [None] * world
+                dist.all_gather_object(devices, str(device))
+                if rank == 0:
+                    runs.write_provenance(cfg.save_dir, devices, run_plan.parts)
                 info = run_plan.info
                 stage = build_stage(cfg, info.shape, info.num_classes, run_plan.parts[rank],
                                     device)
                 start.restore(stage)
-            coordinator = Coordinator(cfg, run_plan, len(train)) if rank == 0 else None
-            messages = feed(cfg, train, test, device, start, stop) if rank == 0 else None
+            coordinator = Coordinator(cfg, run_plan, train, stop) if rank == 0 else None
+            messages = feed(cfg, train, test, device, start, stop, fault) if rank == 0 \
+                else None
         except Exception as exc:
             me.fail(f"{type(exc).__name__}: {exc}")
         serve(me, stage, messages, coordinator.handle if coordinator else None, fault,
               start.steps)
     me.control.finish()
     dist.destroy_process_group()
+    if rank == 0:
+        runs.release(cfg.save_dir)
     return coordinator
+
+
+def verdict(cfg: Config, store: dist.Store, rank: int, units: int):
+    """Rank 0 checks the checkpoint to resume, the data and the save folder, then claims the
+    folder; the other ranks learn its verdict through the store, so bad input stops every rank
+    at once with the same line and exit code 2, before any process group. The folder is kept in
+    the store for the whole job: a restarted attempt writes where the first one did. Returns
+    (cfg with its folder, start, train, test), the batches on rank 0 only."""
+    said_key = f"{attempt_prefix()}/verdict"
+    if rank == 0:
+        try:
+            earlier = store.get(FOLDER).decode() if store.check([FOLDER]) else None
+            cfg = replace(cfg, save_dir=runs.choose(cfg, earlier))
+            start = start_point(cfg, units)
+            train, test = load_batches(cfg)
+            runs.check(cfg.save_dir, bool(cfg.resume))
+            runs.claim(cfg.save_dir, cfg, start)
+        except (ConfigError, DataError) as exc:
+            store.set(said_key, json.dumps({"error": str(exc), "kind": type(exc).__name__}))
+            raise
+        store.set(FOLDER, cfg.save_dir)
+        store.set(said_key, json.dumps({"resume": start.folder, "save_dir": cfg.save_dir}))
+        return cfg, start, train, test
+    store.wait([said_key], LONG)  # rank 0 may be downloading a dataset
+    said = json.loads(store.get(said_key))
+    if "error" in said:
+        raise (DataError if said["kind"] == "DataError" else ConfigError)(said["error"])
+    cfg = replace(cfg, save_dir=said["save_dir"])
+    return cfg, resume_from(said["resume"]), None, None
 
 
 def rendezvous_store(cfg: Config) -> dist.Store:
@@ -119,11 +156,14 @@ def rendezvous_store(cfg: Config) -> dist.Store:
     return store
 
 
+def attempt_prefix() -> str:
+    return f"localpipe/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}"
+
+
 def attempt(store: dist.Store) -> dist.PrefixStore:
     """``store`` under a prefix of this attempt's own: torchrun keeps its store across
     --max-restarts, and a restarted worker must not read a dead worker's entries."""
-    return dist.PrefixStore(f"localpipe/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}",
-                            store)
+    return dist.PrefixStore(attempt_prefix(), store)
 
 
 def join(cfg: Config, store: dist.Store, rank: int, world: int, device: torch.device,

@@ -3,6 +3,10 @@
 Each epoch's training batches, then its test batches, then END_EPOCH; a CHECKPOINT marker every
 --checkpoint-every batches; STOP at the end. Batches are moved to stage 0's device here, on the
 feed thread's own stream, and carry an event their consumer waits for.
+
+A position is (epoch, step): the next training batch to run. Step may equal the number of
+training batches: the epoch is trained and its evaluation is still to do, which is where a stop
+during the last training batch or during the evaluation leaves a run.
 """
 from __future__ import annotations
 
@@ -21,37 +25,50 @@ from stages.config import Config
 
 
 def feed(cfg: Config, train: Batches, test: Batches, device: torch.device, start: Start,
-         stop: StopRequest) -> Iterator[Message]:
+         stop: StopRequest, fault=None) -> Iterator[Message]:
     """The messages of the whole run from ``start`` on. ``--max-steps`` ends training after
-    that many batches, still closing with an evaluation. A stop request ends it at once,
-    after a checkpoint."""
+    that many batches, still closing with an evaluation. A confirmed stop request ends it after
+    the batch in hand, with a checkpoint where training is to go on (none before the first
+    batch: there is nothing new to save). ``fault`` is the test hook of the feed itself."""
     from tqdm import tqdm
 
     steps = start.steps
     for epoch in range(start.epoch, cfg.epochs + 1):
         if cfg.max_steps and steps >= cfg.max_steps:
             break
-        first = start.step if epoch == start.epoch else 0
-        bar = tqdm(total=len(train), initial=first, desc=f"epoch {epoch}", leave=False,
+        fed = start.step if epoch == start.epoch else 0
+        bar = tqdm(total=len(train), initial=fed, desc=f"epoch {epoch}", leave=False,
                    disable=not cfg.progress_bar, file=sys.stderr)
-        for step, (x, y) in enumerate(train.epoch(epoch, first), first):
+        for step, (x, y) in enumerate(train.epoch(epoch, fed), fed):
+            if stop.signum is not None:
+                yield from _stopped(epoch, fed, steps > start.steps)
+                return
+            if fault is not None:
+                fault.in_feed("feed", steps + 1)
             yield batch(Kind.TRAIN, epoch, step, x, y, device)
             bar.update()
             steps += 1
-            if stop.signum is not None:
-                yield Message(Kind.CHECKPOINT, epoch, step + 1)
-                yield Message(Kind.STOP, 0, 0)
-                return
+            fed += 1
             if steps == cfg.max_steps:
                 break
             if cfg.checkpoint_every and steps % cfg.checkpoint_every == 0 \
-                    and step + 1 < len(train):  # an epoch's end checkpoints anyway
-                yield Message(Kind.CHECKPOINT, epoch, step + 1)
+                    and fed < len(train):  # an epoch's end checkpoints anyway
+                yield Message(Kind.CHECKPOINT, epoch, fed)
         bar.close()
-        fed = step + 1
         for step, (x, y) in enumerate(test.epoch(epoch)):
+            if stop.signum is not None:  # the evaluation starts over on resume
+                yield from _stopped(epoch, fed, True)
+                return
+            if fault is not None:
+                fault.in_feed("eval", step + 1)
             yield batch(Kind.EVAL, epoch, step, x, y, device)
         yield Message(Kind.END_EPOCH, epoch, fed)
+    yield Message(Kind.STOP, 0, 0)
+
+
+def _stopped(epoch: int, step: int, save: bool) -> Iterator[Message]:
+    if save:
+        yield Message(Kind.CHECKPOINT, epoch, step)
     yield Message(Kind.STOP, 0, 0)
 
 

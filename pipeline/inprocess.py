@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
+from dataclasses import replace
 from typing import Callable, Iterator
 
 import torch
@@ -18,12 +19,13 @@ from pipeline import device as dev
 from pipeline import process
 from pipeline.channel import Abort, Channel, StageFailed
 from pipeline.checkpoint import start_point
-from pipeline.coordinator import Coordinator, prepare_save_dir
+from pipeline import runs
+from pipeline.coordinator import Coordinator
 from pipeline.data import load_batches
 from pipeline.feed import feed
 from pipeline.memory import DeviceMemory
 from pipeline.message import Message
-from pipeline.plan import make_plan
+from pipeline.plan import make_plan, static_plan
 from pipeline.signals import StopRequest
 from pipeline.worker import Fault, Watchdog, run_stage
 from stages.config import Config, ConfigError
@@ -31,26 +33,34 @@ from stages.models import build_stage
 
 
 def run_inprocess(cfg: Config, stop: StopRequest, fault: Fault | None = None) -> Coordinator:
-    """Train with every stage as a thread of this process; raise StageFailed if one fails."""
+    """Train with every stage as a thread of this process; raise StageFailed if one fails.
+    Every check (options, checkpoint, data, the save folder) passes before the first write."""
     try:
         first = dev.choose(cfg.device)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    units = len(static_plan(cfg).specs)
+    cfg = replace(cfg, save_dir=runs.choose(cfg))
     process.configure(cfg, 0 if dev.is_cuda(first) else
                       max(1, (os.cpu_count() or 1) // cfg.stages))  # OpenMP team per thread
-    start = start_point(cfg)
-    run_plan = make_plan(cfg, first)
-    prepare_save_dir(cfg, start)
+    start = start_point(cfg, units)
     train, test = load_batches(cfg)
+    runs.check(cfg.save_dir, bool(cfg.resume))
+    run_plan = make_plan(cfg, first)
     devices = dev.stage_devices(cfg.stages, first)
-    info = run_plan.info
-    stages = [build_stage(cfg, info.shape, info.num_classes, part, d)
-              for part, d in zip(run_plan.parts, devices)]
-    for stage in stages:
-        start.restore(stage)
-    coordinator = Coordinator(cfg, run_plan, len(train))
-    run_threads(cfg, stages, devices, feed(cfg, train, test, devices[0], start, stop),
-                coordinator.handle, fault, start.steps)
+    runs.claim(cfg.save_dir, cfg, start)
+    try:
+        runs.write_provenance(cfg.save_dir, [str(d) for d in devices], run_plan.parts)
+        info = run_plan.info
+        stages = [build_stage(cfg, info.shape, info.num_classes, part, d)
+                  for part, d in zip(run_plan.parts, devices)]
+        for stage in stages:
+            start.restore(stage)
+        coordinator = Coordinator(cfg, run_plan, train, stop)
+        run_threads(cfg, stages, devices, feed(cfg, train, test, devices[0], start, stop, fault),
+                    coordinator.handle, fault, start.steps)
+    finally:
+        runs.release(cfg.save_dir)
     return coordinator
 
 

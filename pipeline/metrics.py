@@ -8,6 +8,7 @@ import time
 
 import torch
 
+from pipeline.checkpoint import WriteError
 from pipeline.device import Clock
 
 
@@ -55,7 +56,9 @@ class Recorder:
         self.unit_names = unit_names
         self.backprop = backprop
 
-    def epoch(self, epoch: int, lr: float, reports: list[dict]) -> dict:
+    def epoch(self, epoch: int, lr: float, reports: list[dict], dropped: int = 0) -> dict:
+        """The record of ``epoch`` from its K END_EPOCH reports; ``dropped`` training samples
+        were left out (a last batch of one)."""
         meters: dict[int, dict] = {}
         for r in reports:
             meters.update({int(k): v for k, v in r["meters"].items()})
@@ -73,7 +76,8 @@ class Recorder:
             "train_loss_local": sum(m["train"]["loss"] or 0.0 for m in meters.values()),
             "train_loss_global": out["train"]["loss"], "train_error": out["train"]["error"],
             "test_loss": out["test"]["loss"], "test_error": out["test"]["error"],
-            "train_samples": samples, "test_samples": out["test"]["n"],
+            "train_samples": samples, "train_dropped_samples": dropped,
+            "test_samples": out["test"]["n"],
             "nonfinite_batches": out["train"]["nonfinite"] + sum(
                 m["train"]["nonfinite"] for m in meters.values()),
             "blocks": blocks,
@@ -86,8 +90,11 @@ class Recorder:
         }
         self.print(record)
         if self.path:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            try:
+                with open(self.path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as exc:
+                raise WriteError(f"cannot write {self.path}: {exc.strerror or exc}") from None
         return record
 
     def print(self, r: dict) -> None:

@@ -7,6 +7,7 @@ where the copy does not fit in memory, parameter counts stand in for times.
 """
 from __future__ import annotations
 
+import resource
 from dataclasses import dataclass
 
 import torch
@@ -14,8 +15,8 @@ import torch
 from pipeline import device as dev
 from pipeline.data import INFO, DatasetInfo
 from stages import partition
-from stages.config import Config
-from stages.models import UnitSpec, build_stage, plan
+from stages.config import Config, ConfigError
+from stages.models import UnitSpec, build_stage, build_unit, plan
 
 
 @dataclass
@@ -31,13 +32,61 @@ class Plan:
 
 def static_plan(cfg: Config) -> Plan:
     """The units, and the cut where nothing needs measuring (--balance, one stage; else no
-    parts yet). Checks --stages and --balance against the network: cheap, before any setup."""
+    parts yet). Checks the options against the network, the data and this machine: cheap,
+    before any setup."""
     info = INFO[cfg.dataset]
     specs = plan(cfg, info.shape, info.num_classes)
     partition.check_stages(len(specs), cfg.stages)
+    check_feasible(cfg, info, specs)
     if cfg.balance is not None:
         return Plan(info, specs, partition.split(cfg.balance, len(specs)))
     return Plan(info, specs, [list(range(len(specs)))] if cfg.stages == 1 else [])
+
+
+def check_feasible(cfg: Config, info: DatasetInfo, specs: list[UnitSpec]) -> None:
+    """Refuse values that provably cannot run: more classes per batch than the data has, more
+    cutout holes than pixels, more threads than this machine can start, and a unit (the whole
+    network with one stage) whose weights, gradients and optimizer state exceed the memory of
+    the device it would train on."""
+    channels, height, width = info.shape
+    if cfg.classes_per_batch > info.num_classes:
+        raise ConfigError(f"--classes-per-batch {cfg.classes_per_batch} is more than the "
+                          f"{info.num_classes} classes of {cfg.dataset}")
+    if cfg.cutout and cfg.n_holes > height * width:
+        raise ConfigError(f"--n-holes {cfg.n_holes} is more than the {height * width} pixels "
+                          f"of a {cfg.dataset} image")
+    limit = thread_limit()
+    if cfg.threads > limit:
+        raise ConfigError(f"--threads {cfg.threads} is more than the {limit:,} threads this "
+                          f"machine can start")
+    try:
+        memory, where = dev.memory(dev.choose(cfg.device))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    with torch.device("meta"):
+        sizes = [sum(p.numel() for p in build_unit(s, cfg, info.num_classes).parameters())
+                 for s in specs]
+    per_parameter = 4 * (2 + {"adam": 2, "amsgrad": 3}.get(cfg.optim, cfg.momentum > 0))
+    need = per_parameter * (sum(sizes) if cfg.stages == 1 else max(sizes))
+    if need > memory:
+        what = "the network" if cfg.stages == 1 else f"unit {sizes.index(max(sizes))}"
+        raise ConfigError(f"{what} needs {need / 2**30:,.1f} GiB for its weights, gradients "
+                          f"and optimizer state, more than the {memory / 2**30:,.1f} GiB of "
+                          f"{where}")
+
+
+def thread_limit() -> int:
+    """The most threads this machine lets a process start (the kernel's and the user's limit)."""
+    limits = []
+    try:
+        with open("/proc/sys/kernel/threads-max") as f:
+            limits.append(int(f.read()))
+    except (OSError, ValueError):
+        pass
+    soft = resource.getrlimit(resource.RLIMIT_NPROC)[0]
+    if soft != resource.RLIM_INFINITY:
+        limits.append(soft)
+    return min(limits, default=2**31 - 1)
 
 
 def make_plan(cfg: Config, device: torch.device) -> Plan:

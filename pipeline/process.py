@@ -23,4 +23,5 @@ def configure(cfg: Config, threads_per_process: int = 0) -> None:
         torch.set_num_threads(cfg.threads or threads_per_process)
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
-    torch.use_deterministic_algorithms(cfg.deterministic)
+    if torch.are_deterministic_algorithms_enabled() != cfg.deterministic:
+        torch.use_deterministic_algorithms(cfg.deterministic)

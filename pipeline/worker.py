@@ -28,12 +28,16 @@ from stages.stage import Stage
 
 @dataclass(frozen=True)
 class Fault:
-    """A test hook, from LOCALPIPE_INJECT_FAULT="STAGE:STEP[:ACTION]": at its STEP-th training
-    batch (1-based, over the whole run) stage STAGE raises ("raise"), kills its own process
-    with SIGKILL on the first attempt of a torchrun job ("kill"), stops it with SIGSTOP
-    ("freeze"), or feeds NaN into its units ("nan")."""
+    """A test hook, from LOCALPIPE_INJECT_FAULT="WHERE:STEP[:ACTION]".
 
-    stage: int
+    WHERE is a stage index: at its STEP-th training batch (1-based, over the whole run) that
+    stage raises ("raise"), kills its own process with SIGKILL on the first attempt of a
+    torchrun job ("kill"), stops it with SIGSTOP ("freeze"), or feeds NaN into its units
+    ("nan"). WHERE "feed" acts in the data feed before its STEP-th training batch, "eval"
+    before the STEP-th test batch of any epoch; there "sigint" and "sigterm" send that signal
+    to the feed's own process."""
+
+    stage: int | str
     step: int
     action: str = "raise"
 
@@ -41,8 +45,8 @@ class Fault:
     def parse(cls, text: str | None) -> "Fault | None":
         if not text:
             return None
-        stage, step, *action = text.split(":")
-        return cls(int(stage), int(step), *action)
+        where, step, *action = text.split(":")
+        return cls(where if where in ("feed", "eval") else int(where), int(step), *action)
 
     def apply(self, index: int, steps: int, x: torch.Tensor) -> torch.Tensor:
         if (index, steps) != (self.stage, self.step):
@@ -54,6 +58,14 @@ class Fault:
                 os.kill(os.getpid(), signal.SIGKILL if self.action == "kill" else signal.SIGSTOP)
             return x
         raise RuntimeError(f"injected fault at training step {steps}")
+
+    def in_feed(self, where: str, step: int) -> None:
+        if (where, step) != (self.stage, self.step):
+            return
+        if self.action in ("sigint", "sigterm"):
+            os.kill(os.getpid(), signal.SIGINT if self.action == "sigint" else signal.SIGTERM)
+            return
+        raise RuntimeError(f"injected fault in the data feed at {where} batch {step}")
 
 
 class Watchdog:

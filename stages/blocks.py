@@ -26,6 +26,20 @@ class NonFiniteLoss(FloatingPointError):
     """A local (or global) loss came out NaN or infinite under ``--on-nan stop``."""
 
 
+def keep_buffers(module: nn.Module, cfg: Config) -> list[tuple[Tensor, Tensor]]:
+    """Copies of ``module``'s buffers (batch-norm statistics and counters), taken before a
+    forward under --on-nan skip: a skipped batch must leave every tensor as it was, and batch
+    norm updates its statistics in the forward, before the loss can be checked."""
+    if cfg.on_nan != "skip":
+        return []
+    return [(b, b.clone()) for b in module.buffers()]
+
+
+def restore_buffers(kept: list[tuple[Tensor, Tensor]]) -> None:
+    for buffer, saved in kept:
+        buffer.copy_(saved)
+
+
 def finite_or_skip(loss: Tensor, what: str, cfg: Config) -> bool:
     """True if ``loss`` may be stepped on; False to skip this batch's update (--on-nan skip)."""
     if bool(torch.isfinite(loss)):
@@ -142,12 +156,14 @@ class Unit(nn.Module):
                                                   *self.position))
         return self._dropout_gen
 
-    def step_closure(self, loss: Tensor) -> Update:
+    def step_closure(self, loss: Tensor, kept: list[tuple[Tensor, Tensor]]) -> Update:
+        """The update of this batch; ``kept`` are the buffers to put back if it is skipped."""
         optimizer = self.optimizer
         assert optimizer is not None
 
         def update() -> None:
             if not finite_or_skip(loss, f"unit {self.index}", self.cfg):
+                restore_buffers(kept)
                 return
             loss.backward()
             optimizer.step()
@@ -271,10 +287,11 @@ class LocalBlock(Unit):
         return loss
 
     def train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Update]:
+        kept = keep_buffers(self, self.cfg)
         h = self.features(x)
         with torch.no_grad():
             out = self.handoff(h.detach())
-        return out, self.step_closure(self.local_loss(h, x, y))
+        return out, self.step_closure(self.local_loss(h, x, y), kept)
 
     @torch.no_grad()
     def eval_step(self, x: Tensor, y: Tensor) -> Tensor:
@@ -307,7 +324,7 @@ class OutputLayer(Unit):
 
     def train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Update]:
         logits = self(x)
-        return logits.detach(), self.step_closure(self.loss(logits, y))
+        return logits.detach(), self.step_closure(self.loss(logits, y), [])
 
     @torch.no_grad()
     def eval_step(self, x: Tensor, y: Tensor) -> Tensor:

@@ -7,7 +7,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 from dataclasses import dataclass, field
+
+
+INT_MAX = 2**31 - 1  # every count must fit the C int of the kernels and libraries below
+MAX_SECONDS = 1e9  # timeouts beyond ~30 years overflow the backends' clocks
 
 
 class ConfigError(ValueError):
@@ -66,7 +71,7 @@ class Config:
     no_detach: bool = False
     pre_act: bool = False
     seed: int = 1
-    save_dir: str = "runs"
+    save_dir: str | None = None  # None: a folder of its own under runs/
     resume: str = ""
     progress_bar: bool = False
     no_print_stats: bool = False
@@ -116,24 +121,35 @@ class Config:
         need(self.model in MODELS, f"unknown model {self.model!r}; choose from {', '.join(MODELS)}")
         need(self.dataset in DATASETS,
              f"unknown dataset {self.dataset!r}; choose from {', '.join(DATASETS)}")
+        for name, value in self.to_dict().items():  # before any comparison below
+            flag = f"--{name.replace('_', '-')}"
+            if isinstance(value, float):
+                need(math.isfinite(value), f"{flag} must be a finite number, got {value}")
+            elif isinstance(value, int) and not isinstance(value, bool):
+                need(abs(value) <= INT_MAX or name == "seed",
+                     f"{flag} must be at most {INT_MAX:,}, got {value}")
         for name in ("batch_size", "num_hidden", "dim_in_decoder", "epochs", "target_proj_size",
                      "n_holes", "length", "stages", "queue_depth"):
             need(getattr(self, name) > 0, f"--{name.replace('_', '-')} must be positive, "
                                           f"got {getattr(self, name)}")
         for name in ("num_layers", "classes_per_batch", "classes_per_batch_until_epoch",
                      "max_steps", "limit_train", "limit_test", "threads", "momentum",
-                     "weight_decay", "checkpoint_every", "keep_checkpoints"):
+                     "weight_decay", "checkpoint_every", "keep_checkpoints", "seed"):
             need(getattr(self, name) >= 0, f"--{name.replace('_', '-')} must not be negative, "
                                            f"got {getattr(self, name)}")
+        need(self.seed < 2**63, f"--seed must be below 2**63, got {self.seed}")
+        need(all(0 <= m <= INT_MAX for m in self.lr_decay_milestones),
+             "--lr-decay-milestones must be epochs (whole numbers from 0)")
         need(self.feat_mult > 0, f"--feat-mult must be positive, got {self.feat_mult}")
         need(self.lr > 0, f"--lr must be positive, got {self.lr}")
         need(self.lr_decay_fact > 0, f"--lr-decay-fact must be positive, got {self.lr_decay_fact}")
         need(0.0 <= self.beta <= 1.0, f"--beta must lie in [0, 1], got {self.beta}")
         need(0.0 <= self.alpha <= 1.0, f"--alpha must lie in [0, 1], got {self.alpha}")
         need(0.0 <= self.dropout < 1.0, f"--dropout must lie in [0, 1), got {self.dropout}")
-        need(self.comm_timeout > 0, f"--comm-timeout must be positive, got {self.comm_timeout}")
-        need(self.heartbeat_timeout > 0,
-             f"--heartbeat-timeout must be positive, got {self.heartbeat_timeout}")
+        for name in ("comm_timeout", "heartbeat_timeout"):
+            value = getattr(self, name)
+            need(0 < value <= MAX_SECONDS, f"--{name.replace('_', '-')} must lie in "
+                                           f"(0, {MAX_SECONDS:g}] seconds, got {value}")
         need(self.model == "mlp" or int(64 * self.feat_mult) >= 1,
              f"--feat-mult {self.feat_mult} leaves a conv layer with no channels")
         need(self.optim in ("adam", "amsgrad", "sgd"), f"unknown --optim {self.optim!r}")

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from stages.blocks import (LocalBlock, OutputLayer, Unit, Update, finite_or_skip,
-                           make_optimizer)
+                           keep_buffers, make_optimizer, restore_buffers)
 from stages.config import Config
 
 
@@ -64,6 +64,7 @@ class Stage(nn.Module):
         """One end-to-end step: CE through every block (plus, with --no-detach, every local
         loss with its gradient flowing on into the earlier blocks)."""
         assert self.output is not None and self.indices[0] == 0, "global modes need one stage"
+        kept = keep_buffers(self, self.cfg)
         total = x.new_zeros(())
         for block in self.blocks.values():
             h = block.features(x)
@@ -76,6 +77,7 @@ class Stage(nn.Module):
 
         def update() -> None:
             if not finite_or_skip(total, "the global loss", self.cfg):
+                restore_buffers(kept)
                 return
             total.backward()
             for opt in optimizers:
@@ -101,12 +103,14 @@ class Stage(nn.Module):
         return {u.index: {phase: m.take() for phase, m in u.meters.items()} for u in self.units}
 
     def checkpoint_state(self) -> dict:
-        """Everything to continue exactly: weights, buffers, optimizer moments, epoch meters."""
+        """Everything to continue exactly: weights, buffers, optimizer moments, and the epoch's
+        training meters (test meters only live through one evaluation, which a resumed run
+        does again from its start)."""
         return {
             "units": {u.index: {"state": u.state_dict(),
                                 "optimizer": None if u.optimizer is None
                                 else u.optimizer.state_dict(),
-                                "meters": {k: m.state() for k, m in u.meters.items()}}
+                                "meters": u.meters["train"].state()}
                       for u in self.units},
             "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),
         }
@@ -118,8 +122,6 @@ class Stage(nn.Module):
             unit.load_state_dict(saved["state"])
             if unit.optimizer is not None:
                 unit.optimizer.load_state_dict(saved["optimizer"])
-            device = next(self.parameters()).device
-            for phase, meter in unit.meters.items():
-                meter.load(saved["meters"][phase], device)
+            unit.meters["train"].load(saved["meters"], next(self.parameters()).device)
         if self.optimizer is not None:
             self.optimizer.load_state_dict(state["optimizer"])

@@ -20,6 +20,7 @@ if __package__ in (None, ""):
 
 from pipeline.channel import StageFailed  # noqa: E402
 from pipeline.checkpoint import WriteError  # noqa: E402
+from pipeline.console import say  # noqa: E402
 from pipeline.data import INFO, DataError  # noqa: E402
 from pipeline.distributed import run_distributed  # noqa: E402
 from pipeline.inprocess import run_inprocess  # noqa: E402
@@ -176,14 +177,13 @@ def main(argv: list[str] | None = None) -> int:
                 run_inprocess(cfg, stop, fault)
         return 0 if stop.signum is None else 128 + stop.signum
     except (ConfigError, DataError) as exc:
-        print(f"localpipe: error: {exc}", file=sys.stderr)
+        say(f"error: {exc}")
         return 2
     except (StageFailed, WriteError) as exc:
-        print(f"localpipe: {'' if isinstance(exc, StageFailed) else 'error: '}{exc}",
-              file=sys.stderr)
+        say(f"{'' if isinstance(exc, StageFailed) else 'error: '}{exc}")
         return 1
     except KeyboardInterrupt:
-        print("localpipe: interrupted", file=sys.stderr)
+        say("interrupted")
         return 130
 
 

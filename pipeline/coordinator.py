@@ -21,7 +21,7 @@ class Coordinator:
         self.save_dir = cfg.save_dir or None
         self.recorder = Recorder(self.save_dir, [s.describe() for s in run_plan.specs],
                                  cfg.backprop)
-        self.pending: dict[tuple, list[dict]] = {}
+        self.pending: dict[tuple, dict[int, dict]] = {}
         self.records: list[dict] = []
         self.state: dict | None = None
         self.finals = 0
@@ -33,12 +33,12 @@ class Coordinator:
     def handle(self, report: dict) -> None:
         self.finals += report["kind"] == "final"
         key = (report["kind"], report.get("epoch"), report.get("step"))
-        got = self.pending.setdefault(key, [])
-        got.append(report)
-        if len(got) < len(self.plan.parts):
+        by_stage = self.pending.setdefault(key, {})
+        by_stage[report["stage"]] = report
+        if len(by_stage) < len(self.plan.parts):
             return
         del self.pending[key]
-        got.sort(key=lambda r: r["stage"])
+        got = [by_stage[k] for k in sorted(by_stage)]
         kind, epoch, step = key
         if kind == "end_epoch":
             self.records.append(self.recorder.epoch(epoch, self.cfg.lr_at(epoch), got,

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import queue
-import sys
 import threading
 from dataclasses import dataclass, replace
 from datetime import timedelta
@@ -27,6 +26,7 @@ from pipeline import process, runs, topology
 from pipeline.channel import FOREVER, Abort, Channel
 from pipeline.checkpoint import resume_from, start_point
 from pipeline.control import ControlPlane, Failure, ReportReceiver, ReportSender
+from pipeline.console import say
 from pipeline.coordinator import Coordinator
 from pipeline.data import DataError, load_batches
 from pipeline.feed import feed
@@ -60,8 +60,7 @@ class Rank:
     def exit(self, failure: Failure) -> NoReturn:
         """Name what stopped the run and end this process at once (blocked threads and all)."""
         own = failure.who == self.name
-        print(f"localpipe: {failure}" if own else f"localpipe: {self.name} stopped: {failure}",
-              file=sys.stderr, flush=True)
+        say(str(failure) if own else f"{self.name} stopped: {failure}")
         os._exit(1)
 
     def fail(self, reason: str) -> NoReturn:
@@ -182,13 +181,11 @@ def join(cfg: Config, store: dist.Store, rank: int, world: int, device: torch.de
             me.control.start()
             me.inbound, me.outbound = topology.connect(topo, device, shared, cfg.comm_timeout)
     except Exception as exc:
-        print(f"localpipe: {topo.name(rank)} failed: {type(exc).__name__}: {exc}",
-              file=sys.stderr, flush=True)
+        say(f"{topo.name(rank)} failed: {type(exc).__name__}: {exc}")
         os._exit(1)
     if rank == 0 and shared and dev.is_cuda(device):
-        print(f"localpipe: {world} ranks share {torch.cuda.device_count()} GPU(s) on this "
-              f"node; NCCL needs a GPU per rank, so payloads travel through pinned host memory "
-              f"over gloo", file=sys.stderr, flush=True)
+        say(f"{world} ranks share {torch.cuda.device_count()} GPU(s) on this node; NCCL needs "
+            f"a GPU per rank, so payloads travel through pinned host memory over gloo")
     return me
 
 

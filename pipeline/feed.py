@@ -33,6 +33,7 @@ def feed(cfg: Config, train: Batches, test: Batches, device: torch.device, start
     from tqdm import tqdm
 
     steps = start.steps
+    saved = (start.epoch, start.step)  # the position of the newest checkpoint
     for epoch in range(start.epoch, cfg.epochs + 1):
         if cfg.max_steps and steps >= cfg.max_steps:
             break
@@ -41,10 +42,10 @@ def feed(cfg: Config, train: Batches, test: Batches, device: torch.device, start
                    disable=not cfg.progress_bar, file=sys.stderr)
         for step, (x, y) in enumerate(train.epoch(epoch, fed), fed):
             if stop.signum is not None:
-                yield from _stopped(epoch, fed, steps > start.steps)
+                yield from _stopped(epoch, fed, saved)
                 return
             if fault is not None:
-                fault.in_feed("feed", steps + 1)
+                fault.in_feed("feed", steps + 1, stop)
             yield batch(Kind.TRAIN, epoch, step, x, y, device)
             bar.update()
             steps += 1
@@ -54,20 +55,23 @@ def feed(cfg: Config, train: Batches, test: Batches, device: torch.device, start
             if cfg.checkpoint_every and steps % cfg.checkpoint_every == 0 \
                     and fed < len(train):  # an epoch's end checkpoints anyway
                 yield Message(Kind.CHECKPOINT, epoch, fed)
+                saved = (epoch, fed)
         bar.close()
         for step, (x, y) in enumerate(test.epoch(epoch)):
             if stop.signum is not None:  # the evaluation starts over on resume
-                yield from _stopped(epoch, fed, True)
+                yield from _stopped(epoch, fed, saved)
                 return
             if fault is not None:
-                fault.in_feed("eval", step + 1)
+                fault.in_feed("eval", step + 1, stop)
             yield batch(Kind.EVAL, epoch, step, x, y, device)
         yield Message(Kind.END_EPOCH, epoch, fed)
+        saved = (epoch + 1, 0) if fed == len(train) else (epoch, fed)
     yield Message(Kind.STOP, 0, 0)
 
 
-def _stopped(epoch: int, step: int, save: bool) -> Iterator[Message]:
-    if save:
+def _stopped(epoch: int, step: int, saved: tuple[int, int]) -> Iterator[Message]:
+    """A checkpoint where training is to go on, unless the newest one is there already."""
+    if (epoch, step) != saved:
         yield Message(Kind.CHECKPOINT, epoch, step)
     yield Message(Kind.STOP, 0, 0)
 

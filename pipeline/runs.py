@@ -18,6 +18,7 @@ import sys
 import time
 
 from pipeline import checkpoint
+from pipeline.console import say
 from pipeline.control import host_id, process_alive
 from stages.config import Config, ConfigError
 
@@ -86,8 +87,8 @@ def claim(folder: str, cfg: Config, start: checkpoint.Start) -> None:
         os.makedirs(folder, exist_ok=True)
         owner = lock_owner(folder)
         if owner is not None:
-            print(f"localpipe: taking over the lock of process {owner['pid']} on "
-                  f"{owner['host'].split('/')[0]}, which no longer runs", file=sys.stderr)
+            say(f"taking over the lock of process {owner['pid']} on "
+                f"{owner['host'].split('/')[0]}, which no longer runs")
         me = {"host": host_id(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
         checkpoint.atomic_write(os.path.join(folder, LOCK),
                                 lambda f: f.write(json.dumps(me).encode()))

@@ -12,8 +12,9 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import sys
 import time
+
+from pipeline.console import say
 
 REPEAT_S = 2.0
 
@@ -41,8 +42,7 @@ class StopRequest:
     def confirm(self, signum: int) -> None:
         if self.signum is None:
             self.signum = signum
-            print(f"localpipe: {signal.Signals(signum).name} received, saving a checkpoint and "
-                  f"stopping", file=sys.stderr, flush=True)
+            say(f"{signal.Signals(signum).name} received, saving a checkpoint and stopping")
 
     def _handle(self, signum, _frame) -> None:
         now = time.monotonic()
@@ -53,6 +53,5 @@ class StopRequest:
             return
         if now - self.received_at < REPEAT_S:
             return
-        print(f"localpipe: second {signal.Signals(signum).name}, stopping at once without a "
-              f"checkpoint", file=sys.stderr, flush=True)
+        say(f"second {signal.Signals(signum).name}, stopping at once without a checkpoint")
         os._exit(128 + signum)

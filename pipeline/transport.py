@@ -52,7 +52,7 @@ from torch import Tensor
 
 from pipeline import device as dev
 from pipeline.channel import FOREVER, Channel
-from pipeline.message import HEADER_LEN, Kind, Message, decode, decode_spec, encode
+from pipeline.message import HEADER_LEN, Kind, decode, decode_spec, encode
 
 NCCL_LOCK = threading.Lock()  # rule 1 above: one NCCL call at a time in a process
 

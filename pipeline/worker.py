@@ -59,11 +59,16 @@ class Fault:
             return x
         raise RuntimeError(f"injected fault at training step {steps}")
 
-    def in_feed(self, where: str, step: int) -> None:
+    def in_feed(self, where: str, step: int, stop) -> None:
+        """The feed's hook; a signal is followed by a wait (up to 10 s) until ``stop`` has
+        confirmed it, so that the feed's next check sees it wherever the handler runs."""
         if (where, step) != (self.stage, self.step):
             return
         if self.action in ("sigint", "sigterm"):
             os.kill(os.getpid(), signal.SIGINT if self.action == "sigint" else signal.SIGTERM)
+            deadline = time.monotonic() + 10
+            while stop.signum is None and time.monotonic() < deadline:
+                time.sleep(0.01)
             return
         raise RuntimeError(f"injected fault in the data feed at {where} batch {step}")
 

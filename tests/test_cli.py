@@ -1,9 +1,23 @@
-"""The command line: the paper's parameter counts, and bad input as one line with exit code 2."""
+"""The command line: the paper's parameter counts, and bad input as one line with exit code 2
+that writes nothing."""
+import datetime
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import struct
+from pathlib import Path
+
+import numpy as np
 import pytest
+import torch
 
 from launch.pipeline import main
+from pipeline.control import host_id
 
-from conftest import run_cli
+from conftest import ROOT, run_cli
 
 PAPER_COUNTS = [
     (["--model", "mlp", "--dataset", "MNIST", "--num-layers", "3"], 2919434),
@@ -30,48 +44,229 @@ def test_describe_shows_the_stages_and_their_costs(capsys):
     assert "stage 0: units 0-" in out and "stage 1: units" in out and "measured step" in out
 
 
+# ---------------------------------------------------------------------------- bad input
+# Each row is refused with exit code 2 and one line on stderr naming the problem, before
+# anything is written: run against a folder that holds a finished run, which must stay exactly
+# as it was. "{data:NAME}" is a generated data root, "{ckpt:NAME}" a tampered checkpoint of the
+# finished run, "{run}" the finished run's folder.
 BAD = [
+    # options
     (["--model", "resnet99"], "unknown model 'resnet99'"),
     (["--dataset", "ImageNet"], "unknown dataset 'ImageNet'"),
     (["--beta", "2"], "--beta must lie in [0, 1]"),
+    (["--beta", "nan"], "--beta must be a finite number, got nan"),
     (["--feat-mult", "0"], "--feat-mult must be positive"),
+    (["--model", "vgg8b", "--feat-mult", "0.001"], "leaves a conv layer with no channels"),
     (["--stages", "0"], "--stages must be positive"),
     (["--batch-size", "-1"], "--batch-size must be positive"),
+    (["--batch-size", "99999999999999999999"], "--batch-size must be at most 2,147,483,647"),
+    (["--epochs", "2147483648"], "--epochs must be at most 2,147,483,647"),
     (["--dropout", "1"], "--dropout must lie in [0, 1)"),
-    (["--model", "mlp", "--stages", "9", "--dataset", "synthetic"],
-     "--stages 9 is more than the 2 units"),
-    (["--model", "mlp", "--stages", "2", "--balance", "1,2", "--dataset", "synthetic"],
-     "--balance 1,2 sums to 3 but the network has 2 units"),
+    (["--dropout=-inf"], "--dropout must be a finite number, got -inf"),
+    (["--stages", "9"], "--stages 9 is more than the 3 units"),
+    (["--stages", "2", "--balance", "1,3"], "--balance 1,3 sums to 4 but the network has 3 units"),
     (["--stages", "2", "--balance", "1"], "--balance has 1 entries but --stages is 2"),
+    (["--stages", "2", "--balance", "2,x"], "expected integers like 2,3,2"),
+    (["--stages", "2", "--balance", "3,0"], "--balance entries must be positive"),
     (["--backprop", "--stages", "2"], "cannot be pipelined"),
     (["--no-detach", "--stages", "2"], "--no-detach sends gradients between blocks"),
+    (["--bio", "--backprop"], "--bio has no meaning with --backprop"),
     (["--optim", "rmsprop"], "invalid choice: 'rmsprop'"),
     (["--lr", "abc"], "invalid float value: 'abc'"),
     (["--lr", "0"], "--lr must be positive"),
+    (["--lr", "nan"], "--lr must be a finite number, got nan"),
+    (["--lr", "inf"], "--lr must be a finite number, got inf"),
+    (["--lr-decay-fact", "0"], "--lr-decay-fact must be positive"),
+    (["--lr-decay-milestones=-3"], "--lr-decay-milestones must be epochs"),
+    (["--momentum", "nan"], "--momentum must be a finite number"),
+    (["--weight-decay", "-0.1"], "--weight-decay must not be negative"),
     (["--epochs", "0"], "--epochs must be positive"),
     (["--queue-depth", "0"], "--queue-depth must be positive"),
     (["--num-layers", "-1"], "--num-layers must not be negative"),
     (["--limit-train", "-5"], "--limit-train must not be negative"),
     (["--checkpoint-every", "-1"], "--checkpoint-every must not be negative"),
-    (["--balance", "2,x"], "expected integers like 2,3,2"),
-    (["--stages", "2", "--balance", "2,0"], "--balance entries must be positive"),
-    (["--bio", "--backprop"], "--bio has no meaning with --backprop"),
-    (["--model", "mlp", "--dataset", "synthetic", "--save-dir", "/proc/localpipe-run"],
-     "cannot write to --save-dir /proc/localpipe-run"),
-    (["--model", "mlp", "--dataset", "synthetic", "--resume", "/nonexistent/run"],
-     "cannot resume: --resume /nonexistent/run: no complete checkpoint there"),
+    (["--keep-checkpoints", "-2"], "--keep-checkpoints must not be negative"),
+    (["--max-steps", "-1"], "--max-steps must not be negative"),
+    (["--seed", "-1"], "--seed must not be negative"),
+    (["--seed", str(2**64)], "--seed must be below 2**63"),
+    (["--comm-timeout", "inf"], "--comm-timeout must be a finite number"),
+    (["--comm-timeout", "1e12"], "--comm-timeout must lie in (0, 1e+09] seconds"),
+    (["--heartbeat-timeout", "0"], "--heartbeat-timeout must lie in (0, 1e+09] seconds"),
+    (["--threads", "100000000"], "--threads 100000000 is more than the"),
+    (["--num-hidden", "1000000"], "needs 44,715.7 GiB for its weights, gradients and "
+                                  "optimizer state, more than the"),
+    (["--cutout", "--n_holes", "100000000"], "--n-holes 100000000 is more than the 784 pixels"),
+    (["--classes-per-batch", "20"], "--classes-per-batch 20 is more than the 10 classes"),
+    *([(["--device", "cuda"], "--device cuda was asked for but no CUDA device is available")]
+      if not torch.cuda.is_available() else []),
+    # data
+    (["--dataset", "MNIST", "--data-root", "{data:missing}", "--no-download"],
+     "MNIST is not in"),
+    (["--dataset", "MNIST", "--data-root", "{data:counts}"],
+     "MNIST's training split in {data:counts} has 60 images but 10 labels"),
+    (["--dataset", "MNIST", "--data-root", "{data:garbage}"],
+     "train-images-idx3-ubyte.gz is not a readable IDX file"),
+    (["--dataset", "MNIST", "--data-root", "{data:empty}"],
+     "train-labels-idx1-ubyte is not a readable IDX file: no IDX header"),
+    (["--dataset", "MNIST", "--data-root", "{data:truncated}"],
+     "train-images-idx3-ubyte is not a readable IDX file: 20,000 bytes where its header "
+     "announces 47,056"),
+    (["--dataset", "MNIST", "--data-root", "{data:labels}"],
+     "MNIST's training split has labels outside 0..9"),
+    (["--limit-train", "1"], "synthetic's training split has 1 sample(s); training needs at "
+                             "least 2"),
+    # the save folder and resuming
+    ([], "--save-dir {run} already holds a run (args.json, metrics.jsonl, checkpoints, "
+         "model.pt); add --resume auto to continue it"),
+    (["--resume", "auto", "{lock}"], "--save-dir {run} is in use by process"),
+    (["--save-dir", "/proc/localpipe-run"], "cannot write to --save-dir /proc/localpipe-run"),
+    (["--resume", "/nonexistent/run"], "cannot resume: --resume /nonexistent/run: no complete "
+                                       "checkpoint there"),
+    (["--resume", "{run}", "--num-hidden", "64"], "was made with --num-hidden 32, this run has "
+                                                  "64"),
+    (["--resume", "{ckpt:not-a-manifest}"], "manifest.json has format 1; this localpipe "
+                                            "reads format 2 only"),
+    (["--resume", "{ckpt:old-format}"], "manifest.json has format 1; this localpipe reads "
+                                        "format 2 only"),
+    (["--resume", "{ckpt:no-files}"], "manifest.json is not a localpipe manifest: files must be "
+                                      "a non-empty list"),
+    (["--resume", "{ckpt:escape}"], "manifest.json is not a localpipe manifest: a files entry "
+                                    "is malformed"),
+    (["--resume", "{ckpt:truncated}"], "stage-0.pt is truncated or corrupt"),
+    (["--resume", "{ckpt:pickled}"], "stage-0.pt holds objects other than tensors and plain "
+                                     "containers; refused"),
+    (["--resume", "{ckpt:foreign}"], "stage-0.pt does not hold the state of units [0, 1, 2]"),
 ]
+BASE = ["--model", "mlp", "--num-layers", "2", "--num-hidden", "32", "--dataset", "synthetic",
+        "--epochs", "1", "--threads", "1"]
 
 
-@pytest.mark.parametrize("args,message", BAD)
-def test_bad_input_is_one_line_and_exit_code_2(capsys, args, message):
-    save = [] if "--save-dir" in args else ["--save-dir", ""]
-    with pytest.raises(SystemExit) as exit_info:
-        code = main(args + save + ["--max-steps", "1"])
-        raise SystemExit(code)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("localpipe: error:") and message in err[0], err
+def _write_idx(path, array: np.ndarray) -> bytes:
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + b"".join(
+        struct.pack(">I", d) for d in array.shape)
+    data = header + array.astype(np.uint8).tobytes()
+    path.write_bytes(data)
+    return data
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A folder holding a finished run, and tampered copies of its checkpoint."""
+    run = tmp_path_factory.mktemp("finished") / "run"
+    assert main(BASE + ["--save-dir", str(run)]) == 0
+    good = next((run / "checkpoints").glob("*/manifest.json")).parent
+    ckpts = tmp_path_factory.mktemp("tampered")
+
+    def tamper(name: str, edit) -> None:
+        """A copy of the checkpoint with ``edit(folder, manifest)`` applied to it."""
+        folder = ckpts / name
+        shutil.copytree(good, folder)
+        manifest = json.loads((folder / "manifest.json").read_text())
+        edit(folder, manifest)
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+
+    def rehash(folder, manifest, data: bytes) -> None:
+        (folder / "stage-0.pt").write_bytes(data)
+        manifest["files"][0].update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+
+    def pickled(folder, manifest) -> None:
+        state = torch.load(folder / "stage-0.pt")
+        state["units"][0]["when"] = datetime.date(2026, 1, 1)  # any object beyond plain data
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        rehash(folder, manifest, buffer.getvalue())
+
+    def foreign(folder, manifest) -> None:
+        buffer = io.BytesIO()
+        torch.save({"units": {7: {}}, "optimizer": None}, buffer)
+        rehash(folder, manifest, buffer.getvalue())
+
+    tamper("not-a-manifest", lambda f, m: m.clear())
+    tamper("old-format", lambda f, m: m.pop("format"))
+    tamper("no-files", lambda f, m: m.update(files=[]))
+    tamper("escape", lambda f, m: m["files"][0].update(file="../../stage-0.pt"))
+    tamper("truncated", lambda f, m: (f / "stage-0.pt").write_bytes(
+        (f / "stage-0.pt").read_bytes()[:-100]))
+    tamper("pickled", pickled)
+    tamper("foreign", foreign)
+    return run, ckpts
+
+
+@pytest.fixture(scope="module")
+def bad_data(tmp_path_factory) -> Path:
+    """MNIST folders that are wrong in one way each."""
+    root = tmp_path_factory.mktemp("bad-data")
+    rng = np.random.default_rng(0)
+
+    def mnist(name: str, images: int = 60, labels: int = 60, label_max: int = 10) -> Path:
+        raw = root / name / "MNIST" / "raw"
+        raw.mkdir(parents=True)
+        for split in ("train", "t10k"):
+            _write_idx(raw / f"{split}-images-idx3-ubyte", rng.integers(0, 256, (images, 28, 28)))
+            _write_idx(raw / f"{split}-labels-idx1-ubyte", rng.integers(0, label_max, (labels,)))
+        return raw
+
+    (root / "missing").mkdir()
+    mnist("counts", labels=10)
+    mnist("labels", label_max=13)
+    raw = mnist("garbage")
+    (raw / "train-images-idx3-ubyte").unlink()
+    (raw / "train-images-idx3-ubyte.gz").write_bytes(b"this is not gzip at all")
+    raw = mnist("empty")
+    (raw / "train-labels-idx1-ubyte").write_bytes(b"")
+    raw = mnist("truncated")
+    data = (raw / "train-images-idx3-ubyte").read_bytes()
+    (raw / "train-images-idx3-ubyte").write_bytes(data[:20000])
+    return root
+
+
+def _tree(folder: Path) -> dict:
+    """Every file below ``folder`` (links too) with its size and SHA-256."""
+    out = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_symlink():
+            out[str(path.relative_to(folder))] = ("link", os.readlink(path))
+        elif path.is_file():
+            data = path.read_bytes()
+            out[str(path.relative_to(folder))] = (len(data), hashlib.sha256(data).hexdigest())
+        else:
+            out[str(path.relative_to(folder))] = "dir"
+    return out
+
+
+@pytest.mark.parametrize("args,message", BAD, ids=[" ".join(a)[:40] or "existing-run"
+                                                   for a, _ in BAD])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(capsys, finished, bad_data, args,
+                                                         message):
+    run, ckpts = finished
+    lock = "{lock}" in args
+    args = [a for a in args if a != "{lock}"]
+
+    def fill(text: str) -> str:
+        for key, root in (("data", bad_data), ("ckpt", ckpts)):
+            text = re.sub(r"\{%s:([\w-]+)\}" % key, lambda m: str(root / m.group(1)), text)
+        return text.replace("{run}", str(run))
+
+    args = [fill(a) for a in args]
+    if lock:  # a live process (this one) holds the run's lock
+        (run / "run.lock").write_text(json.dumps({"host": host_id(), "pid": os.getpid(),
+                                                  "since": "now"}))
+    try:
+        before, around = _tree(run.parent), sorted(os.listdir(run.parent.parent))
+        save = [] if "--save-dir" in args else ["--save-dir", str(run)]
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            raise SystemExit(main(BASE + args + save))
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_info.value.code == 2, err
+        assert len(err) == 1 and err[0].startswith("localpipe: error:"), err
+        assert fill(message) in err[0] and "Traceback" not in err[0], err
+        assert _tree(run.parent) == before, "the finished run's folder changed"
+        assert sorted(os.listdir(run.parent.parent)) == around, "a new folder appeared"
+        assert not (ROOT / "runs").exists() or "runs" in before
+    finally:
+        if lock:
+            (run / "run.lock").unlink()
 
 
 def test_missing_data_offline_names_the_folder_and_files(tmp_path):

@@ -143,3 +143,37 @@ def test_auto_cut_falls_back_to_parameter_counts_when_measuring_runs_out_of_memo
     assert run_plan.cost_kind == "parameters"
     assert run_plan.costs[0] == 784 * 64 + 64 + 2 * 64 + 64 * 64 + 64 * 10 + 10  # with heads
     assert [len(p) for p in run_plan.parts] == partition.best_balance(run_plan.costs, 2)
+
+
+def _kinds(messages) -> list[tuple]:
+    return [(m.kind.name, m.epoch, m.step) for m in messages]
+
+
+@pytest.mark.parametrize("stop_after,tail", [
+    (3, [("TRAIN", 1, 2), ("CHECKPOINT", 1, 3), ("STOP", 0, 0)]),
+    # on a periodic checkpoint: no second marker for the same position
+    (("CHECKPOINT", 1, 5), [("CHECKPOINT", 1, 5), ("STOP", 0, 0)]),
+    # after the last training batch: "epoch 1 trained, evaluation to do"
+    (16, [("TRAIN", 1, 15), ("CHECKPOINT", 1, 16), ("STOP", 0, 0)]),
+    # between epochs: the epoch's own checkpoint is the newest, nothing to add
+    (("END_EPOCH", 1, 16), [("END_EPOCH", 1, 16), ("STOP", 0, 0)]),
+    (0, [("STOP", 0, 0)]),  # before any training: nothing new to save
+])
+def test_a_stop_ends_the_feed_with_one_checkpoint_where_training_goes_on(stop_after, tail):
+    from pipeline.checkpoint import Start
+    from pipeline.data import load_batches
+    from pipeline.feed import feed
+    from pipeline.signals import StopRequest
+    from stages.config import Config
+
+    cfg = Config(dataset="synthetic", epochs=2, checkpoint_every=5)
+    train, test = load_batches(cfg)  # 16 training batches, 4 test batches
+    stop = StopRequest()
+    if stop_after == 0:
+        stop.signum = 15
+    got = []
+    for msg in feed(cfg, train, test, torch.device("cpu"), Start(), stop):
+        got.append(msg)
+        if stop_after in (sum(m.kind == Kind.TRAIN for m in got), _kinds([msg])[0]):
+            stop.signum = 15
+    assert _kinds(got)[-len(tail):] == tail and (stop_after or len(got) == 1)

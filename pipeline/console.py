@@ -1,20 +1,67 @@
-"""What a run tells its user on the terminal, apart from the per-epoch records.
+"""What a run shows on the terminal: one progress bar, and one-line messages above it.
 
-Every message is one line that starts with ``localpipe:`` and goes to stderr in a single
-write, so that the lines of several ranks sharing a terminal never interleave.
+Rank 0 shows one bar for the whole run (the epoch, batches done, the overall ETA) on stderr,
+on a terminal or with --progress-bar; epoch summaries and messages are written above it, never
+into it. Every message is one line that starts with ``localpipe:`` and, with no bar to redraw,
+goes to stderr in a single write, so that the lines of several ranks never interleave.
 """
 from __future__ import annotations
 
 import os
 import sys
 
+from tqdm import tqdm
+
 
 def say(text: str) -> None:
-    """Write ``localpipe: text`` on stderr, whole."""
-    data = f"localpipe: {text}\n".encode(errors="replace")
+    """Write ``localpipe: text`` on stderr, whole, above the progress bar if there is one."""
+    line = f"localpipe: {text}"
+    if _bar_shown():
+        tqdm.write(line, file=sys.stderr)
+        return
+    data = (line + "\n").encode(errors="replace")
     try:
         sys.stderr.flush()
         os.write(sys.stderr.fileno(), data)
     except (OSError, ValueError):  # no real file behind stderr (a test's capture)
         sys.stderr.write(data.decode())
         sys.stderr.flush()
+
+
+def _bar_shown() -> bool:
+    return any(not bar.disable for bar in list(getattr(tqdm, "_instances", ())))
+
+
+def show(text: str) -> None:
+    """Write a block of text (an epoch's summary) on stdout, above the progress bar."""
+    if _bar_shown():
+        for line in text.splitlines():
+            tqdm.write(line, file=sys.stdout)
+    else:
+        print(text, flush=True)
+
+
+class Progress:
+    """The run's bar: training batches of the whole run, so its ETA is the run's."""
+
+    def __init__(self, shown: bool, epochs: int, total: int, done: int) -> None:
+        self.epochs = epochs
+        self.bar = tqdm(total=total, initial=done, unit="batch", file=sys.stderr,
+                        disable=not shown, dynamic_ncols=True, leave=False,
+                        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} "
+                                   "batches [{elapsed}<{remaining}, {rate_fmt}]{postfix}")
+
+    def epoch(self, epoch: int, phase: str = "") -> None:
+        self.bar.set_description_str(f"epoch {epoch}/{self.epochs}" + (f" {phase}" if phase
+                                                                        else ""))
+
+    def advance(self) -> None:
+        self.bar.update()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def shown(requested: bool) -> bool:
+    """Whether to show a bar: asked for, or stderr is a terminal."""
+    return requested or sys.stderr.isatty()

@@ -1,15 +1,16 @@
-"""Rank 0's bookkeeping: a metrics record per epoch, a manifest per checkpoint, ``model.pt`` at
-the end of a run that finished (a stopped run leaves its checkpoint instead). Stage reports
-come in any order; a record or manifest is written once all K of its kind are in, so no stage
-ever waits for it."""
+"""Rank 0's bookkeeping: a record per epoch and per logged batch, a manifest per checkpoint,
+``model.pt`` at the end of a run that finished (a stopped run leaves its checkpoint instead).
+Stage reports come in any order; a record or manifest is written once all K of its kind are
+in, so no stage ever waits for it."""
 from __future__ import annotations
 
 import os
 
 from pipeline import checkpoint
 from pipeline.data import Batches
-from pipeline.metrics import Recorder
+from pipeline.metrics import epoch_record, step_record
 from pipeline.plan import Plan
+from pipeline.records import Records
 from pipeline.signals import StopRequest
 from stages.config import Config
 
@@ -19,10 +20,12 @@ class Coordinator:
         self.cfg, self.plan, self.stop = cfg, run_plan, stop
         self.train_batches, self.dropped = len(train), train.dropped
         self.save_dir = cfg.save_dir or None
-        self.recorder = Recorder(self.save_dir, [s.describe() for s in run_plan.specs],
-                                 cfg.backprop)
+        self.unit_names = [s.describe() for s in run_plan.specs]
+        self.records = Records(self.save_dir, cfg.backprop, curves=not cfg.no_curves)
         self.pending: dict[tuple, dict[int, dict]] = {}
-        self.records: list[dict] = []
+        self.epochs: list[dict] = []
+        self.last_step: dict | None = None
+        self.manifest: str | None = None  # the newest complete checkpoint
         self.state: dict | None = None
         self.finals = 0
 
@@ -40,19 +43,25 @@ class Coordinator:
         del self.pending[key]
         got = [by_stage[k] for k in sorted(by_stage)]
         kind, epoch, step = key
+        if kind == "log":
+            self.last_step = step_record(self.cfg.lr_at(epoch), self.cfg.batch_size, got,
+                                         self.last_step)
+            self.records.step(self.last_step)
+            return
         if kind == "end_epoch":
-            self.records.append(self.recorder.epoch(epoch, self.cfg.lr_at(epoch), got,
-                                                    self.dropped))
+            self.epochs.append(epoch_record(epoch, self.cfg.lr_at(epoch), got, self.unit_names,
+                                            self.dropped))
+            self.records.epoch(self.epochs[-1])
             if step == self.train_batches:  # a whole epoch: go on with the next one
                 epoch, step = epoch + 1, 0
         if kind != "final":
             if self.save_dir:  # every stage has saved its file: complete the checkpoint
-                checkpoint.write_manifest(
+                self.manifest = checkpoint.write_manifest(
                     self.save_dir, got[0]["steps"], (epoch, step), self.cfg.to_dict(),
                     [{"stage": r["stage"], "units": r["units"], **f} for r in got
                      for f in r["files"]], self.cfg.keep_checkpoints)
-        else:
-            self.state = {k: v for r in got for k, v in r["state"].items()}
-            if self.save_dir and self.stop.signum is None:
-                checkpoint.save_torch(self.state, os.path.join(self.save_dir, "model.pt"))
-
+            return
+        self.state = {k: v for r in got for k, v in r["state"].items()}
+        if self.save_dir and self.stop.signum is None:
+            checkpoint.save_torch(self.state, os.path.join(self.save_dir, "model.pt"))
+        self.records.close()

@@ -166,14 +166,27 @@ def synthetic(train: bool) -> tuple[Tensor, Tensor]:
     return (images.clamp(0, 1) * 255).round().to(torch.uint8), labels
 
 
-def load_batches(cfg: Config) -> tuple["Batches", "Batches"]:
-    """The training and test batches of --dataset."""
+def load_batches(cfg: Config) -> tuple["Batches", "Batches", "Batches | None"]:
+    """The training, test and (with --val-split N) validation batches of --dataset. The N
+    validation samples are held out of the training split by a permutation seeded from
+    --seed alone, so every runner and every resume holds out the same ones."""
     info = INFO[cfg.dataset]
-    train = Batches(*load_split(cfg, True), info, cfg, train=True)
+    images, labels = load_split(cfg, True)
+    val = None
+    if cfg.val_split:
+        if cfg.val_split > len(labels) - MIN_TRAIN_BATCH:
+            raise DataError(f"--val-split {cfg.val_split} leaves fewer than {MIN_TRAIN_BATCH} "
+                            f"of the {len(labels)} training samples to train on")
+        gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "val-split"))
+        order = torch.randperm(len(labels), generator=gen)
+        held, kept = order[:cfg.val_split].sort().values, order[cfg.val_split:].sort().values
+        val = Batches(images[held], labels[held], info, cfg, train=False)
+        images, labels = images[kept], labels[kept]
+    train = Batches(images, labels, info, cfg, train=True)
     if len(train) == 0:
         raise DataError(f"{cfg.dataset}'s training split has {len(train.labels)} sample(s); "
                         f"training needs at least {MIN_TRAIN_BATCH}")
-    return train, Batches(*load_split(cfg, False), info, cfg, train=False)
+    return train, Batches(*load_split(cfg, False), info, cfg, train=False), val
 
 
 # ---------------------------------------------------------------------------------- batches

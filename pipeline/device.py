@@ -171,6 +171,20 @@ def to_host(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
+def to_host_later(tensor: Tensor) -> tuple[Tensor, Event | None]:
+    """A host copy of ``tensor`` that holds its values once the returned event has fired
+    (None: at once); the copy is queued on the current stream, so nothing waits for it."""
+    if not tensor.is_cuda:
+        return tensor, None
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    return host, record(tensor.device)
+
+
+def fired(event: Event | None) -> bool:
+    return event is None or event.query()
+
+
 def host_buffer(shape: list[int], dtype: torch.dtype, device: torch.device) -> Tensor:
     """A host tensor to receive into, pinned when it will go on to ``device``'s GPU."""
     return torch.empty(shape, dtype=dtype, pin_memory=is_cuda(device))

@@ -88,7 +88,7 @@ def run_distributed(cfg: Config, stop: StopRequest,
     device, shared = dev.rank_device(kind, int(os.environ.get("LOCAL_RANK", 0)),
                                      int(os.environ.get("LOCAL_WORLD_SIZE", world)))
     store = rendezvous_store(cfg)
-    cfg, start, train, test = verdict(cfg, store, rank, units)
+    cfg, start, batches = verdict(cfg, store, rank, units)
     me = join(cfg, store, rank, world, device, shared, stop)
     # from here on a signal is a stop request only if the control plane confirms it (torchrun
     # signals the survivors when a worker dies); before, the default action ends the process
@@ -106,9 +106,8 @@ def run_distributed(cfg: Config, stop: StopRequest,
                 stage = build_stage(cfg, info.shape, info.num_classes, run_plan.parts[rank],
                                     device)
                 start.restore(stage)
-            coordinator = Coordinator(cfg, run_plan, train, stop) if rank == 0 else None
-            messages = feed(cfg, train, test, device, start, stop, fault) if rank == 0 \
-                else None
+            coordinator = Coordinator(cfg, run_plan, batches[0], stop) if rank == 0 else None
+            messages = feed(cfg, *batches, device, start, stop, fault) if rank == 0 else None
         except Exception as exc:
             me.fail(f"{type(exc).__name__}: {exc}")
         serve(me, stage, messages, coordinator.handle if coordinator else None, fault,
@@ -125,14 +124,14 @@ def verdict(cfg: Config, store: dist.Store, rank: int, units: int):
     folder; the other ranks learn its verdict through the store, so bad input stops every rank
     at once with the same line and exit code 2, before any process group. The folder is kept in
     the store for the whole job: a restarted attempt writes where the first one did. Returns
-    (cfg with its folder, start, train, test), the batches on rank 0 only."""
+    (cfg with its folder, start, (train, test, val) batches on rank 0, None elsewhere)."""
     said_key = f"{attempt_prefix()}/verdict"
     if rank == 0:
         try:
             earlier = store.get(FOLDER).decode() if store.check([FOLDER]) else None
             cfg = replace(cfg, save_dir=runs.choose(cfg, earlier))
             start = start_point(cfg, units)
-            train, test = load_batches(cfg)
+            train, test, val = load_batches(cfg)
             runs.check(cfg.save_dir, bool(cfg.resume))
             runs.claim(cfg.save_dir, cfg, start)
         except (ConfigError, DataError) as exc:
@@ -140,13 +139,13 @@ def verdict(cfg: Config, store: dist.Store, rank: int, units: int):
             raise
         store.set(FOLDER, cfg.save_dir)
         store.set(said_key, json.dumps({"resume": start.folder, "save_dir": cfg.save_dir}))
-        return cfg, start, train, test
+        return cfg, start, (train, test, val)
     store.wait([said_key], LONG)  # rank 0 may be downloading a dataset
     said = json.loads(store.get(said_key))
     if "error" in said:
         raise (DataError if said["kind"] == "DataError" else ConfigError)(said["error"])
     cfg = replace(cfg, save_dir=said["save_dir"])
-    return cfg, resume_from(said["resume"]), None, None
+    return cfg, resume_from(said["resume"]), None
 
 
 def rendezvous_store(cfg: Config) -> dist.Store:
@@ -232,7 +231,7 @@ def serve(me: Rank, stage, messages: Iterator[Message] | None,
     if me.outbound is not None:
         threads.append(Sender(outbox, me.outbound, device, me.lost_link))
     worker = guarded("", lambda: run_stage(stage, rank, inbox, outbox, send_report, device,
-                                           cfg.save_dir, fault, steps, watchdog=watchdog))
+                                           cfg, fault, steps, watchdog=watchdog))
     for thread in threads:
         thread.start()
 

@@ -10,13 +10,14 @@ during the last training batch or during the evaluation leaves a run.
 """
 from __future__ import annotations
 
-import sys
 from typing import Iterator
 
 import torch
 from torch import Tensor
 
+from pipeline import console
 from pipeline import device as dev
+from pipeline.console import Progress
 from pipeline.checkpoint import Start
 from pipeline.data import Batches
 from pipeline.message import Kind, Message
@@ -24,49 +25,58 @@ from pipeline.signals import StopRequest
 from stages.config import Config
 
 
-def feed(cfg: Config, train: Batches, test: Batches, device: torch.device, start: Start,
-         stop: StopRequest, fault=None) -> Iterator[Message]:
-    """The messages of the whole run from ``start`` on. ``--max-steps`` ends training after
-    that many batches, still closing with an evaluation. A confirmed stop request ends it after
-    the batch in hand, with a checkpoint where training is to go on (none before the first
-    batch: there is nothing new to save). ``fault`` is the test hook of the feed itself."""
-    from tqdm import tqdm
-
+def feed(cfg: Config, train: Batches, test: Batches, val: Batches | None,
+         device: torch.device, start: Start, stop: StopRequest,
+         fault=None) -> Iterator[Message]:
+    """The messages of the whole run from ``start`` on: each epoch's training batches, then its
+    validation batches (with --val-split) and test batches, then END_EPOCH. ``--max-steps``
+    ends training after that many batches, still closing with an evaluation. A confirmed stop
+    request ends it after the batch in hand, with a checkpoint where training is to go on (none
+    where the newest checkpoint already is). A progress bar follows the training batches of
+    the whole run. ``fault`` is the test hook of the feed itself."""
     steps = start.steps
+    total = (cfg.epochs - start.epoch + 1) * len(train) - start.step
+    if cfg.max_steps:
+        total = max(0, min(total, cfg.max_steps - steps))
+    progress = Progress(console.shown(cfg.progress_bar), cfg.epochs, total, 0)
     saved = (start.epoch, start.step)  # the position of the newest checkpoint
-    for epoch in range(start.epoch, cfg.epochs + 1):
-        if cfg.max_steps and steps >= cfg.max_steps:
-            break
-        fed = start.step if epoch == start.epoch else 0
-        bar = tqdm(total=len(train), initial=fed, desc=f"epoch {epoch}", leave=False,
-                   disable=not cfg.progress_bar, file=sys.stderr)
-        for step, (x, y) in enumerate(train.epoch(epoch, fed), fed):
-            if stop.signum is not None:
-                yield from _stopped(epoch, fed, saved)
-                return
-            if fault is not None:
-                fault.in_feed("feed", steps + 1, stop)
-            yield batch(Kind.TRAIN, epoch, step, x, y, device)
-            bar.update()
-            steps += 1
-            fed += 1
-            if steps == cfg.max_steps:
+    try:
+        for epoch in range(start.epoch, cfg.epochs + 1):
+            if cfg.max_steps and steps >= cfg.max_steps:
                 break
-            if cfg.checkpoint_every and steps % cfg.checkpoint_every == 0 \
-                    and fed < len(train):  # an epoch's end checkpoints anyway
-                yield Message(Kind.CHECKPOINT, epoch, fed)
-                saved = (epoch, fed)
-        bar.close()
-        for step, (x, y) in enumerate(test.epoch(epoch)):
-            if stop.signum is not None:  # the evaluation starts over on resume
-                yield from _stopped(epoch, fed, saved)
-                return
-            if fault is not None:
-                fault.in_feed("eval", step + 1, stop)
-            yield batch(Kind.EVAL, epoch, step, x, y, device)
-        yield Message(Kind.END_EPOCH, epoch, fed)
-        saved = (epoch + 1, 0) if fed == len(train) else (epoch, fed)
-    yield Message(Kind.STOP, 0, 0)
+            progress.epoch(epoch)
+            fed = start.step if epoch == start.epoch else 0
+            for step, (x, y) in enumerate(train.epoch(epoch, fed), fed):
+                if stop.signum is not None:
+                    yield from _stopped(epoch, fed, saved)
+                    return
+                if fault is not None:
+                    fault.in_feed("feed", steps + 1, stop)
+                yield batch(Kind.TRAIN, epoch, step, x, y, device)
+                progress.advance()
+                steps += 1
+                fed += 1
+                if steps == cfg.max_steps:
+                    break
+                if cfg.checkpoint_every and steps % cfg.checkpoint_every == 0 \
+                        and fed < len(train):  # an epoch's end checkpoints anyway
+                    yield Message(Kind.CHECKPOINT, epoch, fed)
+                    saved = (epoch, fed)
+            progress.epoch(epoch, "evaluation")
+            tests = [(Kind.VALID, b) for b in (val.epoch(epoch) if val else ())] + \
+                [(Kind.EVAL, b) for b in test.epoch(epoch)]
+            for step, (kind, (x, y)) in enumerate(tests):
+                if stop.signum is not None:  # the evaluation starts over on resume
+                    yield from _stopped(epoch, fed, saved)
+                    return
+                if fault is not None:
+                    fault.in_feed("eval", step + 1, stop)
+                yield batch(kind, epoch, step, x, y, device)
+            yield Message(Kind.END_EPOCH, epoch, fed)
+            saved = (epoch + 1, 0) if fed == len(train) else (epoch, fed)
+        yield Message(Kind.STOP, 0, 0)
+    finally:
+        progress.close()
 
 
 def _stopped(epoch: int, step: int, saved: tuple[int, int]) -> Iterator[Message]:

@@ -44,7 +44,7 @@ def run_inprocess(cfg: Config, stop: StopRequest, fault: Fault | None = None) ->
     process.configure(cfg, 0 if dev.is_cuda(first) else
                       max(1, (os.cpu_count() or 1) // cfg.stages))  # OpenMP team per thread
     start = start_point(cfg, units)
-    train, test = load_batches(cfg)
+    train, test, val = load_batches(cfg)
     runs.check(cfg.save_dir, bool(cfg.resume))
     run_plan = make_plan(cfg, first)
     devices = dev.stage_devices(cfg.stages, first)
@@ -57,8 +57,12 @@ def run_inprocess(cfg: Config, stop: StopRequest, fault: Fault | None = None) ->
         for stage in stages:
             start.restore(stage)
         coordinator = Coordinator(cfg, run_plan, train, stop)
-        run_threads(cfg, stages, devices, feed(cfg, train, test, devices[0], start, stop, fault),
-                    coordinator.handle, fault, start.steps)
+        try:
+            run_threads(cfg, stages, devices,
+                        feed(cfg, train, test, val, devices[0], start, stop, fault),
+                        coordinator.handle, fault, start.steps)
+        finally:
+            coordinator.records.close()
     finally:
         runs.release(cfg.save_dir)
     return coordinator
@@ -93,8 +97,8 @@ def run_threads(cfg: Config, stages: list, devices: list[torch.device],
 
     def worker(k: int) -> None:
         outbox = channels[k + 1] if k + 1 < len(stages) else None
-        run_stage(stages[k], k, channels[k], outbox, reports.put, devices[k], cfg.save_dir,
-                  fault, steps, memory, watchdog)
+        run_stage(stages[k], k, channels[k], outbox, reports.put, devices[k], cfg, fault,
+                  steps, memory, watchdog)
 
     threads = [threading.Thread(target=guarded, args=(0, feeder), name="feed", daemon=True)]
     threads += [threading.Thread(target=guarded, args=(k, lambda k=k: worker(k)),

@@ -27,6 +27,7 @@ class Kind(IntEnum):
     END_EPOCH = 2  # every batch of the epoch, train and test, has gone before it
     STOP = 3
     CHECKPOINT = 4  # save now; (epoch, step) is where training continues
+    VALID = 5  # a batch of the held-out validation split (--val-split)
 
 
 @dataclass

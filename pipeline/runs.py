@@ -18,6 +18,7 @@ import sys
 import time
 
 from pipeline import checkpoint
+from pipeline.files import WriteError, atomic_write
 from pipeline.console import say
 from pipeline.control import host_id, process_alive
 from stages.config import Config, ConfigError
@@ -79,8 +80,9 @@ def _running(owner: dict) -> bool:
 
 def claim(folder: str, cfg: Config, start: checkpoint.Start) -> None:
     """Take the folder for this run, after every check passed: the lock (taking over a dead
-    process's, with a notice), args.json, and metrics.jsonl (on resume, the records of the
-    epochs the checkpoint holds; a fresh run starts it empty); runs/latest if it is under runs/."""
+    process's, with a notice), args.json, metrics.jsonl and steps.jsonl (on resume, the records
+    of what the checkpoint holds; a fresh run starts them empty); runs/latest if it is under
+    runs/."""
     if not folder:
         return
     try:
@@ -90,16 +92,18 @@ def claim(folder: str, cfg: Config, start: checkpoint.Start) -> None:
             say(f"taking over the lock of process {owner['pid']} on "
                 f"{owner['host'].split('/')[0]}, which no longer runs")
         me = {"host": host_id(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
-        checkpoint.atomic_write(os.path.join(folder, LOCK),
+        atomic_write(os.path.join(folder, LOCK),
                                 lambda f: f.write(json.dumps(me).encode()))
-        checkpoint.atomic_write(os.path.join(folder, "args.json"),
+        atomic_write(os.path.join(folder, "args.json"),
                                 lambda f: f.write(json.dumps(cfg.to_dict(), indent=1).encode()))
-        kept = [r for r in _records(folder) if start.folder and r.get("epoch", 0) < start.epoch]
-        checkpoint.atomic_write(os.path.join(folder, "metrics.jsonl"), lambda f: f.write(
-            "".join(json.dumps(r) + "\n" for r in kept).encode()))
+        for name, kept in (("metrics.jsonl", lambda r: r.get("epoch", 0) < start.epoch),
+                           ("steps.jsonl", lambda r: r.get("steps", 0) <= start.steps)):
+            records = [r for r in _records(folder, name) if start.folder and kept(r)]
+            atomic_write(os.path.join(folder, name), lambda f: f.write(
+                "".join(json.dumps(r) + "\n" for r in records).encode()))
         if os.path.dirname(os.path.normpath(folder)) == ROOT:
             _point_latest(folder)
-    except (OSError, checkpoint.WriteError) as exc:
+    except (OSError, WriteError) as exc:
         raise ConfigError(f"cannot write to --save-dir {folder}: "
                           f"{getattr(exc, 'strerror', None) or exc}") from None
 
@@ -113,8 +117,8 @@ def release(folder: str) -> None:
             pass
 
 
-def _records(folder: str) -> list[dict]:
-    path = os.path.join(folder, "metrics.jsonl")
+def _records(folder: str, name: str) -> list[dict]:
+    path = os.path.join(folder, name)
     if not os.path.exists(path):
         return []
     with open(path) as f:
@@ -132,7 +136,7 @@ def write_provenance(folder: str, devices: list[str], parts: list[list[int]]) ->
     """``provenance.json`` beside ``args.json``: what made this run."""
     if folder:
         text = json.dumps(provenance(devices, parts), indent=1)
-        checkpoint.atomic_write(os.path.join(folder, "provenance.json"),
+        atomic_write(os.path.join(folder, "provenance.json"),
                                 lambda f: f.write(text.encode()))
 
 

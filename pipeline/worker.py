@@ -18,11 +18,13 @@ from typing import Callable
 import torch
 
 from pipeline import checkpoint
+from pipeline import device as dev
 from pipeline.channel import Channel, StageFailed
 from pipeline.memory import DeviceMemory, StageMemory
 from pipeline.message import Kind, Message
 from pipeline.metrics import StageTimer
 from stages.blocks import NonFiniteLoss
+from stages.config import Config
 from stages.stage import Stage
 
 
@@ -73,6 +75,32 @@ class Fault:
         raise RuntimeError(f"injected fault in the data feed at {where} batch {step}")
 
 
+class StepLog:
+    """Every ``every`` training batches (over the whole run), each unit's local loss of that
+    batch, for ``steps.jsonl``: copied to the host on the stage's stream without a wait, and
+    reported once the copy is done, or at the next marker."""
+
+    def __init__(self, every: int, index: int, report: Callable[[dict], None]) -> None:
+        self.every, self.index, self.report = every, index, report
+        self.pending: list[tuple] = []
+
+    def after(self, stage: Stage, msg: Message, steps: int) -> None:
+        if self.every and steps % self.every == 0:
+            units = [u for u in stage.units if u.last_loss is not None]
+            values, ready = dev.to_host_later(torch.stack([u.last_loss for u in units]))
+            self.pending.append((ready, values, [u.index for u in units], {
+                "kind": "log", "stage": self.index, "epoch": msg.epoch, "step": msg.step,
+                "steps": steps, "time": time.time()}))
+        self.flush()
+
+    def flush(self, wait: bool = False) -> None:
+        while self.pending and (wait or dev.fired(self.pending[0][0])):
+            ready, values, units, r = self.pending.pop(0)
+            if ready is not None:
+                ready.synchronize()
+            self.report({**r, "losses": dict(zip(units, values.tolist()))})
+
+
 class Watchdog:
     """When each stage of a process began the message it is on. A stage that spends more than
     --comm-timeout seconds on one message is stuck (in a device wait that never returns, say):
@@ -98,22 +126,24 @@ class Watchdog:
 
 
 def run_stage(stage: Stage, index: int, inbox: Channel, outbox: Channel | None,
-              report: Callable[[dict], None], device: torch.device, save_dir: str | None,
+              report: Callable[[dict], None], device: torch.device, cfg: Config,
               fault: Fault | None = None, steps: int = 0,
               devices: DeviceMemory | None = None, watchdog: Watchdog | None = None) -> None:
     """Serve messages until STOP. ``outbox`` is None for the last stage, whose output is the
     logits. ``report`` receives, in order, a dict for every END_EPOCH and CHECKPOINT marker
-    (once this stage's file is written) and the final weights at STOP. ``steps`` counts the
-    training batches done over the whole run (a resumed run starts above 0). ``devices``
-    samples the process's device memory at epoch ends, once all of its stages on ``device``
-    have got there (by default this stage is the only one); ``watchdog`` is told when the
-    stage starts and ends each message."""
+    (once this stage's file is written in ``cfg.save_dir``) and the final weights at STOP;
+    every --log-every training batches, each unit's loss ("log"). ``steps`` counts the training
+    batches done over the whole run (a resumed run starts above 0). ``devices`` samples the
+    process's device memory at epoch ends, once all of its stages on ``device`` have got there
+    (by default this stage is the only one); ``watchdog`` is told when the stage starts and
+    ends each message."""
     timer = StageTimer(device)
     memory = StageMemory(stage, inbox.nbytes)
     devices = devices or DeviceMemory([device])
     devices.add(device, memory)
-    writer = checkpoint.Writer(save_dir, index, report)
+    writer = checkpoint.Writer(cfg.save_dir, index, report)
     watchdog = watchdog or Watchdog(float("inf"))
+    step_log = StepLog(cfg.log_every, index, report)
 
     def send(msg: Message) -> None:
         if outbox is not None:
@@ -154,15 +184,17 @@ def run_stage(stage: Stage, index: int, inbox: Channel, outbox: Channel | None,
                         from None
                 timer.train_end = time.time()
                 timer.train_samples += msg.y.size(0)
+                step_log.after(stage, msg, steps)
                 continue
-            if msg.kind == Kind.EVAL:
+            if msg.kind in (Kind.EVAL, Kind.VALID):
                 stage.eval()
                 started = timer.clock.start()
-                out = stage.eval_step(msg.x, msg.y)
+                out = stage.eval_step(msg.x, msg.y, "val" if msg.kind == Kind.VALID else "test")
                 timer.clock.stop(started)
                 send(msg.with_tensors(x=out))
                 continue
             send(msg)
+            step_log.flush(wait=True)  # a marker: every logged batch is reported before it
             if msg.kind == Kind.STOP:
                 writer.close()  # every checkpoint report goes out before the final one
                 report({"kind": "final", "stage": index,
@@ -174,6 +206,6 @@ def run_stage(stage: Stage, index: int, inbox: Channel, outbox: Channel | None,
             if msg.kind == Kind.END_EPOCH:
                 r.update(meters=stage.take_meters(), timing=timer.take(),
                          memory=memory.take(), device_memory=devices.epoch_end(device, msg.epoch))
-            writer.submit(steps, stage.checkpoint_state() if save_dir else None, r)
+            writer.submit(steps, stage.checkpoint_state() if cfg.save_dir else None, r)
     finally:
         writer.abandon()

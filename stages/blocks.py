@@ -129,8 +129,10 @@ class Unit(nn.Module):
         self.index = index
         self.cfg = cfg
         self.optimizer: torch.optim.Optimizer | None = None
-        self.meters = {"train": Meter(), "test": Meter()}
+        self.meters = {"train": Meter(), "val": Meter(), "test": Meter()}
+        self.phase = "test"  # which meter an evaluation records into: "val" or "test"
         self.position = (0, 0)  # (epoch, step) of the batch being trained
+        self.last_loss: Tensor | None = None  # the local loss of the latest batch, on device
         self._dropout_gen: torch.Generator | None = None
 
     def make_optimizer(self) -> None:
@@ -140,7 +142,7 @@ class Unit(nn.Module):
 
     @property
     def meter(self) -> Meter:
-        return self.meters["train" if self.training else "test"]
+        return self.meters["train" if self.training else self.phase]
 
     def set_lr(self, lr: float) -> None:
         if self.optimizer is not None:
@@ -284,6 +286,7 @@ class LocalBlock(Unit):
             unsup = F.mse_loss(self.nonlin(self.recon_head(h)), x)
         loss = losses.mix_unsup(sup, unsup, cfg.alpha)
         self.meter.add(y.size(0), loss=loss, **stats)
+        self.last_loss = loss.detach()
         return loss
 
     def train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Update]:
@@ -320,6 +323,7 @@ class OutputLayer(Unit):
         """Scaled CE, recorded in the current meter with the error count."""
         loss = self.scale * losses.pred_loss(logits, y)
         self.meter.add(y.size(0), loss=loss, errors=losses.errors(logits, y))
+        self.last_loss = loss.detach()
         return loss
 
     def train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Update]:

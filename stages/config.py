@@ -81,11 +81,13 @@ class Config:
     n_holes: int = 1
     length: int = 16
     # localpipe
+    recipe: str = ""
     stages: int = 1
     balance: list[int] | None = None
     queue_depth: int = 2
     data_root: str = "data"
     download: bool = True
+    val_split: int = 0
     max_steps: int = 0
     limit_train: int = 0
     limit_test: int = 0
@@ -95,8 +97,10 @@ class Config:
     comm_timeout: float = 300.0
     heartbeat_timeout: float = 10.0
     deterministic: bool = False
+    log_every: int = 50
+    no_curves: bool = False
     checkpoint_every: int = 0
-    keep_checkpoints: int = 0
+    keep_checkpoints: int = 3
     on_nan: str = "stop"
 
     @property
@@ -134,7 +138,8 @@ class Config:
                                           f"got {getattr(self, name)}")
         for name in ("num_layers", "classes_per_batch", "classes_per_batch_until_epoch",
                      "max_steps", "limit_train", "limit_test", "threads", "momentum",
-                     "weight_decay", "checkpoint_every", "keep_checkpoints", "seed"):
+                     "weight_decay", "checkpoint_every", "keep_checkpoints", "seed",
+                     "log_every", "val_split"):
             need(getattr(self, name) >= 0, f"--{name.replace('_', '-')} must not be negative, "
                                            f"got {getattr(self, name)}")
         need(self.seed < 2**63, f"--seed must be below 2**63, got {self.seed}")

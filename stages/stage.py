@@ -86,8 +86,10 @@ class Stage(nn.Module):
         return logits.detach(), update
 
     @torch.no_grad()
-    def eval_step(self, x: Tensor, y: Tensor) -> Tensor:
+    def eval_step(self, x: Tensor, y: Tensor, phase: str = "test") -> Tensor:
+        """Evaluate one batch, recording into each unit's ``phase`` meters ("val" or "test")."""
         for unit in self.units:
+            unit.phase = phase
             x = unit.eval_step(x, y)
         return x
 

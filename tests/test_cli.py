@@ -137,7 +137,8 @@ BAD = [
                                      "containers; refused"),
     (["--resume", "{ckpt:foreign}"], "stage-0.pt does not hold the state of units [0, 1, 2]"),
 ]
-BASE = ["--model", "mlp", "--num-layers", "2", "--num-hidden", "32", "--dataset", "synthetic",
+BASE = ["--no-curves", "--model", "mlp", "--num-layers", "2", "--num-hidden", "32", "--dataset",
+        "synthetic",
         "--epochs", "1", "--threads", "1"]
 
 
@@ -288,7 +289,7 @@ def test_world_size_must_match_stages(tmp_path):
 
 
 def test_corrupt_checkpoint_is_refused(tmp_path, capsys):
-    args = ["--model", "mlp", "--num-layers", "2", "--num-hidden", "32", "--dataset",
+    args = ["--no-curves", "--model", "mlp", "--num-layers", "2", "--num-hidden", "32", "--dataset",
             "synthetic", "--epochs", "1", "--save-dir", str(tmp_path), "--threads", "1"]
     assert main(args) == 0
     stage_file = next((tmp_path / "checkpoints").glob("*/stage-0.pt"))

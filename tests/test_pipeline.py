@@ -16,8 +16,8 @@ from conftest import assert_same_model, load_model, metrics, run_cli
 
 # Dropout and batch norm on, a last partial batch (100 = 3·32 + 4), an epoch boundary with an
 # lr milestone, and --max-steps ending training inside the second epoch.
-COMMON = ["--dataset", "MNIST", "--limit-train", "100", "--limit-test", "50", "--batch-size",
-          "32", "--epochs", "2", "--max-steps", "6", "--dropout", "0.2", "--nonlin",
+COMMON = ["--no-curves", "--dataset", "MNIST", "--limit-train", "100", "--limit-test", "50",
+          "--batch-size", "32", "--epochs", "2", "--max-steps", "6", "--dropout", "0.2", "--nonlin",
           "leakyrelu", "--lr-decay-milestones", "1", "--threads", "1", "--seed", "7"]
 MODELS = {
     "mlp": ["--model", "mlp", "--num-layers", "3", "--num-hidden", "64"],
@@ -83,8 +83,9 @@ def _still_running(marker: str) -> str:
 def test_failing_stage_brings_down_every_process(tmp_path):
     save = tmp_path / "fault-run"
     start = time.monotonic()
-    result = run_cli("--model", "mlp", "--num-layers", "2", "--num-hidden", "64", "--dataset",
-                     "synthetic", "--stages", "3", "--save-dir", str(save), "--epochs", "5",
+    result = run_cli("--no-curves", "--model", "mlp", "--num-layers", "2", "--num-hidden", "64",
+                     "--dataset", "synthetic", "--stages", "3", "--save-dir", str(save),
+                     "--epochs", "5",
                      torchrun=3, env={"LOCALPIPE_INJECT_FAULT": "1:3"}, timeout=120)
     elapsed = time.monotonic() - start
     assert result.returncode != 0
@@ -99,8 +100,9 @@ def test_failing_stage_stops_the_in_process_runner(tmp_path, capsys):
     os.environ["LOCALPIPE_INJECT_FAULT"] = "2:2"
     try:
         start = time.monotonic()
-        code = main(["--model", "mlp", "--num-layers", "3", "--num-hidden", "32", "--dataset",
-                     "synthetic", "--stages", "4", "--save-dir", str(tmp_path), "--threads", "1"])
+        code = main(["--no-curves", "--model", "mlp", "--num-layers", "3", "--num-hidden", "32",
+                     "--dataset", "synthetic", "--stages", "4", "--save-dir", str(tmp_path),
+                     "--threads", "1"])
     finally:
         del os.environ["LOCALPIPE_INJECT_FAULT"]
     assert code == 1 and time.monotonic() - start < 30
@@ -167,12 +169,12 @@ def test_a_stop_ends_the_feed_with_one_checkpoint_where_training_goes_on(stop_af
     from stages.config import Config
 
     cfg = Config(dataset="synthetic", epochs=2, checkpoint_every=5)
-    train, test = load_batches(cfg)  # 16 training batches, 4 test batches
+    train, test, _ = load_batches(cfg)  # 16 training batches, 4 test batches
     stop = StopRequest()
     if stop_after == 0:
         stop.signum = 15
     got = []
-    for msg in feed(cfg, train, test, torch.device("cpu"), Start(), stop):
+    for msg in feed(cfg, train, test, None, torch.device("cpu"), Start(), stop):
         got.append(msg)
         if stop_after in (sum(m.kind == Kind.TRAIN for m in got), _kinds([msg])[0]):
             stop.signum = 15

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch.pipeline import main, parse_config
+from launch.options import parse_config
+from launch.pipeline import main
 from pipeline.data import INFO, load_batches
 from stages.models import build_stage
 
@@ -24,7 +25,8 @@ from conftest import (ROOT, assert_same_model, cli_command, cli_env, load_model,
 
 # 10 batches an epoch, 2 epochs, a checkpoint every 3 batches; dropout draws from the
 # per-unit generators, so a resume that lost their state would not match.
-ARGS = ["--model", "mlp", "--num-layers", "3", "--num-hidden", "64", "--dataset", "MNIST",
+ARGS = ["--no-curves", "--model", "mlp", "--num-layers", "3", "--num-hidden", "64", "--dataset",
+        "MNIST",
         "--limit-train", "640", "--limit-test", "100", "--batch-size", "64", "--epochs", "2",
         "--dropout", "0.2", "--checkpoint-every", "3", "--threads", "1"]
 
@@ -79,7 +81,7 @@ def test_crash_mid_epoch_then_resume_with_other_stages_is_exact(straight, mnist_
     assert epochs == [1, 2]
     assert [r["test_error"] for r in metrics(tmp_path)] == \
         [r["test_error"] for r in metrics(straight)]
-    assert metrics(tmp_path)[0]["train_samples"] == 64 * 4  # batches 7-10 of epoch 1
+    assert metrics(tmp_path)[0]["train_samples"] == 640  # the meters were checkpointed too
     # the meters were checkpointed too: the epoch's train figures cover all 10 batches
     assert [r["train_error"] for r in metrics(tmp_path)] == \
         [r["train_error"] for r in metrics(straight)]
@@ -164,7 +166,7 @@ def test_on_nan_skip_with_batch_norm_leaves_the_unit_as_a_skipped_batch_would(mn
 
     torch.set_num_threads(1)
     cfg = parse_config(args)
-    train, _ = load_batches(cfg)
+    train, _, _ = load_batches(cfg)
     reference = build_stage(cfg, INFO["MNIST"].shape, 10)
     reference.train()
     for step, (x, y) in enumerate(train.epoch(1)):
@@ -254,6 +256,8 @@ def test_sigint_during_evaluation_stops_within_5_s_and_resumes_exactly(mnist_roo
     said = [t for t, text in lines if "SIGINT received, saving a checkpoint" in text]
     assert proc.returncode == 128 + signal.SIGINT and said, lines
     assert ended - said[0] < 5, ended - said[0]
+    told = [text for _, text in lines if "continues with:" in text]
+    assert told and f"--save-dir {save} --resume auto" in told[0], lines  # how to go on
     newest = max((json.loads(p.read_text()) for p in (save / "checkpoints").glob(
         "*/manifest.json")), key=lambda m: m["steps"])
     assert (newest["epoch"], newest["step"]) == (1, 10)  # trained, evaluation to do
@@ -288,9 +292,10 @@ def test_a_second_signal_stops_at_once(mnist_root, tmp_path):
 
 def test_a_failing_data_feed_under_torchrun_stops_every_rank_within_10_s(tmp_path):
     result_lines: list = []
-    proc = subprocess.Popen(cli_command("--model", "mlp", "--num-layers", "2", "--num-hidden",
-                                        "64", "--dataset", "synthetic", "--stages", "3",
-                                        "--save-dir", str(tmp_path), torchrun=3), cwd=ROOT,
+    proc = subprocess.Popen(cli_command("--no-curves", "--model", "mlp", "--num-layers", "2",
+                                        "--num-hidden", "64", "--dataset", "synthetic",
+                                        "--stages", "3", "--save-dir", str(tmp_path),
+                                        torchrun=3), cwd=ROOT,
                             text=True, env=cli_env({"LOCALPIPE_INJECT_FAULT": "feed:3"}),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     result_lines, reader = _timed(proc)
@@ -306,7 +311,7 @@ def test_a_failing_data_feed_under_torchrun_stops_every_rank_within_10_s(tmp_pat
 
 def test_bad_data_under_torchrun_is_one_line_on_every_rank_at_once(tmp_path):
     start = time.monotonic()
-    result = run_cli("--model", "mlp", "--num-layers", "2", "--dataset", "MNIST",
+    result = run_cli("--no-curves", "--model", "mlp", "--num-layers", "2", "--dataset", "MNIST",
                      "--data-root", str(tmp_path), "--no-download", "--stages", "3",
                      "--save-dir", str(tmp_path / "run"), torchrun=3, timeout=120)
     lines = [line for line in result.stderr.splitlines() if line.startswith("localpipe:")]
@@ -316,10 +321,10 @@ def test_bad_data_under_torchrun_is_one_line_on_every_rank_at_once(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-# 90 batches an epoch, two epochs, a checkpoint every 10: a signal sent once the first is
+# 90 batches an epoch, eight epochs, a checkpoint every 10: a signal sent once the first is
 # complete lands before the end, whichever process gets it.
-SIGNALLED = ARGS + ["--num-hidden", "1024", "--limit-train", "5760", "--checkpoint-every", "10",
-                    "--stages", "3"]
+SIGNALLED = ARGS + ["--num-hidden", "256", "--limit-train", "5760", "--epochs", "8",
+                    "--checkpoint-every", "10", "--stages", "3"]
 
 
 @pytest.fixture(scope="module")
@@ -379,8 +384,9 @@ def test_soak_per_stage_peak_memory_stops_growing_after_the_first_epoch(mnist_ro
     (each thread's malloc arena, the checkpoint writer's among them, reaches its high-water
     mark; it settles within 1% by then); over the next three each stage's peak RSS stays
     within 2%. Leaking one input batch per step would add 3%, its activations far more."""
-    result = run_cli("--model", "mlp", "--num-layers", "3", "--dataset", "MNIST", "--data-root",
-                     mnist_root, "--limit-train", "3200", "--limit-test", "1000", "--epochs", "6",
+    result = run_cli("--no-curves", "--model", "mlp", "--num-layers", "3", "--dataset", "MNIST",
+                     "--data-root", mnist_root, "--limit-train", "3200", "--limit-test", "1000",
+                     "--epochs", "6",
                      "--stages", "2", "--dropout", "0.1", "--save-dir", str(tmp_path),
                      torchrun=2, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -393,7 +399,7 @@ def test_soak_per_stage_peak_memory_stops_growing_after_the_first_epoch(mnist_ro
 
 
 def test_keep_checkpoints_bounds_disk_use(tmp_path):
-    args = ["--model", "mlp", "--num-layers", "2", "--num-hidden", "32", "--dataset",
+    args = ["--no-curves", "--model", "mlp", "--num-layers", "2", "--num-hidden", "32", "--dataset",
             "synthetic", "--epochs", "2", "--checkpoint-every", "5", "--keep-checkpoints", "2",
             "--save-dir", str(tmp_path), "--threads", "1"]
     assert main(args) == 0
@@ -452,8 +458,9 @@ def test_a_frozen_rank_is_named_by_every_other_rank_and_the_job_comes_down(mnist
 
 def test_sigkill_of_rank_0_is_named_by_every_other_rank(tmp_path):
     start = time.monotonic()
-    result = run_cli("--model", "mlp", "--num-layers", "2", "--num-hidden", "64", "--dataset",
-                     "synthetic", "--stages", "3", "--save-dir", str(tmp_path), "--epochs", "5",
+    result = run_cli("--no-curves", "--model", "mlp", "--num-layers", "2", "--num-hidden", "64",
+                     "--dataset", "synthetic", "--stages", "3", "--save-dir", str(tmp_path),
+                     "--epochs", "5",
                      torchrun=3, env={"LOCALPIPE_INJECT_FAULT": "0:3:kill"}, timeout=120)
     assert result.returncode != 0 and time.monotonic() - start < 30
     for k in (1, 2):

@@ -7,7 +7,8 @@ from launch.pipeline import main
 
 from conftest import assert_same_model, load_model, metrics, run_cli
 
-ARGS = ["--model", "mlp", "--num-layers", "3", "--num-hidden", "64", "--dataset", "MNIST",
+ARGS = ["--no-curves", "--model", "mlp", "--num-layers", "3", "--num-hidden", "64", "--dataset",
+        "MNIST",
         "--limit-train", "200", "--limit-test", "100", "--batch-size", "64", "--dropout", "0.3",
         "--cutout", "--length", "10", "--lr-decay-milestones", "2", "--threads", "1"]
 
@@ -42,8 +43,10 @@ def test_resume_refuses_a_different_network(mnist_root, tmp_path, capsys):
     manifest = tmp_path / "checkpoints" / "step-000000004" / "manifest.json"
     assert json.loads(manifest.read_text())["epoch"] == 2  # where training goes on
     capsys.readouterr()
-    code = main(ARGS[:5] + ["128"] + ARGS[6:] + ["--data-root", mnist_root, "--epochs", "2",
-                                                  "--save-dir", save, "--resume", "auto"])
+    wider = [("128" if a == "64" and ARGS[i - 1] == "--num-hidden" else a)
+             for i, a in enumerate(ARGS)]
+    code = main(wider + ["--data-root", mnist_root, "--epochs", "2", "--save-dir", save,
+                         "--resume", "auto"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1
     assert "--num-hidden 64, this run has 128" in err[0]

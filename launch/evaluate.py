@@ -1,0 +1,148 @@
+"""Load a run's model, and evaluate it: the test error and each block's local-head error.
+
+    from launch.evaluate import load
+    model, cfg, transform = load("runs/latest")        # a run folder, or a checkpoint folder
+    logits = model(transform(images))                  # uint8 N×C×H×W images, as the dataset
+
+    python launch/evaluate.py runs/latest              # prints, and writes evaluation.json
+
+The model is the whole network in eval mode, built from the run's own options, so a wrong
+guess at its configuration cannot happen; ``transform`` normalises images the way the run saw
+them. The evaluation streams the test split through the same code as a run's own test pass,
+so it reproduces the run's last test error exactly (at the same --threads).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+if __package__ in (None, ""):
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import torch  # noqa: E402
+from torch import Tensor  # noqa: E402
+
+from pipeline import checkpoint  # noqa: E402
+from pipeline.console import say  # noqa: E402
+from pipeline.data import INFO, DataError, DatasetInfo, load_batches  # noqa: E402
+from pipeline.files import atomic_write  # noqa: E402
+from stages.config import Config, ConfigError  # noqa: E402
+from stages.models import build_model  # noqa: E402
+from stages.stage import Stage  # noqa: E402
+
+
+class Loaded(NamedTuple):
+    model: Stage  # the whole network, in eval mode: model(x) gives logits
+    cfg: Config  # the options the run was trained with
+    transform: Callable[[Tensor], Tensor]  # images as stored (uint8) -> the model's inputs
+
+
+class Normalize:
+    """Scale to [0, 1] (uint8 images) and normalise with the dataset's mean and std (§6.1)."""
+
+    def __init__(self, info: DatasetInfo) -> None:
+        self.mean = torch.tensor(info.mean).view(1, -1, 1, 1)
+        self.std = torch.tensor(info.std).view(1, -1, 1, 1)
+
+    def __call__(self, images: Tensor) -> Tensor:
+        x = images.float().div(255) if images.dtype == torch.uint8 else images.float()
+        return (x - self.mean.to(x.device)) / self.std.to(x.device)
+
+
+def load(path: str, device: str | torch.device = "cpu") -> Loaded:
+    """The model of a finished run (its ``model.pt``), or of a checkpoint folder (or, for a
+    run without ``model.pt``, of its newest checkpoint), with its config and input transform."""
+    folder = checkpoint.find_checkpoint(path, path) \
+        if not os.path.exists(os.path.join(path, "model.pt")) else None
+    if folder is not None:
+        with open(os.path.join(folder, "manifest.json")) as f:
+            manifest = json.load(f)
+        cfg = config_from(manifest["args"])
+        state = None
+    else:
+        with open(os.path.join(path, "args.json")) as f:
+            cfg = config_from(json.load(f))
+        state = torch.load(os.path.join(path, "model.pt"), map_location="cpu", weights_only=True)
+    info = INFO[cfg.dataset]
+    model = build_model(cfg, info.shape, info.num_classes)
+    if state is None:
+        manifest = checkpoint.read_manifest(folder, cfg.to_dict())
+        model.load_checkpoint_state(checkpoint.load_units(folder, manifest, model.indices))
+    else:
+        model.load_state_dict(state)
+    return Loaded(model.to(device).eval(), cfg, Normalize(info))
+
+
+def config_from(args: dict) -> Config:
+    """The Config of a run's saved options (options a later localpipe added keep defaults)."""
+    known = {f.name for f in dataclasses.fields(Config)}
+    return Config(**{k: v for k, v in args.items() if k in known})
+
+
+@torch.no_grad()
+def evaluate(loaded: Loaded, split: str = "test") -> tuple[dict, Tensor]:
+    """Error and loss of the output layer and of each block's local head on ``split`` ("test"
+    or "val"), and the logits, in the order of the split."""
+    model, cfg = loaded.model, loaded.cfg
+    _, test, val = load_batches(cfg)
+    batches = {"test": test, "val": val}[split]
+    if batches is None:
+        raise ConfigError("the run holds out no validation split (--val-split 0)")
+    device = next(model.parameters()).device
+    logits = []
+    for x, y in batches.epoch(1):
+        logits.append(model.eval_step(x.to(device), y.to(device), split).cpu())
+    meters = {i: m[split] for i, m in model.take_meters().items()}
+    out = meters.pop(max(meters))
+    names = {u.index: repr(u.layer if hasattr(u, "layer") else u.linear) for u in model.units}
+    return {"split": split, "samples": out["n"], "error": out["error"], "loss": out["loss"],
+            "blocks": [{"block": i, "layer": names[i], "error": m["error"], "loss": m["loss"],
+                        "loss_sim": m["loss_sim"], "loss_pred": m["loss_pred"]}
+                       for i, m in sorted(meters.items())]}, torch.cat(logits)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="launch/evaluate.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("path", help="a run folder or a checkpoint folder")
+    p.add_argument("--split", default="test", choices=["test", "val"],
+                   help="the test split, or the run's held-out validation split")
+    p.add_argument("--data-root", default=None, help="where the dataset is (default: the run's)")
+    p.add_argument("--device", default="cpu", help="where to evaluate (default: cpu)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads (default: torch's own; a run's figures repeat exactly "
+                        "at the run's --threads)")
+    p.add_argument("--json", default=None,
+                   help="where to write the figures (default: evaluation.json in the folder)")
+    p.add_argument("--logits", default=None, help="also save the logits (a torch file) here")
+    args = p.parse_args(argv)
+    try:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        loaded = load(args.path, args.device)
+        if args.data_root:
+            loaded = loaded._replace(cfg=dataclasses.replace(loaded.cfg,
+                                                             data_root=args.data_root))
+        figures, logits = evaluate(loaded, args.split)
+    except (OSError, ValueError, KeyError, DataError) as exc:  # ConfigError is a ValueError
+        say(f"error: cannot evaluate {args.path}: {exc}")
+        return 2
+    print(f"{args.split} error {figures['error']:.3f}% on {figures['samples']} samples "
+          f"(loss {figures['loss']:.4f})")
+    for b in figures["blocks"]:
+        if b["error"] is not None:
+            print(f"  block {b['block']} {b['layer']}: local-head error {b['error']:.3f}%")
+    out = args.json or os.path.join(args.path, "evaluation.json")
+    atomic_write(out, lambda f: f.write(json.dumps(figures, indent=1).encode()))
+    print(f"written: {out}")
+    if args.logits:
+        checkpoint.save_torch(logits, args.logits)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""The paper's 86 recipes (§8.2 of the method spec) by name, each with its test error (§8.1).
+
+A name reads ``<dataset>-<model>[-x<feat-mult>]-<variant>[-cutout]``, for example
+``mnist-mlp-predsim`` or ``cifar10-vgg11b-x3-predsim-cutout``; the variants are ``global``
+(``--backprop``), ``pred``, ``sim``, ``predsim`` and, for CIFAR-10, ``pred-bio``, ``sim-bio`` and
+``predsim-bio``. ``--recipe NAME`` sets every option the recipe sets; options given on the
+command line win.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PAPER_MILESTONES = [200, 300, 350, 375]
+
+
+@dataclass(frozen=True)
+class Group:
+    """One row of §8.2: a network on a dataset, in one or more variants."""
+
+    dataset: str
+    model: str
+    feat_mult: float
+    variants: tuple[str, ...]
+    dropout: float
+    lr: float
+    epochs: int
+    milestones: tuple[int, ...] | None  # None: the paper's default
+    dim_in_decoder: int | None = None  # for pred and predsim (and cutout); None: default 4096
+    extra: tuple[tuple[str, object], ...] = ()  # options every variant of the row sets
+    sim_extra: tuple[tuple[str, object], ...] = ()  # options only sim and predsim set
+    errors: tuple[float | None, ...] = ()  # §8.1 test error per variant, in order
+
+
+ALL = ("global", "pred", "sim", "predsim")
+M100, M200 = (50, 75, 89, 94), (100, 150, 175, 188)
+MLP3 = (("num_layers", 3),)
+CLASSES = (("classes_per_batch", 20), ("classes_per_batch_until_epoch", 200))
+GROUPS = [
+    Group("MNIST", "mlp", 1, ALL, 0.1, 5e-4, 100, M100, None, MLP3,
+          errors=(0.75, 0.68, 0.80, 0.62)),
+    Group("MNIST", "vgg8b", 1, ALL, 0.2, 5e-4, 100, M100, 1024, errors=(0.26, 0.40, 0.65, 0.31)),
+    Group("MNIST", "vgg8b", 1, ("predsim-cutout",), 0.2, 5e-4, 100, M100, 1024,
+          (("cutout", True), ("length", 14)), errors=(0.26,)),
+    Group("FashionMNIST", "mlp", 1, ALL, 0.025, 5e-4, 200, M200, None, MLP3,
+          errors=(8.37, 8.60, 9.70, 8.54)),
+    Group("FashionMNIST", "vgg8b", 1, ALL, 0.1, 5e-4, 200, M200, 1024,
+          errors=(4.53, 5.66, 5.12, 4.65)),
+    Group("FashionMNIST", "vgg8b", 2, ALL, 0.2, 3e-4, 200, M200, errors=(4.55, 5.11, 4.92, 4.33)),
+    Group("FashionMNIST", "vgg8b", 2, ("predsim-cutout",), 0.2, 3e-4, 200, M200, None,
+          (("cutout", True), ("length", 14)), errors=(4.14,)),
+    Group("KuzushijiMNIST", "mlp", 1, ALL, 0.2, 5e-4, 100, M100, None, MLP3,
+          errors=(5.99, 7.26, 9.80, 7.33)),
+    Group("KuzushijiMNIST", "vgg8b", 1, ALL, 0.3, 5e-4, 100, M100, 1024,
+          errors=(1.53, 2.22, 2.19, 1.36)),
+    Group("KuzushijiMNIST", "vgg8b", 1, ("predsim-cutout",), 0.15, 5e-4, 100, M100, 1024,
+          (("cutout", True), ("length", 14)), errors=(0.99,)),
+    Group("CIFAR10", "mlp", 1, ALL, 0.1, 5e-4, 400, None, None,
+          MLP3 + (("num_hidden", 3000),), errors=(33.56, 32.33, 33.48, 30.93)),
+    Group("CIFAR10", "vgg8b", 1, ALL, 0.2, 5e-4, 400, None, 2048,
+          errors=(5.99, 8.40, 7.16, 5.58)),
+    Group("CIFAR10", "vgg11b", 1, ALL, 0.2, 5e-4, 400, None, 2048,
+          errors=(5.56, 8.39, 6.70, 5.30)),
+    Group("CIFAR10", "vgg11b", 2, ALL, 0.25, 3e-4, 400, None, errors=(4.91, 7.30, 6.66, 4.42)),
+    Group("CIFAR10", "vgg11b", 3, ALL, 0.3, 3e-4, 400, None, errors=(5.02, 7.37, 9.34, 3.97)),
+    Group("CIFAR10", "vgg11b", 3, ("predsim-cutout",), 0.3, 3e-4, 400, None, None,
+          (("cutout", True), ("length", 16)), errors=(3.60,)),
+    Group("CIFAR10", "vgg8b", 1, ("pred-bio", "sim-bio"), 0.05, 5e-4, 400, None, None,
+          (("num_layers", 1), ("bio", True)), errors=(None, None)),
+    Group("CIFAR10", "vgg8b", 1, ("predsim-bio",), 0.05, 5e-4, 400, None, None,
+          (("num_layers", 1), ("bio", True), ("beta", 0.01)), errors=(None,)),
+    Group("CIFAR10", "vgg8b", 2, ("predsim-bio",), 0.1, 3e-4, 400, None, None,
+          (("num_layers", 1), ("bio", True), ("beta", 0.01)), errors=(None,)),
+    Group("CIFAR100", "mlp", 1, ALL, 0.025, 5e-4, 400, None, None,
+          MLP3 + (("num_hidden", 3000),), CLASSES, errors=(62.57, 58.87, 62.46, 56.88)),
+    Group("CIFAR100", "vgg8b", 1, ALL, 0.05, 5e-4, 400, None, None, (), CLASSES,
+          errors=(26.24, 29.32, 32.64, 24.07)),
+    Group("CIFAR100", "vgg11b", 1, ALL, 0.05, 5e-4, 400, None, None, (), CLASSES,
+          errors=(25.18, 29.58, 30.82, 24.05)),
+    Group("CIFAR100", "vgg11b", 2, ALL, 0.1, 3e-4, 400, None, None, (), CLASSES,
+          errors=(23.44, 26.91, 28.03, 21.20)),
+    Group("CIFAR100", "vgg11b", 3, ALL, 0.15, 3e-4, 400, None, None, (), CLASSES,
+          errors=(23.69, 25.90, 28.01, 20.13)),
+    Group("SVHN", "vgg8b", 1, ALL, 0.3, 3e-4, 100, M100, 2048, errors=(2.29, 2.12, 1.89, 1.74)),
+    Group("SVHN", "vgg8b", 1, ("predsim-cutout",), 0.15, 3e-4, 100, M100, 2048,
+          (("cutout", True), ("length", 16)), errors=(1.65,)),
+    Group("STL10", "vgg8b", 1, ALL, 0.1, 5e-4, 400, None, 2048,
+          errors=(33.08, 26.83, 23.15, 20.51)),
+    Group("STL10", "vgg8b", 1, ("predsim-cutout",), 0.1, 5e-4, 400, None, 2048,
+          (("cutout", True), ("length", 48)), errors=(19.25,)),
+]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    options: dict  # Config field -> value
+    paper_error: float | None  # test error % in the paper's README, if it gives one
+
+
+def _options(group: Group, variant: str) -> dict:
+    """Every option a variant of ``group`` sets (the others keep the paper's defaults)."""
+    loss = variant.split("-")[0]
+    options = {"dataset": group.dataset, "model": group.model, "feat_mult": float(group.feat_mult),
+               "dropout": group.dropout, "lr": group.lr, "epochs": group.epochs,
+               "lr_decay_milestones": list(group.milestones or PAPER_MILESTONES),
+               # global and pred use relu, sim and predsim leakyrelu (the bio rows too)
+               "nonlin": "relu" if loss in ("global", "pred") else "leakyrelu"}
+    if loss == "global":
+        options["backprop"] = True
+    else:
+        options["loss_sup"] = loss
+    if group.dim_in_decoder and loss in ("pred", "predsim"):
+        options["dim_in_decoder"] = group.dim_in_decoder
+    options.update(group.extra)
+    if loss in ("sim", "predsim"):
+        options.update(group.sim_extra)
+    return options
+
+
+def _name(group: Group, variant: str) -> str:
+    scale = "" if group.feat_mult == 1 else f"-x{group.feat_mult:g}"
+    return f"{group.dataset.lower()}-{group.model}{scale}-{variant}"
+
+
+RECIPES: dict[str, Recipe] = {
+    _name(g, v): Recipe(_name(g, v), _options(g, v), e)
+    for g in GROUPS for v, e in zip(g.variants, g.errors)}
+
+
+def listing() -> str:
+    """Every recipe with the paper's test error, for ``--recipe list``."""
+    width = max(map(len, RECIPES))
+    lines = [f"{'recipe':{width}s}  paper test error", f"{'-' * width}  ----------------"]
+    for recipe in RECIPES.values():
+        error = "-" if recipe.paper_error is None else f"{recipe.paper_error:.2f} %"
+        lines.append(f"{recipe.name:{width}s}  {error}")
+    lines.append(f"{len(RECIPES)} recipes (method spec §8.2; errors from §8.1, none given for "
+                 f"the bio rows). Options given beside --recipe win.")
+    return "\n".join(lines)

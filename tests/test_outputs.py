@@ -1,0 +1,259 @@
+"""What a researcher gets from a run: the paper's recipes by name, a folder per run, the records
+(per epoch and per logged batch), curves and TensorBoard files, a model to load and evaluate,
+and a --help that explains every option. One run of the paper's MNIST MLP recipe serves most
+of them."""
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from launch.evaluate import evaluate, load
+from launch.options import build_parser, parse_config
+from launch.pipeline import main
+from launch.recipes import RECIPES
+from pipeline.data import load_split
+from stages.config import Config
+
+from conftest import LAUNCH, ROOT, metrics, run_cli
+
+SPEC = ROOT.parent / "shared" / "method" / "local-loss-spec.md"
+
+
+@pytest.fixture(scope="module")
+def recipe_run(mnist_root, tmp_path_factory) -> Path:
+    """The paper's MNIST MLP predsim recipe (§8.2 row 4) for two epochs, with its curves."""
+    save = tmp_path_factory.mktemp("recipe") / "run"
+    assert main(["--recipe", "mnist-mlp-predsim", "--epochs", "2", "--log-every", "100",
+                 "--data-root", mnist_root, "--save-dir", str(save), "--threads", "2"]) == 0
+    return save
+
+
+def test_the_mlp_recipe_reaches_the_papers_accuracy(recipe_run):
+    records = metrics(recipe_run)
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert records[0]["test_error"] < 4.0 and records[1]["test_error"] < 3.0, records
+    assert records[0]["train_samples"] == 60000 and records[0]["test_samples"] == 10000
+    for key in ("lr", "train_loss_local", "train_loss_global", "train_error", "test_loss",
+                "samples_per_s", "peak_memory_bytes"):
+        assert records[0][key] is not None and records[0][key] > 0, key
+    assert len(records[0]["blocks"]) == 3
+    assert all(b["test_error"] < 10 for b in records[1]["blocks"])  # the local heads learn too
+    args = json.loads((recipe_run / "args.json").read_text())
+    assert (args["recipe"], args["dropout"], args["nonlin"], args["num_layers"]) == \
+        ("mnist-mlp-predsim", 0.1, "leakyrelu", 3)
+    provenance = json.loads((recipe_run / "provenance.json").read_text())
+    assert provenance["torch"] == torch.__version__ and provenance["stages"] == [[0, 1, 2, 3]]
+    assert (recipe_run / "model.pt").exists() and not (recipe_run / "run.lock").exists()
+
+
+def test_a_step_record_every_log_every_batches(recipe_run):
+    steps = [json.loads(line) for line in (recipe_run / "steps.jsonl").read_text().splitlines()]
+    assert [r["steps"] for r in steps] == list(range(100, 2 * 469 + 1, 100))
+    assert all(set(r["loss"]) == {"0", "1", "2", "3"} for r in steps)
+    assert steps[0]["epoch"] == 1 and steps[-1]["epoch"] == 2 and steps[0]["lr"] == 5e-4
+    assert steps[-1]["loss"]["0"] < steps[0]["loss"]["0"]  # block 0 learns
+    assert all(r["samples_per_s"] > 0 for r in steps[1:])
+
+
+def test_curves_png_shows_every_panel(recipe_run):
+    image = Image.open(recipe_run / "curves.png")
+    assert image.format == "PNG" and image.size == (1600, 900)
+    panels = image.info["Description"]
+    for title in ("error of the output layer", "test error of each block's local head",
+                  "local loss of each unit", "training samples per second",
+                  "where each stage's time went (epoch 2)", "each stage's own memory"):
+        assert title in panels, panels
+
+
+def test_tensorboard_holds_the_epoch_and_step_scalars(recipe_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(recipe_run / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"test/error", "train/error", "block_0/test_error", "local_loss/unit_3",
+            "samples_per_s", "lr"} <= tags, tags
+    test_error = [e.value for e in events.Scalars("test/error")]
+    assert test_error == pytest.approx([r["test_error"] for r in metrics(recipe_run)])
+    assert len(events.Scalars("local_loss/unit_0")) == 9
+
+
+def test_evaluate_reproduces_the_last_test_error_block_errors_and_logits(recipe_run, tmp_path):
+    torch.set_num_threads(2)  # the run's threads: float sums depend on them
+    loaded = load(str(recipe_run))
+    assert not loaded.model.training and loaded.cfg.nonlin == "leakyrelu"
+    figures, logits = evaluate(loaded)
+    last = metrics(recipe_run)[-1]
+    assert figures["error"] == last["test_error"] and figures["samples"] == 10000
+    assert [b["error"] for b in figures["blocks"]] == [b["test_error"] for b in last["blocks"]]
+    images, _ = load_split(loaded.cfg, train=False)
+    with torch.no_grad():
+        direct = torch.cat([loaded.model(loaded.transform(batch)) for batch in images.split(128)])
+    assert torch.equal(direct, logits)
+    result = subprocess.run([sys.executable, str(ROOT / "launch" / "evaluate.py"),
+                             str(recipe_run), "--threads", "2", "--json",
+                             str(tmp_path / "e.json")], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert f"test error {last['test_error']:.3f}%" in result.stdout
+    assert json.loads((tmp_path / "e.json").read_text())["error"] == last["test_error"]
+
+
+def test_a_run_without_save_dir_gets_a_folder_of_its_own(tmp_path):
+    args = ["--no-curves", "--model", "mlp", "--num-layers", "2", "--num-hidden", "32",
+            "--dataset", "synthetic", "--epochs", "1", "--threads", "1"]
+    runs = tmp_path / "runs"
+    for _ in range(2):
+        result = subprocess.run([sys.executable, str(LAUNCH), *args], cwd=tmp_path,
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+    folders = sorted(p.name for p in runs.iterdir() if p.name != "latest")
+    assert len(folders) == 2 and all(f.startswith("synthetic-mlp-predsim-") for f in folders)
+    assert os.readlink(runs / "latest") in folders
+    assert all((runs / f / "model.pt").exists() for f in folders)
+
+
+def test_help_gives_every_option_a_help_text_and_a_default():
+    text = build_parser().format_help()
+    options = [a for a in build_parser()._actions if a.option_strings and a.dest != "help"]
+    for action in options:
+        flag = action.option_strings[0]
+        entry = re.search(rf"\n  {re.escape(flag)}\b.*?(?=\n  -|\n\n|\Z)", text, re.S)
+        assert entry, flag
+        words = " ".join(entry.group(0).split())
+        assert "(default: " in words and len(words.split("(default")[0]) > len(flag) + 8, words
+    assert "examples:" in text and "--recipe list" in text
+    assert parse_config(["--n-holes", "3"]).n_holes == parse_config(["--n_holes", "3"]).n_holes
+    assert "(default: off)" in text  # flags, --no-download among them, never "default: True"
+
+
+# ---------------------------------------------------------------------------- recipes
+def _spec_rows() -> list[dict]:
+    """The 86 recipes as §8.2 of the method spec states them, read from its table."""
+    text = SPEC.read_text()
+    table = text[text.index("### 8.2"):text.index('"default" milestones')]
+    rows = []
+    for line in table.splitlines():
+        cells = [c.strip().replace("**", "") for c in line.strip().strip("|").split("|")]
+        if len(cells) != 12 or not cells[0][0].isdigit():
+            continue
+        _, dataset, model, fm, variants, dropout, lr, epochs, milestones, nonlin, dim, other = \
+            cells
+        variants = [v.strip() for v in variants.split("/")]
+        nonlins = [n.strip() for n in nonlin.split(",")]
+        for k, variant in enumerate(variants):
+            cutout = variant.endswith("+ cutout")
+            loss = variant.replace(" + cutout", "")
+            want = {"dataset": dataset, "model": model, "feat_mult": float(fm),
+                    "dropout": float(dropout), "lr": float(lr), "epochs": int(epochs),
+                    "lr_decay_milestones": [200, 300, 350, 375] if milestones == "default"
+                    else [int(m) for m in milestones.split()],
+                    "nonlin": {"leaky": "leakyrelu", "relu": "relu"}[nonlins[k]],
+                    "backprop": loss == "global", "bio": loss.endswith("-bio"),
+                    "loss_sup": "predsim" if loss == "global" else loss.replace("-bio", ""),
+                    "cutout": cutout}
+            base = loss.replace("-bio", "")
+            if m := re.fullmatch(r"pred & predsim: (\d+)", dim):
+                if base in ("pred", "predsim"):
+                    want["dim_in_decoder"] = int(m.group(1))
+            elif dim not in ("–", "-"):
+                want["dim_in_decoder"] = int(dim.split()[-1])
+            for part in filter(None, (p.strip() for p in re.split(r"[,;]", other))):
+                if m := re.fullmatch(r"(?:sim & predsim: )?classes-per-batch (\d+) until "
+                                     r"(?:epoch )?(\d+)", part):
+                    if base in ("sim", "predsim"):
+                        want["classes_per_batch"] = int(m.group(1))
+                        want["classes_per_batch_until_epoch"] = int(m.group(2))
+                elif part == "bio":
+                    want["bio"] = True
+                else:
+                    key, value = part.rsplit(" ", 1)
+                    want[key.replace("-", "_")] = float(value) if "." in value else int(value)
+            name = f"{dataset.lower()}-{model}{'' if fm == '1' else '-x' + fm}-" + \
+                variant.replace(" + ", "-")
+            rows.append({"name": name, "want": want})
+    return rows
+
+
+def _spec_errors() -> dict[str, float]:
+    """The test error §8.1 gives for each recipe, keyed like the recipes."""
+    text = SPEC.read_text()
+    section = text[text.index("### 8.1"):text.index("### 8.2")]
+    names = {"MNIST": "mnist", "Fashion-MNIST": "fashionmnist",
+             "Kuzushiji-MNIST": "kuzushijimnist", "CIFAR-10": "cifar10", "CIFAR-100": "cifar100",
+             "SVHN": "svhn", "STL-10": "stl10"}
+    out, dataset = {}, None
+    for line in section.splitlines():
+        if m := re.match(r"\*\*([\w-]+)\*\* \(", line):
+            dataset = names[m.group(1)]
+            continue
+        cells = [c.strip().replace("**", "") for c in line.strip().strip("|").split("|")]
+        if len(cells) != 6 or cells[0] in ("net", "---") or dataset is None:
+            continue
+        net, _, *errors = cells
+        m = re.fullmatch(r"(\w+)(?: \((\d)x\))?( \+ cutout)?", net)
+        model, fm, cutout = m.group(1), m.group(2), bool(m.group(3))
+        for variant, error in zip(("global", "pred", "sim", "predsim"), errors):
+            if error not in ("–", "-"):
+                scale = f"-x{fm}" if fm else ""
+                out[f"{dataset}-{model}{scale}-{variant}{'-cutout' if cutout else ''}"] = \
+                    float(error)
+    return out
+
+
+def test_every_recipe_of_the_spec_expands_to_its_options(capsys):
+    rows = _spec_rows()
+    assert len(rows) == 86 and {r["name"] for r in rows} == set(RECIPES)
+    defaults = Config()
+    for row in rows:
+        cfg = parse_config(["--recipe", row["name"]])
+        want = {k: getattr(defaults, k) for k in ("dim_in_decoder", "num_layers", "num_hidden",
+                                                  "beta", "length", "classes_per_batch",
+                                                  "classes_per_batch_until_epoch")}
+        want.update(row["want"])
+        got = {k: getattr(cfg, k) for k in want}
+        assert got == want, row["name"]
+    # options given beside a recipe win
+    assert parse_config(["--recipe", "mnist-mlp-predsim", "--epochs", "3"]).epochs == 3
+    # --recipe list gives each recipe the paper's test error (none for the bio rows)
+    errors = _spec_errors()
+    assert len(errors) == 82
+    assert main(["--recipe", "list"]) == 0
+    listed = {line.split()[0]: line.split()[1] for line in capsys.readouterr().out.splitlines()
+              if line.split() and line.split()[0] in RECIPES}
+    assert len(listed) == 86
+    for name, error in errors.items():
+        assert float(listed[name]) == error, name
+    assert all(listed[n] == "-" for n in RECIPES if n not in errors)
+
+
+def test_an_unknown_recipe_is_one_line(capsys):
+    with pytest.raises(SystemExit) as info:
+        parse_config(["--recipe", "mnist-resnet-predsim"])
+    assert info.value.code == 2
+    assert capsys.readouterr().err.strip() == ("localpipe: error: unknown recipe "
+                                               "'mnist-resnet-predsim'; --recipe list shows "
+                                               "all 86")
+
+
+def test_a_torchrun_restart_writes_where_the_first_attempt_did(tmp_path):
+    """No --save-dir: rank 0 names the folder, and after a worker is killed, torchrun's
+    restart (--max-restarts with --resume auto) continues in that very folder."""
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+         "--max-restarts", "1", str(LAUNCH), "--no-curves", "--model", "mlp", "--num-layers",
+         "2", "--num-hidden", "32", "--dataset", "synthetic", "--epochs", "2", "--stages", "2",
+         "--checkpoint-every", "3", "--resume", "auto"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "LOCALPIPE_INJECT_FAULT": "1:14:kill"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    folders = [p for p in (tmp_path / "runs").iterdir() if p.name != "latest"]
+    assert len(folders) == 1 and result.stdout.count("resuming from") == 2, result.stdout
+    assert [r["epoch"] for r in metrics(folders[0])] == [1, 2]
+    assert (folders[0] / "model.pt").exists()

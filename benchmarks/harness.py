@@ -29,7 +29,7 @@ from pipeline.data import INFO
 from pipeline.distributed import join, serve
 from pipeline.inprocess import run_threads
 from pipeline.message import Kind, Message
-from stages import partition
+from pipeline.plan import measure_costs
 from stages.config import Config
 from stages.models import build_stage, plan
 
@@ -80,7 +80,7 @@ def machine() -> dict:
     except (OSError, StopIteration):
         pass
     return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "gpu": (dev.gpus()["gpus"] or [None])[0],
             "python": platform.python_version()}
 
 
@@ -133,7 +133,7 @@ def unit_costs(setup: Setup, threads: int) -> list[float]:
     """Seconds of each local unit's full step alone (forward, heads, backward, optimizer)."""
     torch.set_num_threads(threads)
     stage = build_stage(setup.cfg, setup.shape, setup.classes, device=setup.rank_device())
-    return partition.measure_costs(stage, setup.shape, setup.classes, setup.cfg)
+    return measure_costs(stage, setup.shape, setup.classes, setup.cfg)
 
 
 class BackpropPart(nn.Module):
@@ -185,7 +185,7 @@ def _messages(setup: Setup):
     x, y = setup.batch()  # on stage 0's device already, as in the sequential modes
     for r, n in setup.groups():
         for step in range(n):
-            yield Message(Kind.TRAIN, 1, step, {"x": x, "y": y}).depart()
+            yield Message(Kind.TRAIN, 1, step, tensors={"x": x, "y": y}).depart()
         yield Message(Kind.END_EPOCH, r, n)
     yield Message(Kind.STOP, 0, 0)
 

@@ -1,7 +1,7 @@
 """Throughput and memory of pipelined local learning against global backprop and GPipe/1F1B.
 
     python benchmarks/run.py --model vgg8b --feat-mult 0.5 --stages 2 --batch-size 128
-    python benchmarks/run.py --quick                  # a smoke run, under 2 minutes on 2 cores
+    python benchmarks/run.py --quick                  # a smoke run, about 25 s on 2 cores
     python benchmarks/run.py --sweep                  # stages 1, 2, 4 x batch 32-256, mlp and vgg8b
 
 Every mode trains the same network on the same batches at the same batch size in float32, and
@@ -134,24 +134,36 @@ def _pyplot():
 
 
 def plot(result: dict, path: Path) -> None:
+    """Throughput of every mode (median, min-max over the repeats, the ideal rate of the
+    pipelines) beside the live memory of each of its stages."""
     plt = _pyplot()
     if plt is None:
         return
     names = list(result["modes"])
+    modes = [result["modes"][n] for n in names]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.5))
-    ax1.barh(names, [result["modes"][n]["samples_per_s"] for n in names])
-    ax1.set_xlabel("samples/s (median)")
+    rates = [m["samples_per_s"] for m in modes]
+    spread = [[r - m["min"] for r, m in zip(rates, modes)],
+              [m["max"] - r for r, m in zip(rates, modes)]]
+    ax1.barh(names, rates, xerr=spread, capsize=3, color="tab:blue", label="median (min-max)")
+    ideal = [(i, m["ideal_samples_per_s"]) for i, m in enumerate(modes)
+             if "ideal_samples_per_s" in m]
+    if ideal:
+        ax1.scatter([v for _, v in ideal], [i for i, _ in ideal], marker="|", s=300, color="k",
+                    zorder=3, label="ideal (slowest stage's solo rate)")
+    ax1.set_xlabel("training samples/s")
     ax1.invert_yaxis()
+    ax1.legend(fontsize=8, loc="lower right")
     left = [0.0] * len(names)
-    for s in range(max(len(result["modes"][n]["stages"]) for n in names)):
-        width = [result["modes"][n]["stages"][s]["live_bytes"] / MiB
-                 if s < len(result["modes"][n]["stages"]) else 0 for n in names]
+    for s in range(max(len(m["stages"]) for m in modes)):
+        width = [m["stages"][s]["live_bytes"] / MiB if s < len(m["stages"]) else 0
+                 for m in modes]
         ax2.barh(names, width, left=left, label=f"stage {s}")
         left = [a + b for a, b in zip(left, width)]
     ax2.set_xlabel("live tensor MiB per stage")
     ax2.set_yticklabels([])
     ax2.invert_yaxis()
-    ax2.legend()
+    ax2.legend(fontsize=8)
     fig.suptitle(result["title"])
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -177,8 +189,9 @@ def sweep(args, progress) -> dict:
                     k_eff = min(k, len(costs))
                     parts = partition.split(partition.best_balance(costs, k_eff), len(costs))
                     m = harness.local_threads(setup, parts)
-                points.append({"model": model, "batch_size": batch, "stages": k,
-                               "samples_per_s": m["samples_per_s"],
+                points.append({"model": model, "network": network(cfg), "batch_size": batch,
+                               "stages": k, "samples_per_s": m["samples_per_s"],
+                               "min": m["min"], "max": m["max"],
                                "largest_stage_live_bytes": max(s["live_bytes"]
                                                                for s in m["stages"]),
                                "backprop_samples_per_s": bp["samples_per_s"] if k == 1
@@ -195,13 +208,15 @@ def plot_sweep(result: dict, path: Path) -> None:
     for col, model in enumerate(("mlp", "vgg8b")):
         pts = [p for p in result["points"] if p["model"] == model]
         for batch in sorted({p["batch_size"] for p in pts}):
-            row = sorted((p["stages"], p["samples_per_s"], p["largest_stage_live_bytes"])
-                         for p in pts if p["batch_size"] == batch)
+            row = sorted((p["stages"], p["samples_per_s"], p["largest_stage_live_bytes"],
+                          p["min"], p["max"]) for p in pts if p["batch_size"] == batch)
             stages = [r[0] for r in row]
-            axes[0][col].plot(stages, [r[1] for r in row], marker="o", label=f"batch {batch}")
+            axes[0][col].errorbar(stages, [r[1] for r in row], capsize=3, marker="o",
+                                  yerr=[[r[1] - r[3] for r in row], [r[4] - r[1] for r in row]],
+                                  label=f"batch {batch} (median, min-max)")
             axes[1][col].plot(stages, [r[2] / MiB for r in row], marker="o",
                               label=f"batch {batch}")
-        axes[0][col].set_title(model)
+        axes[0][col].set_title(pts[0]["network"] if pts else model)
         axes[0][col].set_ylabel("samples/s")
         axes[1][col].set_ylabel("largest stage, live MiB")
         axes[1][col].set_xlabel("stages (threads, 1 process)")
@@ -211,6 +226,12 @@ def plot_sweep(result: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     print(f"plot: {path}")
+
+
+def network(cfg: Config) -> str:
+    if cfg.model == "mlp":
+        return f"mlp {cfg.num_layers}x{cfg.num_hidden}"
+    return f"{cfg.model} x{cfg.feat_mult:g}"
 
 
 def model_config(args, **override) -> Config:
@@ -248,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                    help="cuda: backprop, local sequential and local stages on CUDA streams of "
                         "one GPU; the process modes when K GPUs are visible")
-    p.add_argument("--out", default="benchmarks/results", help="folder for JSON and PNG")
+    p.add_argument("--out", default="runs/benchmarks", help="folder for JSON and PNG")
     args = p.parse_args(argv)
     if args.quick:
         args.model, args.num_layers, args.num_hidden, args.batch_size = "mlp", 3, 256, 64
@@ -262,15 +283,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.sweep:
         result = sweep(args, lambda s: bar.set_postfix_str(s))
         name = f"sweep-{args.feat_mult}"
-        result["title"] = f"local learning, threads; vgg8b x{args.feat_mult}; C={args.threads}"
+        result["title"] = (f"local learning on threads of one process: mlp 3x{args.num_hidden} "
+                           f"and vgg8b x{args.feat_mult:g}, {args.dataset} shape, "
+                           f"C={args.threads} threads, {args.device}")
     else:
         cfg = model_config(args)
         setup = harness.Setup(cfg, args.threads, args.warmup, args.steps, args.repeats,
                               args.device)
         result = measure(setup, args.stages, args.microbatches, lambda s: bar.set_postfix_str(s))
-        name = f"{cfg.model}-x{cfg.feat_mult}-b{cfg.batch_size}-k{args.stages}"
-        result["title"] = (f"{cfg.model} x{cfg.feat_mult}, {cfg.dataset} shape, batch "
-                           f"{cfg.batch_size}, K={args.stages}, C={args.threads} threads")
+        name = f"{network(cfg).replace(' ', '-')}-b{cfg.batch_size}-k{args.stages}"
+        result["title"] = (f"{network(cfg)}, {cfg.dataset} shape, batch {cfg.batch_size}, "
+                           f"K={args.stages}, C={args.threads} threads, {args.device}: "
+                           f"{args.repeats} repeats of {args.steps} batches")
         result["config"] = cfg.to_dict()
     bar.close()
     result.update(machine=harness.machine(), seconds=time.time() - started,

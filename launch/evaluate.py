@@ -29,7 +29,8 @@ from torch import Tensor  # noqa: E402
 
 from pipeline import checkpoint  # noqa: E402
 from pipeline.console import say  # noqa: E402
-from pipeline.data import INFO, DataError, DatasetInfo, load_batches  # noqa: E402
+from pipeline.data import (INFO, Batches, DataError, DatasetInfo, load_batches,  # noqa: E402
+                           load_split)
 from pipeline.files import atomic_write  # noqa: E402
 from stages.config import Config, ConfigError  # noqa: E402
 from stages.models import build_model  # noqa: E402
@@ -89,10 +90,12 @@ def evaluate(loaded: Loaded, split: str = "test") -> tuple[dict, Tensor]:
     """Error and loss of the output layer and of each block's local head on ``split`` ("test"
     or "val"), and the logits, in the order of the split."""
     model, cfg = loaded.model, loaded.cfg
-    _, test, val = load_batches(cfg)
-    batches = {"test": test, "val": val}[split]
-    if batches is None:
-        raise ConfigError("the run holds out no validation split (--val-split 0)")
+    if split == "test":  # no need to load the training split
+        batches = Batches(*load_split(cfg, False), INFO[cfg.dataset], cfg, train=False)
+    else:
+        batches = load_batches(cfg)[2]
+        if batches is None:
+            raise ConfigError("the run holds out no validation split (--val-split 0)")
     device = next(model.parameters()).device
     logits = []
     for x, y in batches.epoch(1):

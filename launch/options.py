@@ -122,8 +122,9 @@ def build_parser() -> Parser:
     a("--save-dir", default=d.save_dir, metavar="DIR",
       help="the run's folder; none: a new one under runs/ ('' saves nothing)")
     a("--resume", default=d.resume, metavar="PATH",
-      help="continue from a checkpoint folder, a run folder's newest checkpoint, or 'auto' "
-           "(--save-dir's newest; without --save-dir, runs/latest's; none: a fresh start)")
+      help="continue from a checkpoint folder, a run folder's newest checkpoint, or 'auto': "
+           "--save-dir's newest (under torchrun --max-restarts without --save-dir, the job's "
+           "own folder), or a fresh start if there is none")
     a("--progress-bar", action="store_true",
       help="a progress bar with the overall ETA even when stderr is not a terminal (on a "
            "terminal it is always shown)")

@@ -2,8 +2,10 @@
 
 A ``Channel`` joins two neighbours (a stage and the next, a stage and its link thread, the feed
 and stage 0): ``--queue-depth`` messages in flight give backpressure. Every wait polls the
-process's ``Abort`` flag, so the first failure anywhere stops every thread within a poll, and
-gives up after ``--comm-timeout`` seconds unless told to wait for as long as nothing fails.
+process's ``Abort`` flag, so the first failure anywhere stops every thread within a poll. A
+wait has no time limit of its own: a neighbour that takes too long is named by the watchdog
+of the process that runs it (``pipeline/worker.py``), or by the control plane if it died or
+froze, never by the stages that wait for it.
 """
 from __future__ import annotations
 
@@ -38,41 +40,34 @@ class Abort:
         if self._event.is_set():
             raise self.failure
 
-    def wait(self, seconds: float) -> bool:
-        """Sleep up to ``seconds``; True if a failure came meanwhile."""
-        return self._event.wait(seconds)
-
 
 POLL_S = 0.05
-FOREVER = None  # a wait bounded only by failures
 
 
 class Channel:
     """A bounded FIFO of messages that also counts the bytes of the tensors waiting in it."""
 
-    def __init__(self, depth: int, abort: Abort, timeout: float, name: str) -> None:
+    def __init__(self, depth: int, abort: Abort, name: str) -> None:
         self._queue: queue.Queue[Message] = queue.Queue(maxsize=depth)
-        self.abort, self.timeout, self.name = abort, timeout, name
+        self.abort, self.name = abort, name
         self._bytes = 0
         self._lock = threading.Lock()
 
-    def put(self, msg: Message, timeout: float | None = -1.0) -> float:
-        """Enqueue; return the seconds spent blocked on a full queue. ``timeout`` defaults to
-        --comm-timeout; FOREVER waits for as long as no stage fails."""
+    def put(self, msg: Message) -> float:
+        """Enqueue; return the seconds spent blocked on a full queue."""
         size = msg.nbytes()
         with self._lock:  # counted before the consumer can take it, so never negative
             self._bytes += size
         try:
-            return self._wait(lambda: self._queue.put(msg, timeout=POLL_S), "send to",
-                              timeout)[1]
+            return self._wait(lambda: self._queue.put(msg, timeout=POLL_S))[1]
         except BaseException:
             with self._lock:
                 self._bytes -= size
             raise
 
-    def get(self, timeout: float | None = -1.0) -> tuple[Message, float]:
+    def get(self) -> tuple[Message, float]:
         """Dequeue; return the message and the seconds spent waiting for it."""
-        msg, waited = self._wait(lambda: self._queue.get(timeout=POLL_S), "receive from", timeout)
+        msg, waited = self._wait(lambda: self._queue.get(timeout=POLL_S))
         with self._lock:
             self._bytes -= msg.nbytes()
         return msg, waited
@@ -84,15 +79,11 @@ class Channel:
         """Bytes of the tensors of the messages in the queue now."""
         return self._bytes
 
-    def _wait(self, op, verb: str, timeout: float | None):
-        limit = self.timeout if timeout == -1.0 else timeout
+    def _wait(self, op):
         start = time.perf_counter()
         while True:
             self.abort.check()
             try:
                 return op(), time.perf_counter() - start
             except (queue.Full, queue.Empty):
-                waited = time.perf_counter() - start
-                if limit is not None and waited > limit:
-                    raise TimeoutError(f"could not {verb} {self.name} for {waited:.0f} s "
-                                       f"(--comm-timeout {limit:g})") from None
+                continue

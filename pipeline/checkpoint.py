@@ -35,8 +35,21 @@ FORMAT = 2  # 2: no dropout generator states (masks are keyed by position), weig
 PAUSE_ENV = "LOCALPIPE_TEST_SAVE_PAUSE"  # test hook "SECONDS[@STAGE]": stall before a rename
 
 
-def checkpoint_dir(save_dir: str, steps: int) -> str:
-    return os.path.join(save_dir, "checkpoints", f"step-{steps:09d}")
+BEFORE_EVAL = "-before-eval"  # the suffix of a checkpoint whose epoch is still to be evaluated
+
+
+def checkpoint_dir(save_dir: str, steps: int, evaluate: bool = False) -> str:
+    """``checkpoints/step-NNNNNNNNN``, named by training batches done; a checkpoint taken
+    before an epoch's evaluation gets a name of its own, so that the one taken after the same
+    batches (once evaluated) never writes over it."""
+    name = f"step-{steps:09d}" + (BEFORE_EVAL if evaluate else "")
+    return os.path.join(save_dir, "checkpoints", name)
+
+
+def _age(name: str) -> tuple[int, int]:
+    """Sorts checkpoint folders from oldest to newest."""
+    steps = name.removeprefix("step-").removesuffix(BEFORE_EVAL)
+    return (int(steps) if steps.isdigit() else -1, 0 if name.endswith(BEFORE_EVAL) else 1)
 
 
 class _Hashing:
@@ -65,9 +78,10 @@ def save_torch(obj, path: str, pause: float = 0.0) -> dict:
     return {"bytes": hashed[0].bytes, "sha256": hashed[0].sha.hexdigest()}
 
 
-def save_stage(save_dir: str, steps: int, stage: int, state: dict, pause: float = 0.0) -> dict:
+def save_stage(save_dir: str, steps: int, evaluate: bool, stage: int, state: dict,
+               pause: float = 0.0) -> dict:
     """Write one stage's state; return its entry for the manifest."""
-    path = os.path.join(checkpoint_dir(save_dir, steps), f"stage-{stage}.pt")
+    path = os.path.join(checkpoint_dir(save_dir, steps, evaluate), f"stage-{stage}.pt")
     entry = {"file": os.path.basename(path), **save_torch(state, path, pause)}
     return {**entry, "saved_at": time.time()}
 
@@ -96,7 +110,9 @@ class Writer:
     """Writes one stage's checkpoint files on a thread of its own, in order, and passes each
     marker's report on once its file is on disk. The stage goes on with the next batches while
     a file is written; at most one snapshot waits behind the one being written, so a slow disk
-    slows the stage only when checkpoints come faster than it can take them."""
+    slows the stage only when checkpoints come faster than it can take them. After a failed
+    write it takes what is queued without writing it, so the stage never blocks on it, and
+    ``check`` raises the failure in the stage."""
 
     def __init__(self, save_dir: str | None, stage: int, report) -> None:
         self.save_dir, self.stage, self.report = save_dir or None, stage, report
@@ -107,20 +123,22 @@ class Writer:
                                        daemon=True)
         self.thread.start()
 
-    def submit(self, steps: int, state: dict | None, r: dict) -> None:
+    def submit(self, steps: int, evaluate: bool, state: dict | None, r: dict) -> None:
         """Queue ``state`` (taken now) for writing, and ``r`` to report once it is written."""
-        self.queue.put((steps, None if state is None else snapshot(state), r))
+        self.check()
+        self.queue.put((steps, evaluate, None if state is None else snapshot(state), r))
 
     def _run(self) -> None:
         while (item := self.queue.get()) is not None:
-            steps, state, r = item
+            if self.error is not None:
+                continue  # the run is failing: take the queue's items, write nothing more
+            steps, evaluate, state, r = item
             try:
                 r["files"] = [] if state is None else [
-                    save_stage(self.save_dir, steps, self.stage, state, self.pause)]
+                    save_stage(self.save_dir, steps, evaluate, self.stage, state, self.pause)]
                 self.report(r)
             except BaseException as exc:
                 self.error = exc
-                return
 
     def check(self) -> None:
         """Raise the error of a write that failed (disk full, permissions), in the stage."""
@@ -141,19 +159,21 @@ class Writer:
             pass
 
 
-def write_manifest(save_dir: str, steps: int, position: tuple[int, int], args: dict,
+def write_manifest(save_dir: str, steps: int, position: tuple[int, int, bool], args: dict,
                    files: list[dict], keep: int) -> str:
-    """Complete the checkpoint after ``steps`` batches; then keep only the newest ``keep``
-    complete checkpoints (0 keeps all) and drop incomplete older ones."""
-    folder = checkpoint_dir(save_dir, steps)
+    """Complete the checkpoint after ``steps`` batches at ``position`` (epoch, step, evaluate);
+    then keep only the newest ``keep`` complete checkpoints (0 keeps all) and drop incomplete
+    older ones."""
+    folder = checkpoint_dir(save_dir, steps, position[2])
     text = json.dumps({"format": FORMAT, "epoch": position[0], "step": position[1],
-                       "steps": steps, "written_at": time.time(), "args": args,
-                       "files": files}, indent=1)
+                       "evaluate": position[2], "steps": steps, "written_at": time.time(),
+                       "args": args, "files": files}, indent=1)
     atomic_write(os.path.join(folder, "manifest.json"), lambda f: f.write(text.encode()))
     root = os.path.dirname(folder)
-    names = sorted(os.listdir(root))
+    names = sorted(os.listdir(root), key=_age)
     complete = [n for n in names if os.path.exists(os.path.join(root, n, "manifest.json"))]
-    doomed = [n for n in names if n < os.path.basename(folder) and n not in complete]
+    doomed = [n for n in names
+              if _age(n) < _age(os.path.basename(folder)) and n not in complete]
     if keep:
         doomed += complete[:-keep]
     for name in doomed:
@@ -168,7 +188,7 @@ MODEL_ARGS = ("model", "dataset", "num_layers", "num_hidden", "dim_in_decoder", 
               "target_proj_size", "optim", "nonlin", "seed", "batch_size", "dropout", "alpha",
               "beta", "lr", "lr_decay_milestones", "lr_decay_fact", "momentum", "weight_decay",
               "no_similarity_std", "cutout", "n_holes", "length", "classes_per_batch",
-              "classes_per_batch_until_epoch", "limit_train")
+              "classes_per_batch_until_epoch", "limit_train", "val_split")
 
 
 def find_checkpoint(resume: str, save_dir: str) -> str | None:
@@ -178,8 +198,8 @@ def find_checkpoint(resume: str, save_dir: str) -> str | None:
         return resume
     root = save_dir if resume == "auto" else resume
     folder = os.path.join(root, "checkpoints")
-    done = sorted(d for d in (os.listdir(folder) if os.path.isdir(folder) else [])
-                  if os.path.exists(os.path.join(folder, d, "manifest.json")))
+    done = sorted((d for d in (os.listdir(folder) if os.path.isdir(folder) else [])
+                   if os.path.exists(os.path.join(folder, d, "manifest.json"))), key=_age)
     if done:
         return os.path.join(folder, done[-1])
     if resume == "auto":
@@ -223,6 +243,8 @@ def _manifest_problem(m: dict) -> str | None:
     ints = ("epoch", "step", "steps")
     if not all(isinstance(m.get(k), int) and m[k] >= 0 for k in ints) or m["epoch"] < 1:
         return "epoch, step and steps must be counts"
+    if not isinstance(m.get("evaluate"), bool):
+        return "evaluate must be true or false"
     if not isinstance(m.get("args"), dict):
         return "args must be an object"
     files = m.get("files")
@@ -270,13 +292,15 @@ def load_units(folder: str, manifest: dict, indices: list[int]) -> dict:
 @dataclass
 class Start:
     """Where training begins: batch ``step`` of ``epoch`` (1-based), after ``steps`` batches in
-    all; from scratch, or from the checkpoint in ``folder``."""
+    all, or (``evaluate``) with the evaluation of ``epoch``, whose training is over; from
+    scratch, or from the checkpoint in ``folder``."""
 
     folder: str | None = None
     manifest: dict | None = None
     epoch: int = 1
     step: int = 0
     steps: int = 0
+    evaluate: bool = False
 
     def restore(self, stage) -> None:
         if self.folder is not None:
@@ -309,6 +333,7 @@ def resume_from(folder: str | None) -> Start:
         return Start()
     with open(os.path.join(folder, "manifest.json")) as f:
         manifest = json.load(f)
-    print(f"resuming from {folder}: epoch {manifest['epoch']}, batch {manifest['step']}",
-          flush=True)
-    return Start(folder, manifest, manifest["epoch"], manifest["step"], manifest["steps"])
+    then = "its evaluation" if manifest["evaluate"] else f"batch {manifest['step']}"
+    print(f"resuming from {folder}: epoch {manifest['epoch']}, {then}", flush=True)
+    return Start(folder, manifest, manifest["epoch"], manifest["step"], manifest["steps"],
+                 manifest["evaluate"])

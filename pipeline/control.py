@@ -39,7 +39,7 @@ import torch.distributed as dist
 
 FAILED, STOP = "failed", "stop"
 GRACE_S = 2.0  # a signal waits this long for a failure before it counts as a stop request
-FOREVER = timedelta(days=365)  # waits bounded by the control plane, not by a timeout
+LONG = timedelta(days=365)  # waits bounded by the control plane, not by a timeout
 
 
 @dataclass(frozen=True)
@@ -159,7 +159,6 @@ class ControlPlane:
             if found is not None:
                 self.on_failure(found)
                 return
-            self._check_stop()
             now = time.monotonic()
             values = self.store.multi_get([f"beat/{r}" for r in self.others]) if self.others \
                 else []
@@ -177,11 +176,12 @@ class ControlPlane:
                     self.publish(Failure(self.names[r], "froze" if local else
                                          "stopped responding",
                                          f"no heartbeat for {now - beats[r][1]:.0f} s"))
+            self._check_stop()  # after the deaths: a forwarded signal must not win over one
 
     def _check_stop(self) -> None:
         """Publish this process's signal as the job's stop request after the grace period, and
         confirm a request published by any rank."""
-        if self.stop is None or self.stop.signum is not None:
+        if self.stop is None or self.stop.signum is not None or self.recorded() is not None:
             return
         if self.store.check([STOP]):
             self.stop.confirm(int(self.store.get(STOP)))
@@ -246,7 +246,7 @@ class ReportReceiver(threading.Thread):
             while finals < self.ranks - 1:
                 size = torch.zeros(1, dtype=torch.int64)
                 work = dist.irecv(size, tag=REPORT_TAG)  # from any rank
-                work.wait(FOREVER)
+                work.wait(LONG)
                 src = None
                 src = work._source_rank()
                 data = torch.empty(int(size.item()), dtype=torch.uint8)

@@ -26,15 +26,9 @@ class Coordinator:
         self.epochs: list[dict] = []
         self.last_step: dict | None = None
         self.manifest: str | None = None  # the newest complete checkpoint
-        self.state: dict | None = None
-        self.finals = 0
-
-    @property
-    def done(self) -> bool:
-        return self.finals == len(self.plan.parts)
+        self.stopped = False  # the run ended before its end (a stop request)
 
     def handle(self, report: dict) -> None:
-        self.finals += report["kind"] == "final"
         key = (report["kind"], report.get("epoch"), report.get("step"))
         by_stage = self.pending.setdefault(key, {})
         by_stage[report["stage"]] = report
@@ -48,6 +42,7 @@ class Coordinator:
                                          self.last_step)
             self.records.step(self.last_step)
             return
+        evaluate = got[0].get("evaluate", False)
         if kind == "end_epoch":
             self.epochs.append(epoch_record(epoch, self.cfg.lr_at(epoch), got, self.unit_names,
                                             self.dropped))
@@ -57,11 +52,12 @@ class Coordinator:
         if kind != "final":
             if self.save_dir:  # every stage has saved its file: complete the checkpoint
                 self.manifest = checkpoint.write_manifest(
-                    self.save_dir, got[0]["steps"], (epoch, step), self.cfg.to_dict(),
+                    self.save_dir, got[0]["steps"], (epoch, step, evaluate), self.cfg.to_dict(),
                     [{"stage": r["stage"], "units": r["units"], **f} for r in got
                      for f in r["files"]], self.cfg.keep_checkpoints)
             return
-        self.state = {k: v for r in got for k, v in r["state"].items()}
-        if self.save_dir and self.stop.signum is None:
-            checkpoint.save_torch(self.state, os.path.join(self.save_dir, "model.pt"))
+        self.stopped = got[0]["stopped"]
+        if self.save_dir and not self.stopped:  # a stopped run leaves its checkpoint instead
+            state = {k: v for r in got for k, v in r["state"].items()}
+            checkpoint.save_torch(state, os.path.join(self.save_dir, "model.pt"))
         self.records.close()

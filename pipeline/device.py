@@ -190,6 +190,24 @@ def host_buffer(shape: list[int], dtype: torch.dtype, device: torch.device) -> T
     return torch.empty(shape, dtype=dtype, pin_memory=is_cuda(device))
 
 
+def allocator(device: torch.device) -> dict[str, int]:
+    """This process's caching allocator on a GPU now, and its peak since the last call, which
+    restarts it ({} on the CPU)."""
+    if not is_cuda(device):
+        return {}
+    out = {"allocated_bytes": torch.cuda.memory_allocated(device),
+           "peak_allocated_bytes": torch.cuda.max_memory_allocated(device),
+           "reserved_bytes": torch.cuda.memory_reserved(device)}
+    torch.cuda.reset_peak_memory_stats(device)
+    return out
+
+
+def gpus() -> dict:
+    """The CUDA build and the names of the visible GPUs, for a run's provenance."""
+    return {"cuda": torch.version.cuda,
+            "gpus": [torch.cuda.get_device_name(k) for k in range(torch.cuda.device_count())]}
+
+
 def release(device: torch.device) -> None:
     """Return cached blocks and restart the allocator's peak: after a throwaway network, or
     between two measurements, so that neither counts in the next."""
@@ -201,9 +219,10 @@ def release(device: torch.device) -> None:
 
 # ---------------------------------------------------------------------------- timing
 class Clock:
-    """Busy time of one stream. On a GPU each interval is a pair of CUDA events, resolved only
-    when ``take`` is called (at a marker), so timing never stalls the host; on the CPU it is
-    plain wall time."""
+    """Busy time of one stream. On a GPU each interval is a pair of CUDA events, resolved once
+    both have fired (checked without waiting as intervals are added, so that few are ever held)
+    or at ``take`` (at a marker), so timing never stalls the host; on the CPU it is plain wall
+    time."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -224,6 +243,9 @@ class Clock:
         end = torch.cuda.Event(enable_timing=True)
         end.record(torch.cuda.current_stream(self.device))
         self.pending.append((started, end))
+        while self.pending and self.pending[0][1].query():
+            a, b = self.pending.pop(0)
+            self.seconds += a.elapsed_time(b) / 1000.0
 
     def take(self) -> float:
         """Seconds measured since the last call (waits for the last interval on a GPU)."""

@@ -23,9 +23,9 @@ import torch.distributed as dist
 
 from pipeline import device as dev
 from pipeline import process, runs, topology
-from pipeline.channel import FOREVER, Abort, Channel
+from pipeline.channel import Abort, Channel
 from pipeline.checkpoint import resume_from, start_point
-from pipeline.control import ControlPlane, Failure, ReportReceiver, ReportSender
+from pipeline.control import LONG, ControlPlane, Failure, ReportReceiver, ReportSender
 from pipeline.console import say
 from pipeline.coordinator import Coordinator
 from pipeline.data import DataError, load_batches
@@ -33,13 +33,12 @@ from pipeline.feed import feed
 from pipeline.message import Message
 from pipeline.plan import Plan, make_plan, static_plan
 from pipeline.signals import StopRequest
-from pipeline.topology import LONG
-from pipeline.transport import Link, Receiver, Sender
-from pipeline.worker import Fault, Watchdog, run_stage
+from pipeline.transport import HostPayload, Link, Receiver, Sender
+from pipeline.worker import Fault, Watchdog, run_stage, watched
 from stages.config import Config, ConfigError
 from stages.models import build_stage
+from stages.stage import Stage
 
-FOLDER = "localpipe/run-folder"  # the job's save folder, in the store for every attempt
 
 
 @dataclass
@@ -128,16 +127,18 @@ def verdict(cfg: Config, store: dist.Store, rank: int, units: int):
     said_key = f"{attempt_prefix()}/verdict"
     if rank == 0:
         try:
-            earlier = store.get(FOLDER).decode() if store.check([FOLDER]) else None
+            earlier = runs.job_folder(store)
+            new = cfg.save_dir is None and earlier is None
             cfg = replace(cfg, save_dir=runs.choose(cfg, earlier))
             start = start_point(cfg, units)
             train, test, val = load_batches(cfg)
-            runs.check(cfg.save_dir, bool(cfg.resume))
-            runs.claim(cfg.save_dir, cfg, start)
+            if not new:
+                runs.check(cfg.save_dir, bool(cfg.resume))
+            cfg = replace(cfg, save_dir=runs.claim(cfg.save_dir, cfg, start, new))
         except (ConfigError, DataError) as exc:
             store.set(said_key, json.dumps({"error": str(exc), "kind": type(exc).__name__}))
             raise
-        store.set(FOLDER, cfg.save_dir)
+        runs.remember(store, cfg.save_dir)
         store.set(said_key, json.dumps({"resume": start.folder, "save_dir": cfg.save_dir}))
         return cfg, start, (train, test, val)
     store.wait([said_key], LONG)  # rank 0 may be downloading a dataset
@@ -182,9 +183,11 @@ def join(cfg: Config, store: dist.Store, rank: int, world: int, device: torch.de
     except Exception as exc:
         say(f"{topo.name(rank)} failed: {type(exc).__name__}: {exc}")
         os._exit(1)
-    if rank == 0 and shared and dev.is_cuda(device):
-        say(f"{world} ranks share {torch.cuda.device_count()} GPU(s) on this node; NCCL needs "
-            f"a GPU per rank, so payloads travel through pinned host memory over gloo")
+    link = me.outbound or me.inbound
+    if rank == 0 and dev.is_cuda(device) and isinstance(getattr(link, "payload", None),
+                                                       HostPayload):
+        say("more ranks than GPUs on a node: they share the GPUs, and since NCCL needs a GPU per "
+            "rank, payloads travel through pinned host memory over gloo")
     return me
 
 
@@ -193,7 +196,7 @@ def store_host(topo: topology.Topology) -> str:
     return "torchrun's agent" if agent else topo.name(0)
 
 
-def serve(me: Rank, stage, messages: Iterator[Message] | None,
+def serve(me: Rank, stage: Stage, messages: Iterator[Message] | None,
           on_report: Callable[[dict], None] | None, fault: Fault | None = None,
           steps: int = 0) -> None:
     """Run this rank's stage until STOP has passed it: rank 0 serves ``messages`` and hands
@@ -201,9 +204,9 @@ def serve(me: Rank, stage, messages: Iterator[Message] | None,
     their reports to rank 0. Ends with a barrier once rank 0 has taken every final report."""
     cfg, rank, device = me.cfg, me.topo.rank, me.device
     abort = Abort()  # a failure ends the process; the channels only need somewhere to look
-    inbox = Channel(cfg.queue_depth, abort, cfg.comm_timeout, f"{me.name}'s input queue")
-    outbox = None if me.outbound is None else Channel(
-        cfg.queue_depth, abort, cfg.comm_timeout, f"{me.name}'s output queue")
+    inbox = Channel(cfg.queue_depth, abort, f"{me.name}'s input queue")
+    outbox = None if me.outbound is None else Channel(cfg.queue_depth, abort,
+                                                      f"{me.name}'s output queue")
     reports: queue.Queue[dict] = queue.Queue()
     watchdog = Watchdog(cfg.comm_timeout)
     threads: list[threading.Thread] = []
@@ -220,7 +223,7 @@ def serve(me: Rank, stage, messages: Iterator[Message] | None,
         return thread
 
     if rank == 0:
-        guarded("the data feed: ", lambda: [inbox.put(m, timeout=FOREVER) for m in messages])
+        guarded("the data feed: ", lambda: [inbox.put(m) for m in watched(messages, watchdog)])
         threads.append(ReportReceiver(me.topo.world, reports.put, me.lost_link))
         send_report = reports.put
     else:

@@ -4,9 +4,10 @@ Each epoch's training batches, then its test batches, then END_EPOCH; a CHECKPOI
 --checkpoint-every batches; STOP at the end. Batches are moved to stage 0's device here, on the
 feed thread's own stream, and carry an event their consumer waits for.
 
-A position is (epoch, step): the next training batch to run. Step may equal the number of
-training batches: the epoch is trained and its evaluation is still to do, which is where a stop
-during the last training batch or during the evaluation leaves a run.
+A position is (epoch, step, evaluate): the next training batch to run, and whether that
+epoch's training is over and only its evaluation is still to do, which is where a stop during
+an epoch's evaluation (or right after its last training batch) leaves a run. A CHECKPOINT
+marker carries it as its ``flag``.
 """
 from __future__ import annotations
 
@@ -39,54 +40,57 @@ def feed(cfg: Config, train: Batches, test: Batches, val: Batches | None,
     if cfg.max_steps:
         total = max(0, min(total, cfg.max_steps - steps))
     progress = Progress(console.shown(cfg.progress_bar), cfg.epochs, total, 0)
-    saved = (start.epoch, start.step)  # the position of the newest checkpoint
+    saved = (start.epoch, start.step, start.evaluate)  # the newest checkpoint's position
     try:
         for epoch in range(start.epoch, cfg.epochs + 1):
-            if cfg.max_steps and steps >= cfg.max_steps:
-                break
-            progress.epoch(epoch)
             fed = start.step if epoch == start.epoch else 0
-            for step, (x, y) in enumerate(train.epoch(epoch, fed), fed):
-                if stop.signum is not None:
-                    yield from _stopped(epoch, fed, saved)
-                    return
-                if fault is not None:
-                    fault.in_feed("feed", steps + 1, stop)
-                yield batch(Kind.TRAIN, epoch, step, x, y, device)
-                progress.advance()
-                steps += 1
-                fed += 1
-                if steps == cfg.max_steps:
+            if not (epoch == start.epoch and start.evaluate):  # else it trained already
+                if cfg.max_steps and steps >= cfg.max_steps:
                     break
-                if cfg.checkpoint_every and steps % cfg.checkpoint_every == 0 \
-                        and fed < len(train):  # an epoch's end checkpoints anyway
-                    yield Message(Kind.CHECKPOINT, epoch, fed)
-                    saved = (epoch, fed)
+                progress.epoch(epoch)
+                for step, (x, y) in enumerate(train.epoch(epoch, fed), fed):
+                    if stop.signum is not None:
+                        yield from _stopped(Message(Kind.CHECKPOINT, epoch, fed), saved)
+                        return
+                    if fault is not None:
+                        fault.in_feed("feed", steps + 1, stop)
+                    yield batch(Kind.TRAIN, epoch, step, x, y, device)
+                    progress.advance()
+                    steps += 1
+                    fed += 1
+                    if steps == cfg.max_steps:
+                        break
+                    if cfg.checkpoint_every and steps % cfg.checkpoint_every == 0 \
+                            and fed < len(train):  # an epoch's end checkpoints anyway
+                        yield Message(Kind.CHECKPOINT, epoch, fed)
+                        saved = (epoch, fed, False)
             progress.epoch(epoch, "evaluation")
             tests = [(Kind.VALID, b) for b in (val.epoch(epoch) if val else ())] + \
                 [(Kind.EVAL, b) for b in test.epoch(epoch)]
             for step, (kind, (x, y)) in enumerate(tests):
                 if stop.signum is not None:  # the evaluation starts over on resume
-                    yield from _stopped(epoch, fed, saved)
+                    yield from _stopped(Message(Kind.CHECKPOINT, epoch, fed, flag=True), saved)
                     return
                 if fault is not None:
                     fault.in_feed("eval", step + 1, stop)
                 yield batch(kind, epoch, step, x, y, device)
             yield Message(Kind.END_EPOCH, epoch, fed)
-            saved = (epoch + 1, 0) if fed == len(train) else (epoch, fed)
+            saved = (epoch + 1, 0, False) if fed == len(train) else (epoch, fed, False)
         yield Message(Kind.STOP, 0, 0)
     finally:
         progress.close()
 
 
-def _stopped(epoch: int, step: int, saved: tuple[int, int]) -> Iterator[Message]:
-    """A checkpoint where training is to go on, unless the newest one is there already."""
-    if (epoch, step) != saved:
-        yield Message(Kind.CHECKPOINT, epoch, step)
-    yield Message(Kind.STOP, 0, 0)
+def _stopped(checkpoint: Message, saved: tuple[int, int, bool]) -> Iterator[Message]:
+    """A checkpoint where the run is to go on, unless the newest one is there already, then
+    STOP, flagged as a run that stopped before its end."""
+    if (checkpoint.epoch, checkpoint.step, checkpoint.flag) != saved:
+        yield checkpoint
+    yield Message(Kind.STOP, 0, 0, flag=True)
 
 
 def batch(kind: Kind, epoch: int, step: int, x: Tensor, y: Tensor,
           device: torch.device) -> Message:
     """A batch message on ``device``, copied without a host wait and stamped with its event."""
-    return Message(kind, epoch, step, {"x": dev.to(x, device), "y": dev.to(y, device)}).depart()
+    return Message(kind, epoch, step,
+                   tensors={"x": dev.to(x, device), "y": dev.to(y, device)}).depart()

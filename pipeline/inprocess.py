@@ -22,12 +22,13 @@ from pipeline.checkpoint import start_point
 from pipeline import runs
 from pipeline.coordinator import Coordinator
 from pipeline.data import load_batches
+from pipeline.distributed import rendezvous_store
 from pipeline.feed import feed
 from pipeline.memory import DeviceMemory
 from pipeline.message import Message
 from pipeline.plan import make_plan, static_plan
 from pipeline.signals import StopRequest
-from pipeline.worker import Fault, Watchdog, run_stage
+from pipeline.worker import Fault, Watchdog, run_stage, watched
 from stages.config import Config, ConfigError
 from stages.models import build_stage
 
@@ -40,15 +41,20 @@ def run_inprocess(cfg: Config, stop: StopRequest, fault: Fault | None = None) ->
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     units = len(static_plan(cfg).specs)
-    cfg = replace(cfg, save_dir=runs.choose(cfg))
+    store = rendezvous_store(cfg) if "TORCHELASTIC_RUN_ID" in os.environ else None
+    earlier = runs.job_folder(store)  # a torchrun restart writes where it wrote before
+    new = cfg.save_dir is None and earlier is None
+    cfg = replace(cfg, save_dir=runs.choose(cfg, earlier))
     process.configure(cfg, 0 if dev.is_cuda(first) else
                       max(1, (os.cpu_count() or 1) // cfg.stages))  # OpenMP team per thread
     start = start_point(cfg, units)
     train, test, val = load_batches(cfg)
-    runs.check(cfg.save_dir, bool(cfg.resume))
+    if not new:
+        runs.check(cfg.save_dir, bool(cfg.resume))
     run_plan = make_plan(cfg, first)
     devices = dev.stage_devices(cfg.stages, first)
-    runs.claim(cfg.save_dir, cfg, start)
+    cfg = replace(cfg, save_dir=runs.claim(cfg.save_dir, cfg, start, new))
+    runs.remember(store, cfg.save_dir)
     try:
         runs.write_provenance(cfg.save_dir, [str(d) for d in devices], run_plan.parts)
         info = run_plan.info
@@ -76,31 +82,32 @@ def run_threads(cfg: Config, stages: list, devices: list[torch.device],
     when any stage (or ``on_report``) fails, or when a stage spends more than --comm-timeout
     seconds on one message (stuck in a device wait, say)."""
     abort = Abort()
-    channels = [Channel(cfg.queue_depth, abort, cfg.comm_timeout, f"stage {k}'s input queue")
+    channels = [Channel(cfg.queue_depth, abort, f"stage {k}'s input queue")
                 for k in range(len(stages))]
     reports: queue.Queue[dict] = queue.Queue()
     memory = DeviceMemory(devices)
     watchdog = Watchdog(cfg.comm_timeout)
 
-    def guarded(k: int, body: Callable[[], None]) -> None:
+    def guarded(k: int, body: Callable[[], None], label: str = "") -> None:
         try:
             with dev.use(devices[k], dev.new_stream(devices[k])):
                 body()
         except StageFailed:
             pass  # another stage failed first; it is the one reported
         except Exception as exc:
-            abort.fail(StageFailed(k, f"{type(exc).__name__}: {exc}"))
+            abort.fail(StageFailed(k, f"{label}{type(exc).__name__}: {exc}"))
 
     def feeder() -> None:
-        for msg in messages:
-            channels[0].put(msg, timeout=None)
+        for msg in watched(messages, watchdog):
+            channels[0].put(msg)
 
     def worker(k: int) -> None:
         outbox = channels[k + 1] if k + 1 < len(stages) else None
         run_stage(stages[k], k, channels[k], outbox, reports.put, devices[k], cfg, fault,
                   steps, memory, watchdog)
 
-    threads = [threading.Thread(target=guarded, args=(0, feeder), name="feed", daemon=True)]
+    threads = [threading.Thread(target=guarded, args=(0, feeder, "the data feed: "), name="feed",
+                                daemon=True)]
     threads += [threading.Thread(target=guarded, args=(k, lambda k=k: worker(k)),
                                  name=f"stage-{k}", daemon=True) for k in range(len(stages))]
     for t in threads:

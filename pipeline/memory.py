@@ -153,30 +153,31 @@ class DeviceMemory:
         with self.lock:
             self.stages.setdefault(device, []).append(memory)
 
-    def epoch_end(self, device: torch.device, epoch: int) -> dict | None:
-        """Called by each stage at its END_EPOCH; the last one on ``device`` gets the sample."""
+    def epoch_end(self, device: torch.device, epoch: int, index: int,
+                  memory: StageMemory, current: int) -> dict | None:
+        """Called by each stage at its END_EPOCH with its ``current`` bytes; the last one on
+        ``device`` gets the sample, with every other stage's current bytes taken now."""
         with self.lock:
             key = (device, epoch)
             self.arrived[key] = self.arrived.get(key, 0) + 1
             if self.arrived[key] < self.expected[device]:
                 return None
             del self.arrived[key]
-            return sample(device, sum(m.current() for m in self.stages[device]))
+            others = sum(m.current() for m in self.stages[device] if m is not memory)
+            return sample(device, current + others, index)
 
 
-def sample(device: torch.device, stage_bytes: int) -> dict:
-    """This process's memory on ``device`` now, and its peak since the last sample (reset)."""
-    out = {"host": socket.gethostname(), "pid": os.getpid(), "device": str(device)}
+def sample(device: torch.device, stage_bytes: int, stage: int | None = None) -> dict:
+    """This process's memory on ``device`` now, and its peak since the last sample (reset);
+    ``stage`` is the stage that took it."""
+    out = {"host": socket.gethostname(), "pid": os.getpid(), "device": str(device),
+           "stage": stage, "stage_bytes": stage_bytes}
     if dev.is_cuda(device):
-        allocated = torch.cuda.memory_allocated(device)
-        out.update(uuid=dev.uuid(device), allocated_bytes=allocated,
-                   peak_allocated_bytes=torch.cuda.max_memory_allocated(device),
-                   reserved_bytes=torch.cuda.memory_reserved(device),
-                   stage_bytes=stage_bytes, unattributed_bytes=allocated - stage_bytes,
+        out.update(uuid=dev.uuid(device), **dev.allocator(device),
                    nvml_used_bytes=nvml_used(device))
-        torch.cuda.reset_peak_memory_stats(device)
+        out["unattributed_bytes"] = out["allocated_bytes"] - stage_bytes
     else:
-        out.update(rss_bytes=_rss(), peak_rss_bytes=peak_rss(), stage_bytes=stage_bytes)
+        out.update(rss_bytes=_rss(), peak_rss_bytes=peak_rss())
     return out
 
 

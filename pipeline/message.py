@@ -5,7 +5,7 @@ wants its successor to have (the same path carries them all, in-process or betwe
 Markers carry no tensors: every batch sent before a marker has gone through a stage by the time
 the marker does, which is what makes checkpoints consistent without draining the pipeline.
 
-Between processes a message is a fixed header of four integers, then (for a batch) the JSON
+Between processes a message is a fixed header of five integers, then (for a batch) the JSON
 list of its tensors' names, dtypes and shapes, then the tensors themselves. JSON, never pickle:
 a receiver only ever allocates the tensors it is told about.
 """
@@ -35,6 +35,8 @@ class Message:
     kind: Kind
     epoch: int
     step: int  # batch index within the epoch's train or test pass
+    # CHECKPOINT: the epoch's evaluation is still to do; STOP: the run stops before its end
+    flag: bool = False
     tensors: dict[str, Tensor] = field(default_factory=dict)
     ready: dev.Event | None = None  # on a GPU: the tensors are ready once it has fired
 
@@ -64,7 +66,8 @@ class Message:
 
 
 # ------------------------------------------------------------------------------ wire format
-HEADER_LEN = 4  # kind, epoch, step, length of the tensor list in bytes
+HEADER_LEN = 5  # kind, epoch, step, flag, length of the tensor list in bytes
+TensorSpec = tuple[str, torch.dtype, list[int]]  # a tensor a header announces: name, dtype, shape
 DTYPES = {str(t): t for t in (torch.float32, torch.float16, torch.bfloat16, torch.float64,
                               torch.int64, torch.int32, torch.uint8, torch.bool)}
 
@@ -76,16 +79,17 @@ def encode(msg: Message) -> tuple[Tensor, Tensor | None]:
         text = json.dumps([[name, str(t.dtype), list(t.shape)] for name, t in msg.tensors.items()])
         spec = torch.frombuffer(bytearray(text.encode()), dtype=torch.uint8)
     length = 0 if spec is None else spec.numel()
-    return torch.tensor([int(msg.kind), msg.epoch, msg.step, length], dtype=torch.int64), spec
+    return torch.tensor([int(msg.kind), msg.epoch, msg.step, int(msg.flag), length],
+                        dtype=torch.int64), spec
 
 
 def decode(header: Tensor) -> tuple[Message, int]:
     """The message a header announces (no tensors yet) and the length of its tensor list."""
-    kind, epoch, step, length = header.tolist()
-    return Message(Kind(kind), epoch, step), length
+    kind, epoch, step, flag, length = header.tolist()
+    return Message(Kind(kind), epoch, step, bool(flag)), length
 
 
-def decode_spec(spec: Tensor) -> list[tuple[str, torch.dtype, list[int]]]:
+def decode_spec(spec: Tensor) -> list[TensorSpec]:
     """(name, dtype, shape) of each tensor that follows; refuses dtypes it does not know."""
     out = []
     for name, dtype, shape in json.loads(spec.numpy().tobytes().decode()):

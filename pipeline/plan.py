@@ -8,6 +8,7 @@ where the copy does not fit in memory, parameter counts stand in for times.
 from __future__ import annotations
 
 import resource
+import time
 from dataclasses import dataclass
 
 import torch
@@ -89,6 +90,34 @@ def thread_limit() -> int:
     return min(limits, default=2**31 - 1)
 
 
+def measure_costs(stage, in_shape: tuple[int, int, int], num_classes: int, cfg: Config,
+                  repeats: int = 3) -> list[float]:
+    """Median seconds of each unit's full training step on random batches of the run's size.
+
+    ``stage`` must be a throwaway copy holding every unit: measuring trains it.
+    """
+    device = next(stage.parameters()).device
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.randn((cfg.batch_size, *in_shape), generator=gen).to(device)
+    y = torch.randint(num_classes, (cfg.batch_size,), generator=gen).to(device)
+    times: list[list[float]] = [[] for _ in stage.units]
+    stage.train()
+    for r in range(repeats + 1):  # the first round warms up caches and allocators
+        x = x0
+        for i, unit in enumerate(stage.units):
+            dev.synchronize(device)
+            start = time.perf_counter()
+            x, update = unit.train_step(x, y)
+            update()
+            dev.synchronize(device)
+            if r > 0:
+                times[i].append(time.perf_counter() - start)
+    for unit in stage.units:
+        for meter in unit.meters.values():
+            meter.take()
+    return [sorted(t)[len(t) // 2] for t in times]
+
+
 def make_plan(cfg: Config, device: torch.device) -> Plan:
     """Plan the units and choose the cut: --balance if given, else the best one for each
     unit's measured step time, or for its parameter count where a full copy of the network
@@ -99,7 +128,7 @@ def make_plan(cfg: Config, device: torch.device) -> Plan:
         return static
     info = static.info
     try:
-        costs = partition.measure_costs(
+        costs = measure_costs(
             build_stage(cfg, info.shape, info.num_classes, device=device), info.shape,
             info.num_classes, cfg)
         kind = "measured"

@@ -24,9 +24,12 @@ class Records:
         if self.folder and curves:
             env = {**os.environ, "PYTHONPATH": os.pathsep.join(
                 [PROJECT, *filter(None, [os.environ.get("PYTHONPATH")])])}
+            # a session of its own: a Ctrl-C or a scheduler's signal to the run's process group
+            # must not cut the last drawing short; it ends when the run closes its stdin
             self.sidecar = subprocess.Popen([sys.executable, "-m", "pipeline.sidecar",
                                              self.folder], stdin=subprocess.PIPE, env=env,
-                                            stdout=subprocess.DEVNULL, text=True)
+                                            stdout=subprocess.DEVNULL, text=True,
+                                            start_new_session=True)
 
     def epoch(self, record: dict) -> None:
         console.show(summary(record, self.backprop))

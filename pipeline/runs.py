@@ -4,8 +4,10 @@ Without --save-dir a run gets a folder of its own, ``runs/<dataset>-<model>-<los
 ``runs/latest`` points to the newest; --save-dir names the folder itself ('' saves nothing).
 A folder that already holds a run is refused unless the run resumes (``--resume auto``), so a
 second run never overwrites a first. Rank 0 holds a lock in the folder while it writes there;
-a lock left by a process that no longer runs on this host is taken over with a notice. Nothing
-is written before every check has passed: ``claim`` is the first write of a run.
+a lock left by a process that no longer runs on this host, or by an earlier attempt of the same
+torchrun job, is taken over with a notice. A torchrun job keeps its folder in the rendezvous
+store, so that its restarts write where its first attempt did. Nothing is written before every
+check has passed: ``claim`` is the first write of a run.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from stages.config import Config, ConfigError
 
 ROOT = "runs"
 LOCK = "run.lock"
+FOLDER_KEY = "localpipe/run-folder"  # a torchrun job's folder, in its rendezvous store
 RECORDS = ("args.json", "metrics.jsonl", "checkpoints", "model.pt")
 
 
@@ -34,19 +37,14 @@ def default_name(cfg: Config) -> str:
 
 
 def choose(cfg: Config, earlier: str | None = None) -> str:
-    """The folder of this run ('' when nothing is saved). Without --save-dir: ``earlier`` (the
-    folder an earlier attempt of this torchrun job chose), else a new folder under runs/, or
-    with --resume auto the one runs/latest points to."""
-    if cfg.save_dir is not None:  # runs/latest means the run it points to
+    """The folder of this run ('' when nothing is saved): --save-dir (runs/latest means the
+    run it points to), else ``earlier`` (the folder this torchrun job chose on an earlier
+    attempt), else a new one under runs/, whose name ``claim`` may still change."""
+    if cfg.save_dir is not None:
         folder = cfg.save_dir
         return os.path.join(os.path.dirname(folder), os.readlink(folder)) \
             if os.path.islink(folder) else folder
-    if earlier:
-        return earlier
-    latest = os.path.join(ROOT, "latest")
-    if cfg.resume == "auto" and os.path.isdir(latest):
-        return os.path.join(ROOT, os.readlink(latest))
-    return os.path.join(ROOT, default_name(cfg))
+    return earlier or os.path.join(ROOT, default_name(cfg))
 
 
 def check(folder: str, resuming: bool) -> None:
@@ -54,15 +52,19 @@ def check(folder: str, resuming: bool) -> None:
     another job is writing (its lock). Writes nothing."""
     if not folder:
         return
-    held = [name for name in RECORDS if os.path.exists(os.path.join(folder, name))]
-    if held and not resuming:
-        raise ConfigError(f"--save-dir {folder} already holds a run ({', '.join(held)}); add "
-                          f"--resume auto to continue it, or choose another --save-dir")
+    _check_records(folder, resuming)
     owner = lock_owner(folder)
     if owner is not None and _running(owner):
         raise ConfigError(f"--save-dir {folder} is in use by process {owner['pid']} on "
                           f"{owner['host'].split('/')[0]} since {owner['since']}; wait for it "
                           f"or choose another --save-dir")
+
+
+def _check_records(folder: str, resuming: bool) -> None:
+    held = [name for name in RECORDS if os.path.exists(os.path.join(folder, name))]
+    if held and not resuming:
+        raise ConfigError(f"--save-dir {folder} already holds a run ({', '.join(held)}); add "
+                          f"--resume auto to continue it, or choose another --save-dir")
 
 
 def lock_owner(folder: str) -> dict | None:
@@ -74,38 +76,102 @@ def lock_owner(folder: str) -> dict | None:
 
 
 def _running(owner: dict) -> bool:
-    """Whether a lock's owner may still run: certainly not if it was on this host and is gone."""
+    """Whether a lock's owner may still run: not if it is an earlier attempt of this very
+    torchrun job, nor if it was on this host and its process is gone."""
+    job = os.environ.get("TORCHELASTIC_RUN_ID")
+    if job and owner.get("job") == job:
+        return False
     return owner.get("host") != host_id() or process_alive(int(owner.get("pid", 0)))
 
 
-def claim(folder: str, cfg: Config, start: checkpoint.Start) -> None:
-    """Take the folder for this run, after every check passed: the lock (taking over a dead
-    process's, with a notice), args.json, metrics.jsonl and steps.jsonl (on resume, the records
-    of what the checkpoint holds; a fresh run starts them empty); runs/latest if it is under
-    runs/."""
+def claim(folder: str, cfg: Config, start: checkpoint.Start, new: bool) -> str:
+    """Take the folder for this run, after every check passed, and return it. A ``new``
+    folder (a default name) is created exclusively, with a suffix if another run took the name
+    meanwhile; the lock is created exclusively too (a dead process's is taken over, with a
+    notice), and the folder checked again under it. Then args.json, metrics.jsonl and
+    steps.jsonl (on resume, the records of what the checkpoint holds; a fresh run starts them
+    empty), and runs/latest if the folder is under runs/."""
     if not folder:
-        return
+        return folder
     try:
+        folder = _create(folder) if new else folder
         os.makedirs(folder, exist_ok=True)
-        owner = lock_owner(folder)
-        if owner is not None:
-            say(f"taking over the lock of process {owner['pid']} on "
-                f"{owner['host'].split('/')[0]}, which no longer runs")
-        me = {"host": host_id(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
-        atomic_write(os.path.join(folder, LOCK),
-                                lambda f: f.write(json.dumps(me).encode()))
-        atomic_write(os.path.join(folder, "args.json"),
-                                lambda f: f.write(json.dumps(cfg.to_dict(), indent=1).encode()))
+        _lock(folder)
+    except OSError as exc:
+        raise ConfigError(f"cannot write to --save-dir {folder}: "
+                          f"{getattr(exc, 'strerror', None) or exc}") from None
+    try:
+        _check_records(folder, bool(cfg.resume))  # again, now that the folder is ours
         for name, kept in (("metrics.jsonl", lambda r: r.get("epoch", 0) < start.epoch),
                            ("steps.jsonl", lambda r: r.get("steps", 0) <= start.steps)):
             records = [r for r in _records(folder, name) if start.folder and kept(r)]
             atomic_write(os.path.join(folder, name), lambda f: f.write(
                 "".join(json.dumps(r) + "\n" for r in records).encode()))
+        args = json.dumps({**cfg.to_dict(), "save_dir": folder}, indent=1)
+        atomic_write(os.path.join(folder, "args.json"), lambda f: f.write(args.encode()))
         if os.path.dirname(os.path.normpath(folder)) == ROOT:
             _point_latest(folder)
-    except (OSError, WriteError) as exc:
-        raise ConfigError(f"cannot write to --save-dir {folder}: "
-                          f"{getattr(exc, 'strerror', None) or exc}") from None
+    except BaseException as exc:
+        release(folder)
+        if isinstance(exc, WriteError):
+            raise ConfigError(f"cannot write to --save-dir {folder}: {exc}") from None
+        raise
+    return folder
+
+
+def _create(folder: str) -> str:
+    """Make a new run folder, adding -2, -3, ... to a name another run has taken."""
+    os.makedirs(os.path.dirname(folder) or ".", exist_ok=True)
+    for n in range(1, 1000):
+        name = folder if n == 1 else f"{folder}-{n}"
+        try:
+            os.mkdir(name)
+            return name
+        except FileExistsError:
+            continue
+    raise ConfigError(f"cannot find a free name for a run folder like {folder}")
+
+
+def _lock(folder: str) -> None:
+    """Create the lock exclusively; a lock whose owner no longer runs is moved aside first
+    (by one taker only: a rename succeeds once)."""
+    path = os.path.join(folder, LOCK)
+    me = json.dumps({"host": host_id(), "pid": os.getpid(), "job": os.environ.get(
+        "TORCHELASTIC_RUN_ID"), "since": time.strftime("%Y-%m-%d %H:%M:%S")})
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            owner = lock_owner(folder)
+            if owner is not None and _running(owner):
+                raise ConfigError(f"--save-dir {folder} is in use by process {owner['pid']} on "
+                                  f"{owner['host'].split('/')[0]} since {owner['since']}; wait "
+                                  f"for it or choose another --save-dir") from None
+            try:
+                os.rename(path, f"{path}.stale-{os.getpid()}")
+            except FileNotFoundError:
+                continue  # another taker moved it first
+            os.unlink(f"{path}.stale-{os.getpid()}")
+            if owner is not None:
+                say(f"taking over the lock of process {owner['pid']} on "
+                    f"{owner['host'].split('/')[0]}, which no longer runs")
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(me)
+        return
+    raise ConfigError(f"cannot take the lock of --save-dir {folder}")
+
+
+def job_folder(store) -> str | None:
+    """The folder an earlier attempt of this torchrun job chose (``store``: the job's
+    rendezvous store, which lives as long as the job; None outside torchrun)."""
+    return store.get(FOLDER_KEY).decode() if store is not None and store.check([FOLDER_KEY]) \
+        else None
+
+
+def remember(store, folder: str) -> None:
+    if store is not None:
+        store.set(FOLDER_KEY, folder)
 
 
 def release(folder: str) -> None:
@@ -118,11 +184,18 @@ def release(folder: str) -> None:
 
 
 def _records(folder: str, name: str) -> list[dict]:
+    """The records of a JSON-lines file; a line cut short (a full disk, a kill) is left out."""
     path = os.path.join(folder, name)
     if not os.path.exists(path):
         return []
+    out = []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                say(f"leaving out an unreadable line of {path}")
+    return out
 
 
 def _point_latest(folder: str) -> None:
@@ -147,6 +220,8 @@ def provenance(devices: list[str], parts: list[list[int]]) -> dict:
     import torch
     import torchvision
 
+    from pipeline import device as dev
+
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
         commit = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True,
@@ -159,7 +234,6 @@ def provenance(devices: list[str], parts: list[list[int]]) -> dict:
             "git_commit": commit, "git_dirty": dirty, "host": socket.gethostname(),
             "python": platform.python_version(), "torch": torch.__version__,
             "torchvision": torchvision.__version__, "numpy": numpy.__version__,
-            "cuda": torch.version.cuda, "devices": devices,
-            "gpus": [torch.cuda.get_device_name(k) for k in range(torch.cuda.device_count())],
+            **dev.gpus(), "devices": devices,
             "world_size": int(os.environ.get("WORLD_SIZE", 1)), "stages": parts,
             "started": time.strftime("%Y-%m-%d %H:%M:%S")}

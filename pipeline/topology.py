@@ -20,9 +20,8 @@ import torch
 import torch.distributed as dist
 
 from pipeline import device as dev
+from pipeline.control import LONG  # link waits are bounded by the control plane
 from pipeline.transport import HostPayload, Link, NcclPayload
-
-LONG = timedelta(days=365)  # link waits are bounded by the control plane, not by a timeout
 
 
 @dataclass(frozen=True)

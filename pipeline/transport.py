@@ -23,7 +23,11 @@ NCCL from several threads, and why it is sound here (NCCL user guide, "Thread sa
    several threads. A middle stage has two link threads with a communicator each, so every
    NCCL call of a process is made under one lock (``NCCL_LOCK``). With NCCL the calls only
    enqueue work (``Work.wait`` makes the link stream wait, it does not block the host), so the
-   lock is held for microseconds.
+   lock is held for microseconds, except at a link's first operation, when the pair's
+   connection is set up, a host-blocking meeting with the peer (and throughout, if the user
+   sets TORCH_NCCL_BLOCKING_WAIT). Holding the lock then cannot deadlock either: a rank waits
+   in it only for a peer that is about to post the matching half, with its own lock free or
+   held for the same reason further down the pipeline, which ends at the last stage.
 2. NCCL kernels block until their peer's kernel runs, and any device-wide synchronisation
    (a ``cudaFree`` for one) then waits for them: two communicators in flight can deadlock when
    their operations depend on each other in different orders on different ranks. Here every
@@ -51,8 +55,10 @@ import torch.distributed as dist
 from torch import Tensor
 
 from pipeline import device as dev
-from pipeline.channel import FOREVER, Channel
-from pipeline.message import HEADER_LEN, Kind, decode, decode_spec, encode
+from pipeline.channel import Channel
+from pipeline.message import HEADER_LEN, Kind, TensorSpec, decode, decode_spec, encode
+
+OnError = Callable[[int, BaseException], None]  # a link to rank ``peer`` broke
 
 NCCL_LOCK = threading.Lock()  # rule 1 above: one NCCL call at a time in a process
 
@@ -73,7 +79,7 @@ class HostPayload:
         for t in tensors.values():
             dist.send(t.contiguous(), dst=self.peer, group=self.group)
 
-    def recv(self, specs) -> dict[str, Tensor]:
+    def recv(self, specs: list[TensorSpec]) -> dict[str, Tensor]:
         out = {}
         for name, dtype, shape in specs:
             buffer = dev.host_buffer(shape, dtype, self.device)
@@ -100,7 +106,7 @@ class NcclPayload:
             with NCCL_LOCK:
                 dist.isend(t.contiguous(), dst=self.peer, group=self.group).wait()
 
-    def recv(self, specs) -> dict[str, Tensor]:
+    def recv(self, specs: list[TensorSpec]) -> dict[str, Tensor]:
         out = {}
         for name, dtype, shape in specs:
             buffer = torch.empty(shape, dtype=dtype, device=self.device)
@@ -115,7 +121,7 @@ class Link:
     """One neighbour of this rank: its global rank, the gloo group for headers, the payload."""
 
     peer: int
-    group: object
+    group: dist.ProcessGroup
     payload: HostPayload | NcclPayload
 
 
@@ -124,7 +130,7 @@ class _LinkThread(threading.Thread):
     error (a dead peer, a broken connection) goes to ``on_error(peer, exc)``."""
 
     def __init__(self, channel: Channel, link: Link, device: torch.device,
-                 on_error: Callable[[int, BaseException], None], name: str) -> None:
+                 on_error: OnError, name: str) -> None:
         super().__init__(name=name, daemon=True)
         self.channel, self.link, self.device, self.on_error = channel, link, device, on_error
 
@@ -142,12 +148,13 @@ class _LinkThread(threading.Thread):
 class Sender(_LinkThread):
     """Sends each message of ``channel`` to the next stage: header, tensor list, tensors."""
 
-    def __init__(self, channel: Channel, link: Link, device: torch.device, on_error) -> None:
+    def __init__(self, channel: Channel, link: Link, device: torch.device,
+                 on_error: OnError) -> None:
         super().__init__(channel, link, device, on_error, f"send-to-{link.peer}")
 
     def pump(self) -> None:
         while True:
-            msg, _ = self.channel.get(timeout=FOREVER)
+            msg, _ = self.channel.get()
             msg = msg.arrive(self.device)  # this stream waits for the producing stage
             tensors = self.link.payload.prepare(msg.tensors) if msg.tensors else {}
             header, spec = encode(msg)
@@ -162,7 +169,8 @@ class Sender(_LinkThread):
 class Receiver(_LinkThread):
     """Receives messages from the previous stage into ``channel`` (blocking while it is full)."""
 
-    def __init__(self, channel: Channel, link: Link, device: torch.device, on_error) -> None:
+    def __init__(self, channel: Channel, link: Link, device: torch.device,
+                 on_error: OnError) -> None:
         super().__init__(channel, link, device, on_error, f"recv-from-{link.peer}")
 
     def pump(self) -> None:
@@ -175,6 +183,6 @@ class Receiver(_LinkThread):
                 dist.recv(spec, src=self.link.peer, group=self.link.group)
                 msg.tensors = self.link.payload.recv(decode_spec(spec))
                 msg = msg.depart()  # ready once this stream's copies or receives are done
-            self.channel.put(msg, timeout=FOREVER)
+            self.channel.put(msg)
             if msg.kind == Kind.STOP:
                 return

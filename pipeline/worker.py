@@ -13,7 +13,7 @@ import os
 import signal
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -34,8 +34,8 @@ class Fault:
 
     WHERE is a stage index: at its STEP-th training batch (1-based, over the whole run) that
     stage raises ("raise"), kills its own process with SIGKILL on the first attempt of a
-    torchrun job ("kill"), stops it with SIGSTOP ("freeze"), or feeds NaN into its units
-    ("nan"). WHERE "feed" acts in the data feed before its STEP-th training batch, "eval"
+    torchrun job ("kill"), stops it with SIGSTOP ("freeze"), hangs in the batch for a minute
+    ("stall"), or feeds NaN into its units ("nan"). WHERE "feed" acts in the data feed before its STEP-th training batch, "eval"
     before the STEP-th test batch of any epoch; there "sigint" and "sigterm" send that signal
     to the feed's own process."""
 
@@ -55,6 +55,9 @@ class Fault:
             return x
         if self.action == "nan":
             return x * float("nan")
+        if self.action == "stall":
+            time.sleep(60)
+            return x
         if self.action in ("kill", "freeze"):
             if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
                 os.kill(os.getpid(), signal.SIGKILL if self.action == "kill" else signal.SIGSTOP)
@@ -101,28 +104,51 @@ class StepLog:
             self.report({**r, "losses": dict(zip(units, values.tolist()))})
 
 
+FEED = "feed"  # the watchdog's name for the data feed
+
+
 class Watchdog:
-    """When each stage of a process began the message it is on. A stage that spends more than
-    --comm-timeout seconds on one message is stuck (in a device wait that never returns, say):
-    it is named, not the neighbours that wait for it, whose own waits began later."""
+    """When each stage of a process (and the data feed) began the message it is on. One that
+    spends more than --comm-timeout seconds on one message is stuck (in a device wait that
+    never returns, say): it is named, the earliest first, never the neighbours that wait for
+    it, which wait without a limit of their own."""
 
     def __init__(self, limit: float) -> None:
         self.limit = limit
-        self.since: dict[int, float] = {}
+        self.since: dict[int | str, float] = {}
 
-    def begin(self, stage: int) -> None:
-        self.since[stage] = time.monotonic()
+    def begin(self, who: int | str) -> None:
+        self.since[who] = time.monotonic()
 
-    def end(self, stage: int) -> None:
-        self.since.pop(stage, None)
+    def end(self, who: int | str) -> None:
+        self.since.pop(who, None)
 
     def stuck(self) -> StageFailed | None:
         now = time.monotonic()
-        for stage, since in list(self.since.items()):
-            if now - since > self.limit:
-                return StageFailed(stage, f"stuck for {now - since:.0f} s on one message "
-                                          f"(--comm-timeout {self.limit:g})")
-        return None
+        late = [(since, who) for who, since in list(self.since.items())
+                if now - since > self.limit]
+        if not late:
+            return None
+        since, who = min(late, key=lambda item: item[0])
+        what = "the data feed: stuck" if who == FEED else "stuck"
+        return StageFailed(0 if who == FEED else who,
+                           f"{what} for {now - since:.0f} s on one message "
+                           f"(--comm-timeout {self.limit:g})")
+
+
+def watched(messages: Iterator[Message], watchdog: Watchdog) -> Iterator[Message]:
+    """``messages``, with ``watchdog`` told how long the feed takes to make each one (not
+    how long it then waits for room in stage 0's queue)."""
+    it = iter(messages)
+    while True:
+        watchdog.begin(FEED)
+        try:
+            msg = next(it)
+        except StopIteration:
+            return
+        finally:
+            watchdog.end(FEED)
+        yield msg
 
 
 def run_stage(stage: Stage, index: int, inbox: Channel, outbox: Channel | None,
@@ -197,15 +223,19 @@ def run_stage(stage: Stage, index: int, inbox: Channel, outbox: Channel | None,
             step_log.flush(wait=True)  # a marker: every logged batch is reported before it
             if msg.kind == Kind.STOP:
                 writer.close()  # every checkpoint report goes out before the final one
-                report({"kind": "final", "stage": index,
+                report({"kind": "final", "stage": index, "stopped": msg.flag,
                         "state": {k: v.detach().cpu() for k, v in stage.state_dict().items()}})
                 return
             # END_EPOCH or CHECKPOINT: every batch before the marker is done here, and only those
             r = {"kind": msg.kind.name.lower(), "stage": index, "epoch": msg.epoch,
                  "step": msg.step, "steps": steps, "units": stage.indices}
             if msg.kind == Kind.END_EPOCH:
-                r.update(meters=stage.take_meters(), timing=timer.take(),
-                         memory=memory.take(), device_memory=devices.epoch_end(device, msg.epoch))
-            writer.submit(steps, stage.checkpoint_state() if cfg.save_dir else None, r)
+                own = memory.take()
+                r.update(meters=stage.take_meters(), timing=timer.take(), memory=own,
+                         device_memory=devices.epoch_end(device, msg.epoch, index, memory,
+                                                         own["current_bytes"]))
+            r["evaluate"] = msg.kind == Kind.CHECKPOINT and msg.flag
+            writer.submit(steps, r["evaluate"], stage.checkpoint_state() if cfg.save_dir else None,
+                          r)
     finally:
         writer.abandon()

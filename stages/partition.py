@@ -1,16 +1,12 @@
 """Cutting a network's units into K contiguous stages.
 
-A pipeline runs at the pace of its slowest stage, so the automatic cut measures each unit's whole
-training step (forward, local heads, backward, optimizer) and picks the contiguous split that
-minimises the largest stage cost; parameter counts stand in where measuring is not wanted.
+A pipeline runs at the pace of its slowest stage, so the cut is the contiguous split that
+minimises the largest stage cost: each unit's measured training step (``pipeline/plan.py``
+times them on the device), or its parameter count where measuring is not possible.
 """
 from __future__ import annotations
 
-import time
-
-import torch
-
-from stages.config import Config, ConfigError
+from stages.config import ConfigError
 
 
 def check_stages(num_units: int, stages: int) -> None:
@@ -64,36 +60,3 @@ def stage_costs(costs: list[float], balance: list[int]) -> list[float]:
 def parameter_costs(stage) -> list[float]:
     """Each unit's parameter count, the fallback cost when no timing is wanted."""
     return [float(sum(p.numel() for p in u.parameters())) for u in stage.units]
-
-
-def measure_costs(stage, in_shape: tuple[int, int, int], num_classes: int, cfg: Config,
-                  repeats: int = 3) -> list[float]:
-    """Median seconds of each unit's full training step on random batches of the run's size.
-
-    ``stage`` must be a throwaway copy holding every unit: measuring trains it.
-    """
-    device = next(stage.parameters()).device
-    gen = torch.Generator().manual_seed(0)
-    x0 = torch.randn((cfg.batch_size, *in_shape), generator=gen).to(device)
-    y = torch.randint(num_classes, (cfg.batch_size,), generator=gen).to(device)
-    times: list[list[float]] = [[] for _ in stage.units]
-    stage.train()
-    for r in range(repeats + 1):  # the first round warms up caches and allocators
-        x = x0
-        for i, unit in enumerate(stage.units):
-            _sync(device)
-            start = time.perf_counter()
-            x, update = unit.train_step(x, y)
-            update()
-            _sync(device)
-            if r > 0:
-                times[i].append(time.perf_counter() - start)
-    for unit in stage.units:
-        for meter in unit.meters.values():
-            meter.take()
-    return [sorted(t)[len(t) // 2] for t in times]
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)

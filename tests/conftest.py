@@ -48,6 +48,40 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 600, torchrun:
                           cwd=ROOT)
 
 
+class Timed:
+    """A command's exit code and its stderr lines, each with the time it arrived, so that a
+    test can time what happened from an event in the run, not from a launch whose own
+    duration depends on the machine."""
+
+    def __init__(self, *args: str, env: dict | None = None, timeout: float = 300,
+                 torchrun: int = 0) -> None:
+        import threading
+        import time
+
+        proc = subprocess.Popen(cli_command(*args, torchrun=torchrun), cwd=ROOT, text=True,
+                                env=cli_env(env), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE)
+        self.lines: list[tuple[float, str]] = []
+        reader = threading.Thread(target=lambda: self.lines.extend(
+            (time.monotonic(), line.rstrip()) for line in proc.stderr), daemon=True)
+        reader.start()
+        try:
+            proc.wait(timeout=timeout)
+        finally:
+            proc.kill()
+        self.ended = time.monotonic()
+        reader.join(timeout=10)
+        self.returncode = proc.returncode
+
+    def ours(self) -> list[tuple[float, str]]:
+        """localpipe's own lines (not torchrun's)."""
+        return [(t, text) for t, text in self.lines if text.startswith("localpipe:")]
+
+    @property
+    def text(self) -> str:
+        return "\n".join(text for _, text in self.lines)
+
+
 def _free_port() -> int:
     import socket
 

@@ -20,7 +20,7 @@ from launch.recipes import RECIPES
 from pipeline.data import load_split
 from stages.config import Config
 
-from conftest import LAUNCH, ROOT, metrics, run_cli
+from conftest import LAUNCH, ROOT, metrics
 
 SPEC = ROOT.parent / "shared" / "method" / "local-loss-spec.md"
 
@@ -105,18 +105,40 @@ def test_evaluate_reproduces_the_last_test_error_block_errors_and_logits(recipe_
     assert json.loads((tmp_path / "e.json").read_text())["error"] == last["test_error"]
 
 
-def test_a_run_without_save_dir_gets_a_folder_of_its_own(tmp_path):
+def test_runs_started_together_without_save_dir_get_folders_of_their_own(tmp_path):
     args = ["--no-curves", "--model", "mlp", "--num-layers", "2", "--num-hidden", "32",
             "--dataset", "synthetic", "--epochs", "1", "--threads", "1"]
-    runs = tmp_path / "runs"
-    for _ in range(2):
-        result = subprocess.run([sys.executable, str(LAUNCH), *args], cwd=tmp_path,
-                                capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0, result.stderr
-    folders = sorted(p.name for p in runs.iterdir() if p.name != "latest")
-    assert len(folders) == 2 and all(f.startswith("synthetic-mlp-predsim-") for f in folders)
-    assert os.readlink(runs / "latest") in folders
-    assert all((runs / f / "model.pt").exists() for f in folders)
+    runs = [subprocess.Popen([sys.executable, str(LAUNCH), *args], cwd=tmp_path,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            for _ in range(3)]
+    for run in runs:
+        assert run.wait(timeout=300) == 0, run.stderr.read()
+    folders = sorted(p.name for p in (tmp_path / "runs").iterdir() if p.name != "latest")
+    assert len(folders) == 3 and all(f.startswith("synthetic-mlp-predsim-") for f in folders)
+    assert os.readlink(tmp_path / "runs" / "latest") in folders
+    for folder in folders:
+        saved = json.loads((tmp_path / "runs" / folder / "args.json").read_text())
+        assert saved["save_dir"] == os.path.join("runs", folder)  # each wrote its own
+        assert len(metrics(tmp_path / "runs" / folder)) == 1
+
+
+def test_a_validation_split_is_held_out_alike_by_every_runner(tmp_path, capsys):
+    args = ["--no-curves", "--model", "mlp", "--num-layers", "2", "--num-hidden", "32",
+            "--dataset", "synthetic", "--epochs", "2", "--threads", "1", "--val-split", "200"]
+    for stages in ("1", "2"):
+        assert main(args + ["--stages", stages, "--save-dir", str(tmp_path / stages)]) == 0
+    one, two = metrics(tmp_path / "1"), metrics(tmp_path / "2")
+    assert [(r["train_samples"], r["val_samples"]) for r in one] == [(1848, 200)] * 2
+    assert [r["val_error"] for r in one] == [r["val_error"] for r in two]
+    assert all(0 <= r["val_error"] < 90 and "val_error" in r["blocks"][0] for r in one)
+    assert torch.equal(torch.load(tmp_path / "1" / "model.pt")["output.linear.weight"],
+                       torch.load(tmp_path / "2" / "model.pt")["output.linear.weight"])
+    figures, _ = evaluate(load(str(tmp_path / "1")), "val")
+    assert figures["error"] == one[-1]["val_error"] and figures["samples"] == 200
+    capsys.readouterr()
+    assert main(args + ["--val-split", "100", "--save-dir", str(tmp_path / "1"),
+                        "--resume", "auto", "--epochs", "3"]) == 2
+    assert "was made with --val-split 200, this run has 100" in capsys.readouterr().err
 
 
 def test_help_gives_every_option_a_help_text_and_a_default():

@@ -12,7 +12,7 @@ from pipeline.message import Kind, Message
 from stages import partition
 from stages.config import ConfigError
 
-from conftest import assert_same_model, load_model, metrics, run_cli
+from conftest import Timed, assert_same_model, load_model, metrics, run_cli
 
 # Dropout and batch norm on, a last partial batch (100 = 3·32 + 4), an epoch boundary with an
 # lr milestone, and --max-steps ending training inside the second epoch.
@@ -82,15 +82,15 @@ def _still_running(marker: str) -> str:
 
 def test_failing_stage_brings_down_every_process(tmp_path):
     save = tmp_path / "fault-run"
-    start = time.monotonic()
-    result = run_cli("--no-curves", "--model", "mlp", "--num-layers", "2", "--num-hidden", "64",
-                     "--dataset", "synthetic", "--stages", "3", "--save-dir", str(save),
-                     "--epochs", "5",
-                     torchrun=3, env={"LOCALPIPE_INJECT_FAULT": "1:3"}, timeout=120)
-    elapsed = time.monotonic() - start
-    assert result.returncode != 0
-    assert elapsed < 30, f"took {elapsed:.0f} s"
-    assert "localpipe: stage 1 failed: RuntimeError: injected fault" in result.stderr
+    run = Timed("--no-curves", "--model", "mlp", "--num-layers", "2", "--num-hidden", "64",
+                "--dataset", "synthetic", "--stages", "3", "--save-dir", str(save),
+                "--epochs", "5", torchrun=3, env={"LOCALPIPE_INJECT_FAULT": "1:3"}, timeout=120)
+    ours = run.ours()
+    assert run.returncode != 0 and ours, run.text[-3000:]
+    assert run.ended - ours[0][0] < 30, "the job outlived its first failure by 30 s"
+    cause = "stage 1 failed: RuntimeError: injected fault at training step 3"
+    assert sorted(text for _, text in ours) == sorted(
+        [f"localpipe: stage {k} stopped: {cause}" for k in (0, 2)] + [f"localpipe: {cause}"])
     assert not _still_running(str(save)), "a stage process outlived the run"
 
 
@@ -110,15 +110,37 @@ def test_failing_stage_stops_the_in_process_runner(tmp_path, capsys):
 
 
 def test_channel_backpressure_and_abort():
+    """A full channel holds its producer back until the consumer takes a message, and a
+    failure anywhere in the process wakes every wait."""
+    import threading
+
     abort = Abort()
-    channel = Channel(1, abort, timeout=0.2, name="test queue")
+    channel = Channel(1, abort, "test queue")
     channel.put(Message(Kind.STOP, 0, 0))
-    with pytest.raises(TimeoutError, match="could not send to test queue"):
-        channel.put(Message(Kind.STOP, 0, 0))
-    channel.get()
+    blocked = threading.Thread(target=channel.put, args=(Message(Kind.END_EPOCH, 1, 0),))
+    blocked.start()
+    time.sleep(0.2)
+    assert blocked.is_alive() and channel.qsize() == 1
+    assert channel.get()[0].kind == Kind.STOP
+    blocked.join(timeout=5)
+    assert channel.get()[0].kind == Kind.END_EPOCH
     abort.fail(StageFailed(3, "boom"))
     with pytest.raises(StageFailed, match="stage 3 failed: boom"):
         channel.get()
+
+
+def test_a_stage_stuck_inside_a_batch_is_named_not_its_neighbours(tmp_path, capsys,
+                                                                  monkeypatch):
+    """Stage 1 never returns from its 3rd batch (a device wait that hangs, say): after
+    --comm-timeout seconds the run stops naming it, not the stages that wait for it."""
+    monkeypatch.setenv("LOCALPIPE_INJECT_FAULT", "1:3:stall")
+    start = time.monotonic()
+    code = main(["--no-curves", "--model", "mlp", "--num-layers", "3", "--num-hidden", "32",
+                 "--dataset", "synthetic", "--stages", "4", "--save-dir", "", "--threads", "1",
+                 "--comm-timeout", "2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and time.monotonic() - start < 20
+    assert err == ["localpipe: stage 1 failed: stuck for 2 s on one message (--comm-timeout 2)"]
 
 
 def test_best_balance_minimises_the_slowest_stage():
@@ -133,13 +155,14 @@ def test_best_balance_minimises_the_slowest_stage():
 
 def test_auto_cut_falls_back_to_parameter_counts_when_measuring_runs_out_of_memory(
         monkeypatch):
+    from pipeline import plan as plan_module
     from pipeline.plan import make_plan
     from stages.config import Config
 
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("no room for a throwaway copy")
 
-    monkeypatch.setattr(partition, "measure_costs", out_of_memory)
+    monkeypatch.setattr(plan_module, "measure_costs", out_of_memory)
     cfg = Config(model="mlp", num_layers=3, num_hidden=64, dataset="synthetic", stages=2)
     run_plan = make_plan(cfg, torch.device("cpu"))
     assert run_plan.cost_kind == "parameters"

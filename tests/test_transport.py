@@ -15,17 +15,18 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pipeline import control, device
+from pipeline import checkpoint, control, device
 from pipeline.channel import Abort, Channel
 from pipeline.control import ControlPlane, Failure
+from pipeline.files import WriteError
 from pipeline.message import Kind, Message, decode, decode_spec, encode
 from pipeline.signals import StopRequest
-from pipeline.worker import Watchdog
+from pipeline.worker import FEED, Watchdog
 
 
 def _message(step: int) -> Message:
     gen = torch.Generator().manual_seed(step)
-    return Message(Kind.TRAIN, 2, step, {
+    return Message(Kind.TRAIN, 2, step, tensors={
         "x": torch.randn(3, 4, 5, generator=gen),
         "y": torch.randint(10, (3,), generator=gen),
         "skip": torch.randn(3, 2, 2, generator=gen).to(torch.bfloat16),  # a named extra
@@ -62,7 +63,7 @@ def _payload_rank(rank: int, port: int, count: int) -> None:
 
     store = dist.TCPStore("127.0.0.1", port, 2, rank == 0, timedelta(seconds=60))
     me = join(Config(stages=2), store, rank, 2, torch.device("cpu"), shared=False)
-    channel = Channel(2, Abort(), 60, "test")
+    channel = Channel(2, Abort(), "test")
     if rank == 0:
         assert isinstance(me.outbound.payload, HostPayload)
         sender = Sender(channel, me.outbound, torch.device("cpu"), me.lost_link)
@@ -193,24 +194,50 @@ def test_a_signal_to_one_rank_stops_every_rank_after_the_grace_period(store):
 def test_a_signal_that_comes_with_a_death_is_no_stop_request(store):
     stop = StopRequest()
     watcher = Plane(store, 0, 2, timeout=30.0, stop=stop)
-    stop.received, stop.received_at = signal.SIGTERM, time.monotonic()  # torchrun's forward
     _register_dead(store, 1)
     watcher.plane.start()
+    stop.received, stop.received_at = signal.SIGTERM, time.monotonic()  # torchrun's forward
     _wait_for(lambda: watcher.failures, 5)
     time.sleep(control.GRACE_S + 0.5)
     assert stop.signum is None and str(watcher.failures[0]).startswith("stage 1 died")
 
 
-def test_the_watchdog_names_a_stage_stuck_on_one_message():
+def test_the_watchdog_names_the_first_stage_stuck_on_one_message():
     watchdog = Watchdog(0.2)
     watchdog.begin(0)
     watchdog.begin(2)
+    time.sleep(0.05)
+    watchdog.begin(1)
     watchdog.end(0)
     assert watchdog.stuck() is None
     time.sleep(0.3)
     failure = watchdog.stuck()
     assert failure.stage == 2 and "stuck for 0 s on one message (--comm-timeout 0.2)" in str(
         failure)
+    watchdog.begin(FEED)
+    watchdog.end(1)
+    watchdog.end(2)
+    time.sleep(0.3)
+    assert str(watchdog.stuck()).startswith("stage 0 failed: the data feed: stuck for")
+
+
+def test_a_failed_checkpoint_write_never_blocks_the_stage(tmp_path):
+    """The first write fails (its folder is a file); the stage's next submissions and its
+    close still return at once, and the failure is raised in the stage."""
+    (tmp_path / "checkpoints").write_text("not a folder")
+    reports = []
+    writer = checkpoint.Writer(str(tmp_path), 0, reports.append)
+    state = {"w": torch.zeros(3)}
+    writer.submit(1, False, state, {"kind": "checkpoint"})
+    deadline = time.monotonic() + 10
+    while writer.error is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    with pytest.raises(WriteError, match="cannot write"):
+        writer.submit(2, False, state, {"kind": "checkpoint"})
+    with pytest.raises(WriteError):
+        writer.close()
+    assert reports == []
 
 
 def test_stages_are_grouped_contiguously_on_fewer_gpus(monkeypatch):

@@ -144,8 +144,9 @@ class BackpropPart(nn.Module):
         self.stage = stage
 
     def forward(self, x: Tensor) -> Tensor:
+        skips: dict[str, Tensor] = {}
         for block in self.stage.blocks.values():
-            x = block.handoff(block.features(x))
+            x = block.run(x, skips, losses=False)[0]
         return x if self.stage.output is None else self.stage.output(x)
 
 

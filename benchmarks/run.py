@@ -26,7 +26,7 @@ import torch  # noqa: E402
 
 from benchmarks import harness  # noqa: E402
 from stages import partition  # noqa: E402
-from stages.config import Config  # noqa: E402
+from stages.config import RESIDUAL_MODELS, Config  # noqa: E402
 
 MiB = 2 ** 20
 
@@ -271,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
                         "one GPU; the process modes when K GPUs are visible")
     p.add_argument("--out", default="runs/benchmarks", help="folder for JSON and PNG")
     args = p.parse_args(argv)
+    if args.model in RESIDUAL_MODELS:  # torch's pipelining needs cuts between blocks
+        p.error(f"--model {args.model}: the benchmarks cover the MLP and the VGGs; residual "
+                f"networks would need their backprop baselines cut between blocks")
     if args.quick:
         args.model, args.num_layers, args.num_hidden, args.batch_size = "mlp", 3, 256, 64
         args.warmup, args.steps, args.repeats, args.microbatches = 2, 4, 2, [2, 4]

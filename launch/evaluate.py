@@ -33,7 +33,7 @@ from pipeline.data import (INFO, Batches, DataError, DatasetInfo, load_batches, 
                            load_split)
 from pipeline.files import atomic_write  # noqa: E402
 from stages.config import Config, ConfigError  # noqa: E402
-from stages.models import build_model  # noqa: E402
+from stages.models import build_model, plan  # noqa: E402
 from stages.stage import Stage  # noqa: E402
 
 
@@ -102,9 +102,10 @@ def evaluate(loaded: Loaded, split: str = "test") -> tuple[dict, Tensor]:
         logits.append(model.eval_step(x.to(device), y.to(device), split).cpu())
     meters = {i: m[split] for i, m in model.take_meters().items()}
     out = meters.pop(max(meters))
-    names = {u.index: repr(u.layer if hasattr(u, "layer") else u.linear) for u in model.units}
+    info = INFO[cfg.dataset]
+    names = [spec.describe() for spec in plan(cfg, info.shape, info.num_classes)]
     return {"split": split, "samples": out["n"], "error": out["error"], "loss": out["loss"],
-            "blocks": [{"block": i, "layer": names[i], "error": m["error"], "loss": m["loss"],
+            "blocks": [{"block": i, "name": names[i], "error": m["error"], "loss": m["loss"],
                         "loss_sim": m["loss_sim"], "loss_pred": m["loss_pred"]}
                        for i, m in sorted(meters.items())]}, torch.cat(logits)
 
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
           f"(loss {figures['loss']:.4f})")
     for b in figures["blocks"]:
         if b["error"] is not None:
-            print(f"  block {b['block']} {b['layer']}: local-head error {b['error']:.3f}%")
+            print(f"  block {b['block']} {b['name']}: local-head error {b['error']:.3f}%")
     out = args.json or os.path.join(args.path, "evaluation.json")
     atomic_write(out, lambda f: f.write(json.dumps(figures, indent=1).encode()))
     print(f"written: {out}")

@@ -78,13 +78,14 @@ def build_parser() -> Parser:
     a("--batch-size", type=int, default=d.batch_size, metavar="N",
       help="training and test batch size")
     a("--num-layers", type=int, default=d.num_layers, metavar="N",
-      help="hidden FC layers: the whole mlp; after a VGG's convs (0: one plain Linear)")
+      help="hidden FC layers: the whole mlp; after a VGG's convs (0: one plain Linear); "
+           "none in the residual networks")
     a("--num-hidden", type=int, default=d.num_hidden, metavar="N",
       help="width of every hidden FC layer")
     a("--dim-in-decoder", type=int, default=d.dim_in_decoder, metavar="N",
       help="largest input of a conv block's pred head (average pooling brings it down)")
     a("--feat-mult", type=float, default=d.feat_mult, metavar="X",
-      help="multiplies every conv width")
+      help="multiplies every conv width (not the Wide ResNets', as in the paper's code)")
     a("--epochs", type=int, default=d.epochs, metavar="N", help="epochs to train")
     a("--classes-per-batch", type=int, default=d.classes_per_batch, metavar="N",
       help="if > 0, batches hold this many classes (§6.3)")
@@ -117,7 +118,9 @@ def build_parser() -> Parser:
     a("--no-batch-norm", action="store_true", help="blocks without batch norm")
     a("--no-detach", action="store_true",
       help="local losses plus the end-to-end gradient (cannot be pipelined)")
-    a("--pre-act", action="store_true", help="pre-activation blocks (ResNet only)")
+    a("--pre-act", action="store_true",
+      help="pre-activation Basic blocks and a bare stem (ResNet only; Bottleneck blocks keep "
+           "post-activation, as in the paper's code)")
     a("--seed", type=int, default=d.seed, help="seed of every random stream")
     a("--save-dir", default=d.save_dir, metavar="DIR",
       help="the run's folder; none: a new one under runs/ ('' saves nothing)")

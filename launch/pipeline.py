@@ -24,7 +24,7 @@ from pipeline.console import say  # noqa: E402
 from pipeline.data import INFO, DataError  # noqa: E402
 from pipeline.distributed import run_distributed  # noqa: E402
 from pipeline.inprocess import run_inprocess  # noqa: E402
-from pipeline.plan import make_plan  # noqa: E402
+from pipeline.plan import footprints, make_plan, stage_memory  # noqa: E402
 from pipeline.signals import StopRequest  # noqa: E402
 from pipeline.worker import Fault  # noqa: E402
 from launch.options import parse_config, program  # noqa: E402
@@ -56,11 +56,14 @@ def resume_command(argv: list[str] | None, folder: str) -> str:
 
 
 def describe(cfg: Config) -> None:
-    """Print the units with their parameter counts (local heads included), the stages, and
-    last the parameter count of the backprop network as the paper counts it."""
+    """Print the units with their parameter counts (local heads included), the stages with
+    their estimated memory and what each boundary carries, where the network deviates from
+    the paper's code, and last the parameter count of the backprop network as the paper
+    counts it."""
     import torch
 
     from pipeline import device
+    from stages.residual import deviations
 
     info = INFO[cfg.dataset]
     try:
@@ -70,18 +73,30 @@ def describe(cfg: Config) -> None:
     with torch.device("meta"):
         counts = [sum(p.numel() for p in build_unit(s, cfg, info.num_classes).parameters())
                   for s in run_plan.specs]
+    prints = footprints(cfg, info)
     print(f"{cfg.model} on {cfg.dataset} {info.shape}, {info.num_classes} classes, "
           f"loss {'backprop' if cfg.backprop else cfg.loss_sup}")
     for spec, n in zip(run_plan.specs, counts):
-        print(f"  unit {spec.index}: {spec.describe():48s} {n:>12,d} parameters")
+        print(f"  unit {spec.index}: {spec.describe():54s} {n:>12,d} parameters")
     print(f"total parameters (with local heads): {sum(counts):,d}")
+    mib = lambda n: f"{n / 2**20:,.0f} MiB"  # noqa: E731
     for k, part in enumerate(run_plan.parts):
         cost = ""
         if run_plan.costs is not None:
             total = sum(run_plan.costs[i] for i in part)
             cost = (f", measured step {1000 * total:.1f} ms" if run_plan.cost_kind == "measured"
                     else f", {total:,.0f} parameters")
-        print(f"stage {k}: units {part[0]}-{part[-1]}{cost}")
+        memory = stage_memory(cfg, prints[part[0]:part[-1] + 1])
+        print(f"stage {k}: units {part[0]}-{part[-1]}{cost}, memory about "
+              f"{mib(memory.pop('total'))} at batch {cfg.batch_size} ("
+              + ", ".join(f"{name} {mib(n)}" for name, n in memory.items()) + ")")
+        if k + 1 < len(run_plan.parts):
+            nxt = prints[part[-1] + 1]
+            print(f"  -> stage {k + 1} gets " + ", ".join(
+                f"{name} {'x'.join(map(str, shape[1:])) or 'labels'}"
+                for name, shape in nxt.carries) + f": {mib(nxt.inbound)} a batch")
+    for line in deviations(cfg, run_plan.specs):
+        print(f"deviation from the paper's code: {line}")
     print(f"backprop parameters: {backprop_parameters(cfg, info.shape, info.num_classes)}")
 
 

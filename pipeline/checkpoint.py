@@ -31,7 +31,9 @@ from torch import Tensor
 from pipeline.files import atomic_write
 from stages.config import ConfigError
 
-FORMAT = 2  # 2: no dropout generator states (masks are keyed by position), weights_only files
+# 2: no dropout generator states (masks are keyed by position), weights_only files;
+# 3: a list of optimizers per unit (a residual block's last unit also steps its shortcut's)
+FORMAT = 3
 PAUSE_ENV = "LOCALPIPE_TEST_SAVE_PAUSE"  # test hook "SECONDS[@STAGE]": stall before a rename
 
 
@@ -184,7 +186,7 @@ def write_manifest(save_dir: str, steps: int, position: tuple[int, int, bool], a
 # Options that change the network or its training, so a checkpoint made with other values
 # cannot be continued. The rest (epochs, stages, balance, paths, devices, logging) may change.
 MODEL_ARGS = ("model", "dataset", "num_layers", "num_hidden", "dim_in_decoder", "feat_mult",
-              "loss_sup", "loss_unsup", "bio", "backprop", "no_detach", "no_batch_norm",
+              "loss_sup", "loss_unsup", "bio", "backprop", "no_detach", "no_batch_norm", "pre_act",
               "target_proj_size", "optim", "nonlin", "seed", "batch_size", "dropout", "alpha",
               "beta", "lr", "lr_decay_milestones", "lr_decay_fact", "momentum", "weight_decay",
               "no_similarity_std", "cutout", "n_holes", "length", "classes_per_batch",
@@ -271,7 +273,7 @@ def _check_stage_file(path: str, data: bytes, units: list[int]) -> None:
                          f"({type(exc).__name__})") from None
     saved = state.get("units") if isinstance(state, dict) else None
     if not isinstance(saved, dict) or any(
-            not isinstance(saved.get(u), dict) or not {"state", "optimizer", "meters"}
+            not isinstance(saved.get(u), dict) or not {"state", "optimizers", "meters"}
             <= saved[u].keys() for u in units):
         raise ValueError(f"checkpoint file {path} does not hold the state of units {units}")
 

@@ -94,7 +94,8 @@ def run_distributed(cfg: Config, stop: StopRequest,
     with stop.installed(confirm_at_once=False):
         try:
             with dev.use(device):
-                shared_plan = [make_plan(cfg, device) if rank == 0 else None]
+                own = dev.is_cuda(device) and not shared  # a GPU for every stage
+                shared_plan = [make_plan(cfg, device, own) if rank == 0 else None]
                 dist.broadcast_object_list(shared_plan, src=0)
                 run_plan: Plan = shared_plan[0]
                 devices = [None] * world

@@ -51,8 +51,9 @@ def run_inprocess(cfg: Config, stop: StopRequest, fault: Fault | None = None) ->
     train, test, val = load_batches(cfg)
     if not new:
         runs.check(cfg.save_dir, bool(cfg.resume))
-    run_plan = make_plan(cfg, first)
     devices = dev.stage_devices(cfg.stages, first)
+    run_plan = make_plan(cfg, first, own_devices=dev.is_cuda(first)
+                         and len(set(map(str, devices))) == cfg.stages)
     cfg = replace(cfg, save_dir=runs.claim(cfg.save_dir, cfg, start, new))
     runs.remember(store, cfg.save_dir)
     try:

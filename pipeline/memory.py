@@ -138,33 +138,28 @@ _NULL = contextlib.nullcontext()
 
 class DeviceMemory:
     """The figures of one process on each device it uses, sampled once per epoch when the last
-    of its stages on that device reaches the epoch's end, with every one of those stages'
-    current bytes taken at the same instant."""
+    of its stages on that device reaches the epoch's end. Each stage counts its own bytes, in
+    its own thread, when it gets there: reading another stage's tensors while that stage
+    trains would race with it (and can crash the interpreter)."""
 
     def __init__(self, stage_devices: list[torch.device]) -> None:
         """``stage_devices``: the device of each stage this process runs."""
         self.expected = {d: stage_devices.count(d) for d in stage_devices}
-        self.stages: dict[torch.device, list[StageMemory]] = {}
-        self.arrived: dict[tuple[torch.device, int], int] = {}
+        self.arrived: dict[tuple[torch.device, int], list[int]] = {}
         self.lock = threading.Lock()
 
-    def add(self, device: torch.device, memory: StageMemory) -> None:
-        """Register a stage (before it serves its first message)."""
-        with self.lock:
-            self.stages.setdefault(device, []).append(memory)
-
     def epoch_end(self, device: torch.device, epoch: int, index: int,
-                  memory: StageMemory, current: int) -> dict | None:
+                  current: int) -> dict | None:
         """Called by each stage at its END_EPOCH with its ``current`` bytes; the last one on
-        ``device`` gets the sample, with every other stage's current bytes taken now."""
+        ``device`` gets the sample, with the sum of every one's bytes."""
         with self.lock:
             key = (device, epoch)
-            self.arrived[key] = self.arrived.get(key, 0) + 1
-            if self.arrived[key] < self.expected[device]:
+            counted = self.arrived.setdefault(key, [])
+            counted.append(current)
+            if len(counted) < self.expected[device]:
                 return None
             del self.arrived[key]
-            others = sum(m.current() for m in self.stages[device] if m is not memory)
-            return sample(device, current + others, index)
+            return sample(device, sum(counted), index)
 
 
 def sample(device: torch.device, stage_bytes: int, stage: int | None = None) -> dict:

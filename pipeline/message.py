@@ -1,7 +1,8 @@
 """What travels between stages: a kind, a position in the run, and named tensors.
 
-A batch carries its activations ``x`` and labels ``y``, plus any other named tensor a stage
-wants its successor to have (the same path carries them all, in-process or between processes).
+A batch carries its activations ``x`` and labels ``y``, plus the named skip tensors a stage
+hands its successor (a residual block's input on its way to the block's last unit): the same
+path carries them all, in-process or between processes.
 Markers carry no tensors: every batch sent before a marker has gone through a stage by the time
 the marker does, which is what makes checkpoints consistent without draining the pipeline.
 
@@ -48,8 +49,13 @@ class Message:
     def y(self) -> Tensor:
         return self.tensors["y"]
 
-    def with_tensors(self, **tensors: Tensor) -> "Message":
-        return replace(self, tensors={**self.tensors, **tensors}, ready=None)
+    def skips(self) -> dict[str, Tensor]:
+        """The named tensors other than ``x`` and ``y``: skip connections in flight."""
+        return {k: t for k, t in self.tensors.items() if k not in ("x", "y")}
+
+    def handing_on(self, x: Tensor, skips: dict[str, Tensor]) -> "Message":
+        """This batch as the next stage gets it: the output, the labels and the skips."""
+        return replace(self, tensors={"x": x, "y": self.y, **skips}, ready=None)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())

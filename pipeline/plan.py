@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import resource
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -29,6 +29,7 @@ class Plan:
     parts: list[list[int]]  # unit indices of each stage
     costs: list[float] | None = None  # per unit, in seconds ("measured") or parameters
     cost_kind: str = "given"
+    budget: int | None = None  # bytes each stage's device has, when the cut had to fit it
 
 
 def static_plan(cfg: Config) -> Plan:
@@ -90,9 +91,77 @@ def thread_limit() -> int:
     return min(limits, default=2**31 - 1)
 
 
+@dataclass(frozen=True)
+class Footprint:
+    """One unit's memory in training, in bytes: weights, optimizer state, the activations
+    autograd keeps for its backward (its weights apart), and the messages that reach it and
+    leave it (x, y and the skips in flight), at the run's batch size."""
+
+    weights: int
+    state: int
+    saved: int
+    inbound: int
+    outbound: int
+    carries: tuple[tuple[str, tuple[int, ...]], ...]  # name and shape of each inbound tensor
+
+
+def footprints(cfg: Config, info: DatasetInfo) -> list[Footprint]:
+    """Each unit's footprint, from one training step on the meta device: shapes only, so it
+    costs neither memory nor time (dropout is left out: its masks cannot be drawn there)."""
+    est = replace(cfg, dropout=0.0)
+    state_per_weight = {"adam": 2, "amsgrad": 3}.get(cfg.optim, int(cfg.momentum > 0))
+    nbytes = lambda t: t.numel() * t.element_size()  # noqa: E731
+    with torch.device("meta"):
+        units = [build_unit(s, est, info.num_classes)
+                 for s in plan(est, info.shape, info.num_classes)]
+        x = torch.empty((cfg.batch_size, *info.shape))
+        y = torch.zeros(cfg.batch_size, dtype=torch.long)
+    skips: dict = {}
+    out = []
+    message = lambda: nbytes(x) + nbytes(y) + sum(map(nbytes, skips.values()))  # noqa: E731
+    for unit in units:
+        inbound = message()
+        carries = tuple((name, tuple(t.shape)) for name, t in {"x": x, "y": y, **skips}.items())
+        storages: dict[int, int] = {}
+        weights = {p.untyped_storage()._cdata for p in unit.parameters()}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            key = t.untyped_storage()._cdata
+            if key not in weights:
+                storages[key] = t.untyped_storage().nbytes()
+            return t
+
+        unit.train()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            if cfg.local:
+                unit.make_optimizer()
+                x, _ = unit.train_step(x, y, skips)
+            else:
+                x = unit(x) if unit is units[-1] else unit.run(x, skips, losses=False)[0]
+        size = sum(map(nbytes, unit.parameters()))
+        out.append(Footprint(size, size * state_per_weight, sum(storages.values()), inbound,
+                             message(), carries))
+    return out
+
+
+def stage_memory(cfg: Config, units: list[Footprint]) -> dict[str, int]:
+    """The estimated peak of a stage holding ``units``: one unit's gradients and activations
+    live at a time in local modes (all of them in the global ones), and up to --queue-depth
+    inbound messages wait beside the one in work and the one going out."""
+    pick = max if cfg.local else sum
+    weights = sum(u.weights for u in units)
+    parts = {"weights": weights, "grads": pick(u.weights for u in units),
+             "optimizer": sum(u.state for u in units),
+             "activations": pick(u.saved for u in units),
+             "messages": (cfg.queue_depth + 1) * units[0].inbound + units[-1].outbound}
+    return {**parts, "total": sum(parts.values())}
+
+
 def measure_costs(stage, in_shape: tuple[int, int, int], num_classes: int, cfg: Config,
-                  repeats: int = 3) -> list[float]:
-    """Median seconds of each unit's full training step on random batches of the run's size.
+                  repeats: int = 3, patience: float = 10.0) -> list[float]:
+    """Median seconds of each unit's full training step on random batches of the run's size,
+    over ``repeats`` rounds after a warm-up, or over one where the warm-up took more than
+    ``patience`` seconds (a large network on a CPU: the cut need not wait minutes).
 
     ``stage`` must be a throwaway copy holding every unit: measuring trains it.
     """
@@ -100,33 +169,42 @@ def measure_costs(stage, in_shape: tuple[int, int, int], num_classes: int, cfg: 
     gen = torch.Generator().manual_seed(0)
     x0 = torch.randn((cfg.batch_size, *in_shape), generator=gen).to(device)
     y = torch.randint(num_classes, (cfg.batch_size,), generator=gen).to(device)
-    times: list[list[float]] = [[] for _ in stage.units]
     stage.train()
-    for r in range(repeats + 1):  # the first round warms up caches and allocators
-        x = x0
-        for i, unit in enumerate(stage.units):
+
+    def one_round() -> list[float]:
+        x, skips, seconds = x0, {}, []
+        for unit in stage.units:
             dev.synchronize(device)
             start = time.perf_counter()
-            x, update = unit.train_step(x, y)
+            x, update = unit.train_step(x, y, skips)
             update()
             dev.synchronize(device)
-            if r > 0:
-                times[i].append(time.perf_counter() - start)
+            seconds.append(time.perf_counter() - start)
+        return seconds
+
+    warm_up = one_round()  # caches and allocators
+    rounds = [one_round() for _ in range(1 if sum(warm_up) > patience else repeats)]
     for unit in stage.units:
         for meter in unit.meters.values():
             meter.take()
-    return [sorted(t)[len(t) // 2] for t in times]
+    return [sorted(t)[len(t) // 2] for t in zip(*rounds)]
 
 
-def make_plan(cfg: Config, device: torch.device) -> Plan:
+def make_plan(cfg: Config, device: torch.device, own_devices: bool = False) -> Plan:
     """Plan the units and choose the cut: --balance if given, else the best one for each
     unit's measured step time, or for its parameter count where a full copy of the network
-    cannot be trained on ``device`` (out of memory) to measure it. The copy is freed, and the
-    device's allocator peak restarted, before training begins."""
+    cannot be trained on ``device`` (out of memory) to measure it. With ``own_devices`` (a
+    GPU for every stage) only cuts whose every stage fits its device's memory are considered.
+    The copy is freed, and the device's allocator peak restarted, before training begins."""
     static = static_plan(cfg)
     if static.parts:
         return static
     info = static.info
+    fits, budget = None, None
+    if own_devices:  # a tenth left for the CUDA context, the allocator's cache and fragments
+        budget = int(0.9 * dev.memory(device)[0])
+        prints = footprints(cfg, info)
+        fits = lambda a, b: stage_memory(cfg, prints[a:b])["total"] <= budget  # noqa: E731
     try:
         costs = measure_costs(
             build_stage(cfg, info.shape, info.num_classes, device=device), info.shape,
@@ -138,5 +216,5 @@ def make_plan(cfg: Config, device: torch.device) -> Plan:
                                                           device="meta"))
         kind = "parameters"
     dev.release(device)
-    balance = partition.best_balance(costs, cfg.stages)
-    return Plan(info, static.specs, partition.split(balance, len(costs)), costs, kind)
+    balance = partition.best_balance(costs, cfg.stages, fits)
+    return Plan(info, static.specs, partition.split(balance, len(costs)), costs, kind, budget)

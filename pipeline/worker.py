@@ -35,9 +35,9 @@ class Fault:
     WHERE is a stage index: at its STEP-th training batch (1-based, over the whole run) that
     stage raises ("raise"), kills its own process with SIGKILL on the first attempt of a
     torchrun job ("kill"), stops it with SIGSTOP ("freeze"), hangs in the batch for a minute
-    ("stall"), or feeds NaN into its units ("nan"). WHERE "feed" acts in the data feed before its STEP-th training batch, "eval"
-    before the STEP-th test batch of any epoch; there "sigint" and "sigterm" send that signal
-    to the feed's own process."""
+    ("stall"), or feeds NaN into its units ("nan"). WHERE "feed" acts in the data feed before
+    its STEP-th training batch, "eval" before the STEP-th test batch of any epoch; there
+    "sigint" and "sigterm" send that signal to the feed's own process."""
 
     stage: int | str
     step: int
@@ -166,7 +166,6 @@ def run_stage(stage: Stage, index: int, inbox: Channel, outbox: Channel | None,
     timer = StageTimer(device)
     memory = StageMemory(stage, inbox.nbytes)
     devices = devices or DeviceMemory([device])
-    devices.add(device, memory)
     writer = checkpoint.Writer(cfg.save_dir, index, report)
     watchdog = watchdog or Watchdog(float("inf"))
     step_log = StepLog(cfg.log_every, index, report)
@@ -180,10 +179,11 @@ def run_stage(stage: Stage, index: int, inbox: Channel, outbox: Channel | None,
         stage.train()
         stage.set_position(msg.epoch, msg.step)
         started = timer.clock.start()
+        skips = msg.skips()
         with memory.watching():
-            out, update = stage.train_step(x, msg.y)
+            out, update = stage.train_step(x, msg.y, skips)
         timer.clock.stop(started)
-        send(msg.with_tensors(x=out))
+        send(msg.handing_on(out, skips))
         started = timer.clock.start()
         update()
         timer.clock.stop(started)
@@ -215,9 +215,11 @@ def run_stage(stage: Stage, index: int, inbox: Channel, outbox: Channel | None,
             if msg.kind in (Kind.EVAL, Kind.VALID):
                 stage.eval()
                 started = timer.clock.start()
-                out = stage.eval_step(msg.x, msg.y, "val" if msg.kind == Kind.VALID else "test")
+                skips = msg.skips()
+                out = stage.eval_step(msg.x, msg.y, "val" if msg.kind == Kind.VALID else "test",
+                                      skips)
                 timer.clock.stop(started)
-                send(msg.with_tensors(x=out))
+                send(msg.handing_on(out, skips))
                 continue
             send(msg)
             step_log.flush(wait=True)  # a marker: every logged batch is reported before it
@@ -232,7 +234,7 @@ def run_stage(stage: Stage, index: int, inbox: Channel, outbox: Channel | None,
             if msg.kind == Kind.END_EPOCH:
                 own = memory.take()
                 r.update(meters=stage.take_meters(), timing=timer.take(), memory=own,
-                         device_memory=devices.epoch_end(device, msg.epoch, index, memory,
+                         device_memory=devices.epoch_end(device, msg.epoch, index,
                                                          own["current_bytes"]))
             r["evaluate"] = msg.kind == Kind.CHECKPOINT and msg.flag
             writer.submit(steps, r["evaluate"], stage.checkpoint_state() if cfg.save_dir else None,

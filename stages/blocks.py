@@ -20,6 +20,9 @@ from stages import losses
 from stages.config import Config, derive_seed
 
 Update = Callable[[], None]
+# The skip tensors of one batch in flight, by name: a unit that starts a residual block stashes
+# its input here, the block's last unit pops it (stages/residual.py). It travels with the batch.
+Skips = dict[str, Tensor]
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -128,7 +131,7 @@ class Unit(nn.Module):
         super().__init__()
         self.index = index
         self.cfg = cfg
-        self.optimizer: torch.optim.Optimizer | None = None
+        self.optimizers: list[torch.optim.Optimizer] = []  # stepped in this order
         self.meters = {"train": Meter(), "val": Meter(), "test": Meter()}
         self.phase = "test"  # which meter an evaluation records into: "val" or "test"
         self.position = (0, 0)  # (epoch, step) of the batch being trained
@@ -138,20 +141,21 @@ class Unit(nn.Module):
     def make_optimizer(self) -> None:
         """Give the unit its private optimizer (not in --backprop, where the stage holds one)."""
         if not self.cfg.backprop:
-            self.optimizer = make_optimizer(self.parameters(), self.cfg)
+            self.optimizers = [make_optimizer(self.parameters(), self.cfg)]
 
     @property
     def meter(self) -> Meter:
         return self.meters["train" if self.training else self.phase]
 
     def set_lr(self, lr: float) -> None:
-        if self.optimizer is not None:
-            for group in self.optimizer.param_groups:
+        for optimizer in self.optimizers:
+            for group in optimizer.param_groups:
                 group["lr"] = lr
 
     def dropout_generator(self, device: torch.device) -> torch.Generator:
         """The generator of this unit's masks for the current batch, seeded from its position
-        (a generator of the activation's device: the masks differ between device types)."""
+        (a generator of the activation's device: the masks differ between device types).
+        Reseeded at each call: a unit draws one mask per batch."""
         if self._dropout_gen is None or self._dropout_gen.device != device:
             self._dropout_gen = torch.Generator(device=device)
         self._dropout_gen.manual_seed(derive_seed(self.cfg.seed, "dropout", self.index,
@@ -160,16 +164,17 @@ class Unit(nn.Module):
 
     def step_closure(self, loss: Tensor, kept: list[tuple[Tensor, Tensor]]) -> Update:
         """The update of this batch; ``kept`` are the buffers to put back if it is skipped."""
-        optimizer = self.optimizer
-        assert optimizer is not None
+        optimizers = self.optimizers
+        assert optimizers
 
         def update() -> None:
             if not finite_or_skip(loss, f"unit {self.index}", self.cfg):
                 restore_buffers(kept)
                 return
             loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            for optimizer in optimizers:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
         return update
 
 
@@ -183,19 +188,24 @@ class LocalBlock(Unit):
 
     def __init__(self, index: int, cfg: Config, num_classes: int, n_in: int, n_out: int,
                  conv: tuple[int, int, int] | None = None, size: int = 1,
-                 max_pool: bool = False) -> None:
+                 max_pool: bool = False, bias: bool = True, bn: bool = True,
+                 in_size: int | None = None, recon_first: bool = False,
+                 pool_size: int | None = None) -> None:
         """``conv`` is (kernel, stride, padding) for a conv block, None for a linear one;
-        ``size`` is the spatial size of h for a conv block."""
+        ``size`` is the spatial size of h for a conv block, ``in_size`` that of its input (by
+        default size × stride). ``bn`` False leaves out the BN (as --no-batch-norm does);
+        ``recon_first`` gives the first unit a recon decoder too (residual stems, §5.4);
+        ``pool_size`` is the side the pred pooling is sized for (by default ``size``)."""
         super().__init__(index, cfg)
         self.num_classes = num_classes
         self.is_conv = conv is not None
         if conv is not None:
             k, s, p = conv
-            self.layer: nn.Module = nn.Conv2d(n_in, n_out, k, s, p)
+            self.layer: nn.Module = nn.Conv2d(n_in, n_out, k, s, p, bias=bias)
         else:
-            self.layer = nn.Linear(n_in, n_out)
+            self.layer = nn.Linear(n_in, n_out, bias=bias)
         norm = nn.BatchNorm2d if self.is_conv else nn.BatchNorm1d
-        self.bn = None if cfg.no_batch_norm else norm(n_out)
+        self.bn = None if cfg.no_batch_norm or not bn else norm(n_out)
         self.max_pool = nn.MaxPool2d(2, 2) if max_pool else None
         self.p = cfg.dropout
         self.w_pred, self.w_sim = losses.sup_weights(cfg.loss_sup, cfg.beta)
@@ -211,7 +221,8 @@ class LocalBlock(Unit):
         self.pred_pool = None
         dim = n_out
         if self.is_conv and (self.w_pred > 0 or cfg.bio):
-            pooling = pred_pooling(n_out, size, cfg.dim_in_decoder)
+            pooling = pred_pooling(n_out, size if pool_size is None else pool_size,
+                                   cfg.dim_in_decoder)
             dim = pooling.dim
             if pooling.kernel != (1, 1):
                 self.pred_pool = nn.AvgPool2d(pooling.kernel, pooling.kernel, pooling.padding)
@@ -226,9 +237,14 @@ class LocalBlock(Unit):
             self.register_buffer("label_proj", torch.empty(cfg.target_proj_size, num_classes)
                                  .uniform_(-bound, bound))
         self.recon_head = None
-        if cfg.loss_unsup == "recon" and index > 0:
-            self.recon_head = (nn.ConvTranspose2d(n_out, n_in, *conv) if conv is not None
-                               else nn.Linear(n_out, n_in))
+        if cfg.loss_unsup == "recon" and (index > 0 or recon_first):
+            if conv is not None:  # output_padding: back to the input's side for any stride
+                k, s, p = conv
+                extra = (size * s if in_size is None else in_size) - ((size - 1) * s - 2 * p + k)
+                self.recon_head: nn.Module | None = nn.ConvTranspose2d(
+                    n_out, n_in, k, s, p, output_padding=extra)
+            else:
+                self.recon_head = nn.Linear(n_out, n_in)
 
     def features(self, x: Tensor) -> Tensor:
         """h = φ(BN(layer(x))), the tensor the local losses see."""
@@ -242,14 +258,32 @@ class LocalBlock(Unit):
             return F.leaky_relu(x, 0.01, inplace=inplace)
         return F.relu(x, inplace=inplace)
 
+    def drop(self, t: Tensor, p: float, channels: bool = True) -> Tensor:
+        """Dropout in training: of whole channels (Dropout2d) for a map, else element-wise,
+        with this batch's masks (one draw per unit and batch)."""
+        if not self.training or p == 0:
+            return t
+        shape = t.shape[:2] + (1,) * (t.dim() - 2) if channels else t.shape
+        mask = torch.empty(shape, device=t.device, dtype=t.dtype)
+        mask.bernoulli_(1.0 - p, generator=self.dropout_generator(t.device))
+        return t * mask.div_(1.0 - p)
+
     def handoff(self, h: Tensor) -> Tensor:
         """The output for the next unit: dropout (whole channels for conv), then max-pool."""
-        if self.training and self.p > 0:
-            shape = h.shape[:2] + (1,) * (h.dim() - 2)
-            mask = torch.empty(shape, device=h.device, dtype=h.dtype)
-            mask.bernoulli_(1.0 - self.p, generator=self.dropout_generator(h.device))
-            h = h * mask.div_(1.0 - self.p)
+        h = self.drop(h, self.p)
         return h if self.max_pool is None else self.max_pool(h)
+
+    def run(self, x: Tensor, skips: Skips, losses: bool,
+            keep_graph: bool = True) -> tuple[Tensor, Tensor | None, Tensor]:
+        """The unit's forward: (the output handed on, h for the local losses or None where
+        ``losses`` is off and the unit need not form it, the input the unsupervised losses
+        compare with). ``keep_graph`` False builds no graph past h (local training: the
+        output is detached anyway); the global modes keep it. ``skips`` is the batch's."""
+        h = self.features(x)
+        if keep_graph:
+            return self.handoff(h), h, x
+        with torch.no_grad():
+            return self.handoff(h.detach()), h, x
 
     def local_loss(self, h: Tensor, x: Tensor, y: Tensor) -> Tensor:
         """α·L_unsup + (1−α)·L_sup of this block, recorded in the current meter."""
@@ -283,25 +317,26 @@ class LocalBlock(Unit):
         if cfg.loss_unsup == "sim":
             unsup = losses.sim_loss(hs, losses.similarity_matrix(x, std).detach(), std)
         elif self.recon_head is not None:
-            unsup = F.mse_loss(self.nonlin(self.recon_head(h)), x)
+            unsup = F.mse_loss(self.nonlin(self.recon_head(h)), x.detach())
         loss = losses.mix_unsup(sup, unsup, cfg.alpha)
         self.meter.add(y.size(0), loss=loss, **stats)
         self.last_loss = loss.detach()
         return loss
 
-    def train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Update]:
+    def train_step(self, x: Tensor, y: Tensor,
+                   skips: Skips | None = None) -> tuple[Tensor, Update]:
         kept = keep_buffers(self, self.cfg)
-        h = self.features(x)
-        with torch.no_grad():
-            out = self.handoff(h.detach())
-        return out, self.step_closure(self.local_loss(h, x, y), kept)
+        out, h, seen = self.run(x, {} if skips is None else skips, losses=True,
+                                keep_graph=False)
+        return out.detach(), self.step_closure(self.local_loss(h, seen, y), kept)
 
     @torch.no_grad()
-    def eval_step(self, x: Tensor, y: Tensor) -> Tensor:
-        h = self.features(x)
-        if not self.cfg.no_print_stats and not self.cfg.backprop:
-            self.local_loss(h, x, y)
-        return self.handoff(h)
+    def eval_step(self, x: Tensor, y: Tensor, skips: Skips | None = None) -> Tensor:
+        stats = not self.cfg.no_print_stats and not self.cfg.backprop
+        out, h, seen = self.run(x, {} if skips is None else skips, losses=stats)
+        if stats:
+            self.local_loss(h, seen, y)
+        return out
 
 
 class OutputLayer(Unit):
@@ -326,12 +361,14 @@ class OutputLayer(Unit):
         self.last_loss = loss.detach()
         return loss
 
-    def train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Update]:
+    def train_step(self, x: Tensor, y: Tensor,
+                   skips: Skips | None = None) -> tuple[Tensor, Update]:
+        kept = keep_buffers(self, self.cfg)  # a head's BN (Wide ResNets) moves in the forward
         logits = self(x)
-        return logits.detach(), self.step_closure(self.loss(logits, y), [])
+        return logits.detach(), self.step_closure(self.loss(logits, y), kept)
 
     @torch.no_grad()
-    def eval_step(self, x: Tensor, y: Tensor) -> Tensor:
+    def eval_step(self, x: Tensor, y: Tensor, skips: Skips | None = None) -> Tensor:
         logits = self(x)
         self.loss(logits, y)
         return logits

@@ -33,7 +33,17 @@ VGG_CONFIGS: dict[str, list[int | str]] = {
     "vgg19": [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M",
               512, 512, 512, 512, "M"],
 }
-MODELS = ("mlp", *VGG_CONFIGS)
+# block type and blocks per stage of the paper code's ResNets; the Wide ResNets are
+# wresnet<depth>-<widen factor>[a] (residual-spec.md §1.1)
+RESNET_CONFIGS: dict[str, tuple[str, tuple[int, ...]]] = {
+    "resnet18": ("basic", (2, 2, 2, 2)), "resnet34": ("basic", (3, 4, 6, 3)),
+    "resnet50": ("bottleneck", (3, 4, 6, 3)), "resnet101": ("bottleneck", (3, 4, 23, 3)),
+    "resnet152": ("bottleneck", (3, 8, 36, 3)),
+}
+WRN_MODELS = tuple(f"wresnet{d}-{k}{a}" for d, k in ((10, 8), (16, 4), (16, 8), (28, 10),
+                                                     (40, 10)) for a in ("", "a"))
+RESIDUAL_MODELS = (*RESNET_CONFIGS, *WRN_MODELS)
+MODELS = ("mlp", *VGG_CONFIGS, *RESIDUAL_MODELS)
 DATASETS = ("MNIST", "FashionMNIST", "KuzushijiMNIST", "CIFAR10", "CIFAR100", "SVHN", "STL10",
             "synthetic")
 

@@ -10,9 +10,12 @@ from dataclasses import dataclass
 
 import torch
 
+from stages import residual
 from stages.blocks import LocalBlock, OutputLayer, Unit
-from stages.config import VGG_CONFIGS, Config, derive_seed
+from stages.config import RESIDUAL_MODELS, VGG_CONFIGS, Config, derive_seed
 from stages.stage import Stage
+
+Spec = "UnitSpec | residual.ResidualSpec | residual.HeadSpec"
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,14 @@ class UnitSpec:
     max_pool: bool = False
     zero_init: bool = False
 
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        """Shape of one example of the tensor this unit hands on."""
+        if self.kind == "conv":
+            side = self.size // 2 if self.max_pool else self.size
+            return self.n_out, side, side
+        return (self.n_out,)
+
     def describe(self) -> str:
         if self.kind == "conv":
             k, s, p = self.conv
@@ -36,8 +47,10 @@ class UnitSpec:
         return f"{self.kind} {self.n_in}->{self.n_out}"
 
 
-def plan(cfg: Config, in_shape: tuple[int, int, int], num_classes: int) -> list[UnitSpec]:
+def plan(cfg: Config, in_shape: tuple[int, int, int], num_classes: int) -> list[Spec]:
     """The units of ``cfg.model`` for inputs of shape (C, H, W), in forward order."""
+    if cfg.model in RESIDUAL_MODELS:
+        return residual.plan(cfg, in_shape, num_classes)
     channels, size, _ = in_shape
     specs: list[UnitSpec] = []
     if cfg.model == "mlp":
@@ -67,10 +80,12 @@ def plan(cfg: Config, in_shape: tuple[int, int, int], num_classes: int) -> list[
     return specs
 
 
-def build_unit(spec: UnitSpec, cfg: Config, num_classes: int) -> Unit:
+def build_unit(spec: Spec, cfg: Config, num_classes: int) -> Unit:
     """Build one unit with its weights drawn from its own seed, leaving the global RNG as it was."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(cfg.seed, "init", spec.index))
+        if not isinstance(spec, UnitSpec):
+            return residual.build(spec, cfg, num_classes)
         if spec.kind == "output":
             return OutputLayer(spec.index, cfg, spec.n_in, spec.n_out, spec.zero_init)
         return LocalBlock(spec.index, cfg, num_classes, spec.n_in, spec.n_out, spec.conv,

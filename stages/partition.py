@@ -6,6 +6,8 @@ times them on the device), or its parameter count where measuring is not possibl
 """
 from __future__ import annotations
 
+from typing import Callable
+
 from stages.config import ConfigError
 
 
@@ -27,9 +29,11 @@ def split(balance: list[int], num_units: int) -> list[list[int]]:
     return [list(range(a, b)) for a, b in zip(bounds, bounds[1:])]
 
 
-def best_balance(costs: list[float], stages: int) -> list[int]:
+def best_balance(costs: list[float], stages: int,
+                 fits: Callable[[int, int], bool] | None = None) -> list[int]:
     """Units per stage of the contiguous split with the smallest maximum stage cost (exact DP;
-    ties go to the split that puts more units early)."""
+    ties go to the split that puts more units early). ``fits(a, b)`` says whether units a..b-1
+    fit on one stage's device; ConfigError if no split fits."""
     n = len(costs)
     check_stages(n, stages)
     prefix = [0.0]
@@ -43,9 +47,15 @@ def best_balance(costs: list[float], stages: int) -> list[int]:
     for k in range(1, stages + 1):
         for i in range(k, n + 1):
             for j in range(k - 1, i):
+                if best[k - 1][j] == inf or (fits is not None and not fits(j, i)):
+                    continue
                 value = max(best[k - 1][j], prefix[i] - prefix[j])
                 if value < best[k][i]:
                     best[k][i], cut[k][i] = value, j
+    if best[stages][n] == inf:
+        raise ConfigError(f"no cut of the {n} units into {stages} stages fits in the memory of "
+                          f"one device per stage; use more stages, a smaller --batch-size or "
+                          f"--balance")
     sizes, i = [], n
     for k in range(stages, 0, -1):
         sizes.append(i - cut[k][i])

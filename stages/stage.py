@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from stages.blocks import (LocalBlock, OutputLayer, Unit, Update, finite_or_skip,
+from stages.blocks import (LocalBlock, OutputLayer, Skips, Unit, Update, finite_or_skip,
                            keep_buffers, make_optimizer, restore_buffers)
 from stages.config import Config
 
@@ -48,29 +48,32 @@ class Stage(nn.Module):
                 group["lr"] = lr
 
     def optimizers(self) -> list[torch.optim.Optimizer]:
-        found = [u.optimizer for u in self.units if u.optimizer is not None]
+        found = [opt for u in self.units for opt in u.optimizers]
         return found + ([self.optimizer] if self.optimizer is not None else [])
 
-    def train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Update]:
-        """Train on one batch; return the detached output and the last unit's pending update."""
+    def train_step(self, x: Tensor, y: Tensor,
+                   skips: Skips | None = None) -> tuple[Tensor, Update]:
+        """Train on one batch; return the detached output and the last unit's pending update.
+        ``skips`` holds the batch's skip tensors that came with it; on return it holds those
+        that go on with the output (stashed here, popped by a later stage)."""
+        skips = {} if skips is None else skips
         if not self.cfg.local:
-            return self._global_step(x, y)
+            return self._global_step(x, y, skips)
         for unit in self.units[:-1]:
-            x, update = unit.train_step(x, y)
+            x, update = unit.train_step(x, y, skips)
             update()
-        return self.units[-1].train_step(x, y)
+        return self.units[-1].train_step(x, y, skips)
 
-    def _global_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Update]:
+    def _global_step(self, x: Tensor, y: Tensor, skips: Skips) -> tuple[Tensor, Update]:
         """One end-to-end step: CE through every block (plus, with --no-detach, every local
         loss with its gradient flowing on into the earlier blocks)."""
         assert self.output is not None and self.indices[0] == 0, "global modes need one stage"
         kept = keep_buffers(self, self.cfg)
         total = x.new_zeros(())
         for block in self.blocks.values():
-            h = block.features(x)
+            x, h, seen = block.run(x, skips, losses=self.cfg.no_detach)
             if self.cfg.no_detach:
-                total = total + block.local_loss(h, x, y)
-            x = block.handoff(h)
+                total = total + block.local_loss(h, seen, y)
         logits = self.output(x)
         total = total + self.output.loss(logits, y)
         optimizers = self.optimizers()
@@ -86,18 +89,25 @@ class Stage(nn.Module):
         return logits.detach(), update
 
     @torch.no_grad()
-    def eval_step(self, x: Tensor, y: Tensor, phase: str = "test") -> Tensor:
-        """Evaluate one batch, recording into each unit's ``phase`` meters ("val" or "test")."""
+    def eval_step(self, x: Tensor, y: Tensor, phase: str = "test",
+                  skips: Skips | None = None) -> Tensor:
+        """Evaluate one batch, recording into each unit's ``phase`` meters ("val" or "test");
+        ``skips`` as in ``train_step``."""
+        skips = {} if skips is None else skips
         for unit in self.units:
             unit.phase = phase
-            x = unit.eval_step(x, y)
+            x = unit.eval_step(x, y, skips)
         return x
 
     @torch.no_grad()
     def forward(self, x: Tensor) -> Tensor:
         """Plain inference (logits when the stage ends with the output layer)."""
+        skips: Skips = {}
+        # as in evaluation: with --no-batch-norm a residual unit's output depends on whether
+        # it forms its local-loss input (quirk 14)
+        stats = not self.cfg.no_print_stats and not self.cfg.backprop
         for block in self.blocks.values():
-            x = block.handoff(block.features(x))
+            x = block.run(x, skips, losses=stats)[0]
         return x if self.output is None else self.output(x)
 
     def take_meters(self) -> dict[int, dict[str, dict]]:
@@ -110,8 +120,7 @@ class Stage(nn.Module):
         does again from its start)."""
         return {
             "units": {u.index: {"state": u.state_dict(),
-                                "optimizer": None if u.optimizer is None
-                                else u.optimizer.state_dict(),
+                                "optimizers": [opt.state_dict() for opt in u.optimizers],
                                 "meters": u.meters["train"].state()}
                       for u in self.units},
             "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),
@@ -122,8 +131,8 @@ class Stage(nn.Module):
         for unit in self.units:
             saved = state["units"][unit.index]
             unit.load_state_dict(saved["state"])
-            if unit.optimizer is not None:
-                unit.optimizer.load_state_dict(saved["optimizer"])
+            for optimizer, opt_state in zip(unit.optimizers, saved["optimizers"], strict=True):
+                optimizer.load_state_dict(opt_state)
             unit.meters["train"].load(saved["meters"], next(self.parameters()).device)
         if self.optimizer is not None:
             self.optimizer.load_state_dict(state["optimizer"])

@@ -125,9 +125,9 @@ BAD = [
     (["--resume", "{run}", "--num-hidden", "64"], "was made with --num-hidden 32, this run has "
                                                   "64"),
     (["--resume", "{ckpt:not-a-manifest}"], "manifest.json has format 1; this localpipe "
-                                            "reads format 2 only"),
+                                            "reads format 3 only"),
     (["--resume", "{ckpt:old-format}"], "manifest.json has format 1; this localpipe reads "
-                                        "format 2 only"),
+                                        "format 3 only"),
     (["--resume", "{ckpt:no-files}"], "manifest.json is not a localpipe manifest: files must be "
                                       "a non-empty list"),
     (["--resume", "{ckpt:escape}"], "manifest.json is not a localpipe manifest: a files entry "

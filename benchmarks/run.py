@@ -153,7 +153,7 @@ def plot(result: dict, path: Path) -> None:
                     zorder=3, label="ideal (slowest stage's solo rate)")
     ax1.set_xlabel("training samples/s")
     ax1.invert_yaxis()
-    ax1.legend(fontsize=8, loc="lower right")
+    ax1.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2)
     left = [0.0] * len(names)
     for s in range(max(len(m["stages"]) for m in modes)):
         width = [m["stages"][s]["live_bytes"] / MiB if s < len(m["stages"]) else 0
@@ -166,7 +166,7 @@ def plot(result: dict, path: Path) -> None:
     ax2.legend(fontsize=8)
     fig.suptitle(result["title"])
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     print(f"plot: {path}")
 
 
@@ -224,7 +224,7 @@ def plot_sweep(result: dict, path: Path) -> None:
         axes[0][col].legend()
     fig.suptitle(result["title"])
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     print(f"plot: {path}")
 
 

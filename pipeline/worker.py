@@ -30,29 +30,35 @@ from stages.stage import Stage
 
 @dataclass(frozen=True)
 class Fault:
-    """A test hook, from LOCALPIPE_INJECT_FAULT="WHERE:STEP[:ACTION]".
+    """A test hook, from LOCALPIPE_INJECT_FAULT="WHERE:STEP[:ACTION[:DELAY]]".
 
     WHERE is a stage index: at its STEP-th training batch (1-based, over the whole run) that
     stage raises ("raise"), kills its own process with SIGKILL on the first attempt of a
     torchrun job ("kill"), stops it with SIGSTOP ("freeze"), hangs in the batch for a minute
     ("stall"), or feeds NaN into its units ("nan"). WHERE "feed" acts in the data feed before
     its STEP-th training batch, "eval" before the STEP-th test batch of any epoch; there
-    "sigint" and "sigterm" send that signal to the feed's own process."""
+    "sigint" and "sigterm" send that signal to the feed's own process. DELAY seconds pass
+    first (while the other stages and the checkpoint writers go on), so that a test can know
+    the checkpoints taken a few batches before are complete."""
 
     stage: int | str
     step: int
     action: str = "raise"
+    delay: float = 0.0
 
     @classmethod
     def parse(cls, text: str | None) -> "Fault | None":
         if not text:
             return None
-        where, step, *action = text.split(":")
-        return cls(where if where in ("feed", "eval") else int(where), int(step), *action)
+        where, step, *rest = text.split(":")
+        action = rest[0] if rest else "raise"
+        delay = float(rest[1]) if len(rest) > 1 else 0.0
+        return cls(where if where in ("feed", "eval") else int(where), int(step), action, delay)
 
     def apply(self, index: int, steps: int, x: torch.Tensor) -> torch.Tensor:
         if (index, steps) != (self.stage, self.step):
             return x
+        time.sleep(self.delay)
         if self.action == "nan":
             return x * float("nan")
         if self.action == "stall":

@@ -273,7 +273,7 @@ def test_a_torchrun_restart_writes_where_the_first_attempt_did(tmp_path):
          "2", "--num-hidden", "32", "--dataset", "synthetic", "--epochs", "2", "--stages", "2",
          "--checkpoint-every", "3", "--resume", "auto"],
         cwd=tmp_path, capture_output=True, text=True, timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "LOCALPIPE_INJECT_FAULT": "1:14:kill"})
+        env={**os.environ, "OMP_NUM_THREADS": "1", "LOCALPIPE_INJECT_FAULT": "1:14:kill:2"})
     assert result.returncode == 0, result.stderr[-3000:]
     folders = [p for p in (tmp_path / "runs").iterdir() if p.name != "latest"]
     assert len(folders) == 1 and result.stdout.count("resuming from") == 2, result.stdout

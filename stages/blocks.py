@@ -43,6 +43,21 @@ def restore_buffers(kept: list[tuple[Tensor, Tensor]]) -> None:
         buffer.copy_(saved)
 
 
+def update_of(loss: Tensor, what: str, optimizers: list[torch.optim.Optimizer],
+              kept: list[tuple[Tensor, Tensor]], cfg: Config) -> Update:
+    """A batch's pending update: backward of ``loss``, then each optimizer's step in order;
+    under --on-nan skip a non-finite loss instead puts the ``kept`` buffers back."""
+    def update() -> None:
+        if not finite_or_skip(loss, what, cfg):
+            restore_buffers(kept)
+            return
+        loss.backward()
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    return update
+
+
 def finite_or_skip(loss: Tensor, what: str, cfg: Config) -> bool:
     """True if ``loss`` may be stepped on; False to skip this batch's update (--on-nan skip)."""
     if bool(torch.isfinite(loss)):
@@ -164,18 +179,8 @@ class Unit(nn.Module):
 
     def step_closure(self, loss: Tensor, kept: list[tuple[Tensor, Tensor]]) -> Update:
         """The update of this batch; ``kept`` are the buffers to put back if it is skipped."""
-        optimizers = self.optimizers
-        assert optimizers
-
-        def update() -> None:
-            if not finite_or_skip(loss, f"unit {self.index}", self.cfg):
-                restore_buffers(kept)
-                return
-            loss.backward()
-            for optimizer in optimizers:
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-        return update
+        assert self.optimizers
+        return update_of(loss, f"unit {self.index}", self.optimizers, kept, self.cfg)
 
 
 class LocalBlock(Unit):

@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from stages.blocks import (LocalBlock, OutputLayer, Skips, Unit, Update, finite_or_skip,
-                           keep_buffers, make_optimizer, restore_buffers)
+from stages.blocks import (LocalBlock, OutputLayer, Skips, Unit, Update, keep_buffers,
+                           make_optimizer, update_of)
 from stages.config import Config
 
 
@@ -76,17 +76,8 @@ class Stage(nn.Module):
                 total = total + block.local_loss(h, seen, y)
         logits = self.output(x)
         total = total + self.output.loss(logits, y)
-        optimizers = self.optimizers()
-
-        def update() -> None:
-            if not finite_or_skip(total, "the global loss", self.cfg):
-                restore_buffers(kept)
-                return
-            total.backward()
-            for opt in optimizers:
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-        return logits.detach(), update
+        return logits.detach(), update_of(total, "the global loss", self.optimizers(), kept,
+                                          self.cfg)
 
     @torch.no_grad()
     def eval_step(self, x: Tensor, y: Tensor, phase: str = "test",

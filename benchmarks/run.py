@@ -128,7 +128,7 @@ def _pyplot():
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed: no plot (pip install -e '.[plot]')")
+        print("matplotlib is not installed: no plot (pip install matplotlib)")
         return None
     return plt
 
@@ -286,9 +286,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.sweep:
         result = sweep(args, lambda s: bar.set_postfix_str(s))
         name = f"sweep-{args.feat_mult}"
-        result["title"] = (f"local learning on threads of one process: mlp 3x{args.num_hidden} "
-                           f"and vgg8b x{args.feat_mult:g}, {args.dataset} shape, "
-                           f"C={args.threads} threads, {args.device}")
+        networks = " and ".join(dict.fromkeys(p["network"] for p in result["points"]))
+        result["title"] = (f"local learning on threads of one process: {networks}, "
+                           f"{args.dataset} shape, C={args.threads} threads, {args.device}")
     else:
         cfg = model_config(args)
         setup = harness.Setup(cfg, args.threads, args.warmup, args.steps, args.repeats,

@@ -41,8 +41,7 @@ class Help(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if action.default is argparse.SUPPRESS or "%(default)" in text \
-                or isinstance(action, argparse._HelpAction):
+        if action.default is argparse.SUPPRESS:  # --help itself
             return text
         return f"{text} (default: {_shown(action)})"
 

@@ -29,7 +29,7 @@ from pipeline.signals import StopRequest  # noqa: E402
 from pipeline.worker import Fault  # noqa: E402
 from launch.options import parse_config, program  # noqa: E402
 from stages.config import Config, ConfigError  # noqa: E402
-from stages.models import backprop_parameters, build_unit  # noqa: E402
+from stages.models import backprop_parameters  # noqa: E402
 
 FAULT_ENV = "LOCALPIPE_INJECT_FAULT"  # a test hook: see pipeline.worker.Fault
 
@@ -60,8 +60,6 @@ def describe(cfg: Config) -> None:
     their estimated memory and what each boundary carries, where the network deviates from
     the paper's code, and last the parameter count of the backprop network as the paper
     counts it."""
-    import torch
-
     from pipeline import device
     from stages.residual import deviations
 
@@ -70,9 +68,7 @@ def describe(cfg: Config) -> None:
         run_plan = make_plan(cfg, device.choose(cfg.device))
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    with torch.device("meta"):
-        counts = [sum(p.numel() for p in build_unit(s, cfg, info.num_classes).parameters())
-                  for s in run_plan.specs]
+    counts = run_plan.params
     prints = footprints(cfg, info)
     print(f"{cfg.model} on {cfg.dataset} {info.shape}, {info.num_classes} classes, "
           f"loss {'backprop' if cfg.backprop else cfg.loss_sup}")

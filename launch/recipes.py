@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-PAPER_MILESTONES = [200, 300, 350, 375]
+from stages.config import Config
+
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,7 @@ def _options(group: Group, variant: str) -> dict:
     loss = variant.split("-")[0]
     options = {"dataset": group.dataset, "model": group.model, "feat_mult": float(group.feat_mult),
                "dropout": group.dropout, "lr": group.lr, "epochs": group.epochs,
-               "lr_decay_milestones": list(group.milestones or PAPER_MILESTONES),
+               "lr_decay_milestones": list(group.milestones or Config().lr_decay_milestones),
                # global and pred use relu, sim and predsim leakyrelu (the bio rows too)
                "nonlin": "relu" if loss in ("global", "pred") else "leakyrelu"}
     if loss == "global":

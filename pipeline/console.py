@@ -44,9 +44,9 @@ def show(text: str) -> None:
 class Progress:
     """The run's bar: training batches of the whole run, so its ETA is the run's."""
 
-    def __init__(self, shown: bool, epochs: int, total: int, done: int) -> None:
+    def __init__(self, shown: bool, epochs: int, total: int) -> None:
         self.epochs = epochs
-        self.bar = tqdm(total=total, initial=done, unit="batch", file=sys.stderr,
+        self.bar = tqdm(total=total, unit="batch", file=sys.stderr,
                         disable=not shown, dynamic_ncols=True, leave=False,
                         bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} "
                                    "batches [{elapsed}<{remaining}, {rate_fmt}]{postfix}")

@@ -11,22 +11,19 @@ from pipeline.data import Batches
 from pipeline.metrics import epoch_record, step_record
 from pipeline.plan import Plan
 from pipeline.records import Records
-from pipeline.signals import StopRequest
 from stages.config import Config
 
 
 class Coordinator:
-    def __init__(self, cfg: Config, run_plan: Plan, train: Batches, stop: StopRequest) -> None:
-        self.cfg, self.plan, self.stop = cfg, run_plan, stop
+    def __init__(self, cfg: Config, run_plan: Plan, train: Batches) -> None:
+        self.cfg, self.plan = cfg, run_plan
         self.train_batches, self.dropped = len(train), train.dropped
         self.save_dir = cfg.save_dir or None
         self.unit_names = [s.describe() for s in run_plan.specs]
         self.records = Records(self.save_dir, cfg.backprop, curves=not cfg.no_curves)
         self.pending: dict[tuple, dict[int, dict]] = {}
-        self.epochs: list[dict] = []
         self.last_step: dict | None = None
         self.manifest: str | None = None  # the newest complete checkpoint
-        self.stopped = False  # the run ended before its end (a stop request)
 
     def handle(self, report: dict) -> None:
         key = (report["kind"], report.get("epoch"), report.get("step"))
@@ -44,9 +41,8 @@ class Coordinator:
             return
         evaluate = got[0].get("evaluate", False)
         if kind == "end_epoch":
-            self.epochs.append(epoch_record(epoch, self.cfg.lr_at(epoch), got, self.unit_names,
+            self.records.epoch(epoch_record(epoch, self.cfg.lr_at(epoch), got, self.unit_names,
                                             self.dropped))
-            self.records.epoch(self.epochs[-1])
             if step == self.train_batches:  # a whole epoch: go on with the next one
                 epoch, step = epoch + 1, 0
         if kind != "final":
@@ -56,8 +52,7 @@ class Coordinator:
                     [{"stage": r["stage"], "units": r["units"], **f} for r in got
                      for f in r["files"]], self.cfg.keep_checkpoints)
             return
-        self.stopped = got[0]["stopped"]
-        if self.save_dir and not self.stopped:  # a stopped run leaves its checkpoint instead
+        if self.save_dir and not got[0]["stopped"]:  # a stopped run leaves its checkpoint
             state = {k: v for r in got for k, v in r["state"].items()}
             checkpoint.save_torch(state, os.path.join(self.save_dir, "model.pt"))
         self.records.close()

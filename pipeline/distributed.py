@@ -82,12 +82,12 @@ def run_distributed(cfg: Config, stop: StopRequest,
         kind = dev.choose(cfg.device)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    units = len(static_plan(cfg).specs)  # bad options fail here, on every rank
+    static = static_plan(cfg)  # bad options fail here, on every rank
     process.configure(cfg)
     device, shared = dev.rank_device(kind, int(os.environ.get("LOCAL_RANK", 0)),
                                      int(os.environ.get("LOCAL_WORLD_SIZE", world)))
     store = rendezvous_store(cfg)
-    cfg, start, batches = verdict(cfg, store, rank, units)
+    cfg, start, batches = verdict(cfg, store, rank, len(static.specs))
     me = join(cfg, store, rank, world, device, shared, stop)
     # from here on a signal is a stop request only if the control plane confirms it (torchrun
     # signals the survivors when a worker dies); before, the default action ends the process
@@ -95,7 +95,7 @@ def run_distributed(cfg: Config, stop: StopRequest,
         try:
             with dev.use(device):
                 own = dev.is_cuda(device) and not shared  # a GPU for every stage
-                shared_plan = [make_plan(cfg, device, own) if rank == 0 else None]
+                shared_plan = [make_plan(cfg, device, own, static) if rank == 0 else None]
                 dist.broadcast_object_list(shared_plan, src=0)
                 run_plan: Plan = shared_plan[0]
                 devices = [None] * world
@@ -106,7 +106,7 @@ def run_distributed(cfg: Config, stop: StopRequest,
                 stage = build_stage(cfg, info.shape, info.num_classes, run_plan.parts[rank],
                                     device)
                 start.restore(stage)
-            coordinator = Coordinator(cfg, run_plan, batches[0], stop) if rank == 0 else None
+            coordinator = Coordinator(cfg, run_plan, batches[0]) if rank == 0 else None
             messages = feed(cfg, *batches, device, start, stop, fault) if rank == 0 else None
         except Exception as exc:
             me.fail(f"{type(exc).__name__}: {exc}")

@@ -11,6 +11,7 @@ marker carries it as its ``flag``.
 """
 from __future__ import annotations
 
+import itertools
 from typing import Iterator
 
 import torch
@@ -39,7 +40,7 @@ def feed(cfg: Config, train: Batches, test: Batches, val: Batches | None,
     total = (cfg.epochs - start.epoch + 1) * len(train) - start.step
     if cfg.max_steps:
         total = max(0, min(total, cfg.max_steps - steps))
-    progress = Progress(console.shown(cfg.progress_bar), cfg.epochs, total, 0)
+    progress = Progress(console.shown(cfg.progress_bar), cfg.epochs, total)
     saved = (start.epoch, start.step, start.evaluate)  # the newest checkpoint's position
     try:
         for epoch in range(start.epoch, cfg.epochs + 1):
@@ -65,8 +66,9 @@ def feed(cfg: Config, train: Batches, test: Batches, val: Batches | None,
                         yield Message(Kind.CHECKPOINT, epoch, fed)
                         saved = (epoch, fed, False)
             progress.epoch(epoch, "evaluation")
-            tests = [(Kind.VALID, b) for b in (val.epoch(epoch) if val else ())] + \
-                [(Kind.EVAL, b) for b in test.epoch(epoch)]
+            tests = itertools.chain(  # made batch by batch, as they go
+                ((Kind.VALID, b) for b in (val.epoch(epoch) if val else ())),
+                ((Kind.EVAL, b) for b in test.epoch(epoch)))
             for step, (kind, (x, y)) in enumerate(tests):
                 if stop.signum is not None:  # the evaluation starts over on resume
                     yield from _stopped(Message(Kind.CHECKPOINT, epoch, fed, flag=True), saved)

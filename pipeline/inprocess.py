@@ -40,20 +40,20 @@ def run_inprocess(cfg: Config, stop: StopRequest, fault: Fault | None = None) ->
         first = dev.choose(cfg.device)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    units = len(static_plan(cfg).specs)
+    static = static_plan(cfg)
     store = rendezvous_store(cfg) if "TORCHELASTIC_RUN_ID" in os.environ else None
     earlier = runs.job_folder(store)  # a torchrun restart writes where it wrote before
     new = cfg.save_dir is None and earlier is None
     cfg = replace(cfg, save_dir=runs.choose(cfg, earlier))
     process.configure(cfg, 0 if dev.is_cuda(first) else
                       max(1, (os.cpu_count() or 1) // cfg.stages))  # OpenMP team per thread
-    start = start_point(cfg, units)
+    start = start_point(cfg, len(static.specs))
     train, test, val = load_batches(cfg)
     if not new:
         runs.check(cfg.save_dir, bool(cfg.resume))
     devices = dev.stage_devices(cfg.stages, first)
     run_plan = make_plan(cfg, first, own_devices=dev.is_cuda(first)
-                         and len(set(map(str, devices))) == cfg.stages)
+                         and len(set(map(str, devices))) == cfg.stages, static=static)
     cfg = replace(cfg, save_dir=runs.claim(cfg.save_dir, cfg, start, new))
     runs.remember(store, cfg.save_dir)
     try:
@@ -63,7 +63,7 @@ def run_inprocess(cfg: Config, stop: StopRequest, fault: Fault | None = None) ->
                   for part, d in zip(run_plan.parts, devices)]
         for stage in stages:
             start.restore(stage)
-        coordinator = Coordinator(cfg, run_plan, train, stop)
+        coordinator = Coordinator(cfg, run_plan, train)
         try:
             run_threads(cfg, stages, devices,
                         feed(cfg, train, test, val, devices[0], start, stop, fault),

@@ -90,7 +90,7 @@ def static_bytes(module: nn.Module, optimizers) -> dict[str, int]:
 
 
 class StageMemory:
-    """One stage's own bytes: ``current()`` now, ``take()`` the epoch's peak breakdown. The
+    """One stage's own bytes: ``take()`` gives the epoch's peak breakdown and the bytes now. The
     activations are measured once, on the stage's first training batch (later full batches
     have the same shapes), so the hooks never slow the steady state."""
 
@@ -113,10 +113,6 @@ class StageMemory:
     def saw_queue(self) -> None:
         self.queue_peak = max(self.queue_peak, self.queued())
 
-    def current(self) -> int:
-        return sum(static_bytes(self.stage, self.stage.optimizers()).values()) \
-            + self.live.current + self.queued()
-
     def take(self) -> dict:
         s = static_bytes(self.stage, self.stage.optimizers())
         # each optimizer's gradients exist together, from its backward to its step
@@ -128,7 +124,7 @@ class StageMemory:
                "queue_bytes": self.queue_peak}
         out["peak_bytes"] = (out["params_bytes"] + grads + out["optimizer_bytes"]
                              + activations + self.queue_peak)
-        out["current_bytes"] = self.current()
+        out["current_bytes"] = sum(s.values()) + self.live.current + self.queued()
         self.queue_peak = 0
         return out
 

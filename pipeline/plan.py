@@ -17,7 +17,7 @@ from pipeline import device as dev
 from pipeline.data import INFO, DatasetInfo
 from stages import partition
 from stages.config import Config, ConfigError
-from stages.models import UnitSpec, build_stage, build_unit, plan
+from stages.models import Spec, build_stage, build_unit, plan
 
 
 @dataclass
@@ -25,8 +25,9 @@ class Plan:
     """The network and its cut: what every process must agree on before training."""
 
     info: DatasetInfo
-    specs: list[UnitSpec]
+    specs: list[Spec]
     parts: list[list[int]]  # unit indices of each stage
+    params: list[int]  # each unit's parameter count, local heads included
     costs: list[float] | None = None  # per unit, in seconds ("measured") or parameters
     cost_kind: str = "given"
     budget: int | None = None  # bytes each stage's device has, when the cut had to fit it
@@ -39,17 +40,18 @@ def static_plan(cfg: Config) -> Plan:
     info = INFO[cfg.dataset]
     specs = plan(cfg, info.shape, info.num_classes)
     partition.check_stages(len(specs), cfg.stages)
-    check_feasible(cfg, info, specs)
+    params = check_feasible(cfg, info, specs)
     if cfg.balance is not None:
-        return Plan(info, specs, partition.split(cfg.balance, len(specs)))
-    return Plan(info, specs, [list(range(len(specs)))] if cfg.stages == 1 else [])
+        return Plan(info, specs, partition.split(cfg.balance, len(specs)), params)
+    return Plan(info, specs, [list(range(len(specs)))] if cfg.stages == 1 else [], params)
 
 
-def check_feasible(cfg: Config, info: DatasetInfo, specs: list[UnitSpec]) -> None:
+def check_feasible(cfg: Config, info: DatasetInfo, specs: list[Spec]) -> list[int]:
     """Refuse values that provably cannot run: more classes per batch than the data has, more
     cutout holes than pixels, more threads than this machine can start, and a unit (the whole
     network with one stage) whose weights, gradients and optimizer state exceed the memory of
-    the device it would train on."""
+    the device it would train on. Returns each unit's parameter count (built on the meta
+    device: no memory)."""
     channels, height, width = info.shape
     if cfg.classes_per_batch > info.num_classes:
         raise ConfigError(f"--classes-per-batch {cfg.classes_per_batch} is more than the "
@@ -75,6 +77,7 @@ def check_feasible(cfg: Config, info: DatasetInfo, specs: list[UnitSpec]) -> Non
         raise ConfigError(f"{what} needs {need / 2**30:,.1f} GiB for its weights, gradients "
                           f"and optimizer state, more than the {memory / 2**30:,.1f} GiB of "
                           f"{where}")
+    return sizes
 
 
 def thread_limit() -> int:
@@ -190,13 +193,15 @@ def measure_costs(stage, in_shape: tuple[int, int, int], num_classes: int, cfg: 
     return [sorted(t)[len(t) // 2] for t in zip(*rounds)]
 
 
-def make_plan(cfg: Config, device: torch.device, own_devices: bool = False) -> Plan:
+def make_plan(cfg: Config, device: torch.device, own_devices: bool = False,
+              static: Plan | None = None) -> Plan:
     """Plan the units and choose the cut: --balance if given, else the best one for each
     unit's measured step time, or for its parameter count where a full copy of the network
     cannot be trained on ``device`` (out of memory) to measure it. With ``own_devices`` (a
     GPU for every stage) only cuts whose every stage fits its device's memory are considered.
-    The copy is freed, and the device's allocator peak restarted, before training begins."""
-    static = static_plan(cfg)
+    The copy is freed, and the device's allocator peak restarted, before training begins.
+    ``static`` is this run's ``static_plan`` where the caller has made it already."""
+    static = static or static_plan(cfg)
     if static.parts:
         return static
     info = static.info
@@ -211,10 +216,8 @@ def make_plan(cfg: Config, device: torch.device, own_devices: bool = False) -> P
             info.num_classes, cfg)
         kind = "measured"
     except torch.OutOfMemoryError:
-        with torch.device("meta"):
-            costs = partition.parameter_costs(build_stage(cfg, info.shape, info.num_classes,
-                                                          device="meta"))
-        kind = "parameters"
+        costs, kind = [float(n) for n in static.params], "parameters"
     dev.release(device)
     balance = partition.best_balance(costs, cfg.stages, fits)
-    return Plan(info, static.specs, partition.split(balance, len(costs)), costs, kind, budget)
+    return Plan(info, static.specs, partition.split(balance, len(costs)), static.params, costs,
+                kind, budget)

@@ -53,11 +53,17 @@ def check(folder: str, resuming: bool) -> None:
     if not folder:
         return
     _check_records(folder, resuming)
+    _refuse_live_owner(folder)
+
+
+def _refuse_live_owner(folder: str) -> dict | None:
+    """The owner of ``folder``'s lock (None if there is none); refused if it still runs."""
     owner = lock_owner(folder)
     if owner is not None and _running(owner):
         raise ConfigError(f"--save-dir {folder} is in use by process {owner['pid']} on "
                           f"{owner['host'].split('/')[0]} since {owner['since']}; wait for it "
                           f"or choose another --save-dir")
+    return owner
 
 
 def _check_records(folder: str, resuming: bool) -> None:
@@ -142,11 +148,7 @@ def _lock(folder: str) -> None:
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            owner = lock_owner(folder)
-            if owner is not None and _running(owner):
-                raise ConfigError(f"--save-dir {folder} is in use by process {owner['pid']} on "
-                                  f"{owner['host'].split('/')[0]} since {owner['since']}; wait "
-                                  f"for it or choose another --save-dir") from None
+            owner = _refuse_live_owner(folder)
             try:
                 os.rename(path, f"{path}.stale-{os.getpid()}")
             except FileNotFoundError:

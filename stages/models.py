@@ -15,8 +15,6 @@ from stages.blocks import LocalBlock, OutputLayer, Unit
 from stages.config import RESIDUAL_MODELS, VGG_CONFIGS, Config, derive_seed
 from stages.stage import Stage
 
-Spec = "UnitSpec | residual.ResidualSpec | residual.HeadSpec"
-
 
 @dataclass(frozen=True)
 class UnitSpec:
@@ -31,20 +29,15 @@ class UnitSpec:
     max_pool: bool = False
     zero_init: bool = False
 
-    @property
-    def out_shape(self) -> tuple[int, ...]:
-        """Shape of one example of the tensor this unit hands on."""
-        if self.kind == "conv":
-            side = self.size // 2 if self.max_pool else self.size
-            return self.n_out, side, side
-        return (self.n_out,)
-
     def describe(self) -> str:
         if self.kind == "conv":
             k, s, p = self.conv
             pool = ", maxpool 2" if self.max_pool else ""
             return f"conv {self.n_in}->{self.n_out} {k}x{k}/{s} @{self.size}x{self.size}{pool}"
         return f"{self.kind} {self.n_in}->{self.n_out}"
+
+
+Spec = UnitSpec | residual.ResidualSpec | residual.HeadSpec  # one unit of any network
 
 
 def plan(cfg: Config, in_shape: tuple[int, int, int], num_classes: int) -> list[Spec]:

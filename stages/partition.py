@@ -65,8 +65,3 @@ def best_balance(costs: list[float], stages: int,
 
 def stage_costs(costs: list[float], balance: list[int]) -> list[float]:
     return [sum(costs[i] for i in idx) for idx in split(balance, len(costs))]
-
-
-def parameter_costs(stage) -> list[float]:
-    """Each unit's parameter count, the fallback cost when no timing is wanted."""
-    return [float(sum(p.numel() for p in u.parameters())) for u in stage.units]

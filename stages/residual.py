@@ -24,6 +24,7 @@ from stages.blocks import LocalBlock, OutputLayer, Skips, make_optimizer
 from stages.config import RESNET_CONFIGS as RESNETS
 from stages.config import Config
 
+
 @dataclass(frozen=True)
 class ResidualSpec:
     """One conv unit of a residual network (§2.1). ``mode`` is "post" (A), "pre" (B) or "bare"
@@ -56,10 +57,6 @@ class ResidualSpec:
     def conv(self) -> tuple[int, int, int]:
         return self.kernel, self.stride, self.kernel // 2
 
-    @property
-    def out_shape(self) -> tuple[int, ...]:
-        return self.n_out, self.size, self.size
-
     def describe(self) -> str:
         k, s = self.kernel, self.stride
         text = (f"{self.name} {self.mode} {k}x{k}/{s} {self.n_in}->{self.n_out} "
@@ -84,10 +81,6 @@ class HeadSpec:
     final_bn: bool
     zero_init: bool
     kind: str = "output"
-
-    @property
-    def out_shape(self) -> tuple[int, ...]:
-        return (self.n_out,)
 
     def describe(self) -> str:
         bn = "bn, relu, " if self.final_bn else ""

@@ -93,6 +93,10 @@ class Stage(nn.Module):
     @torch.no_grad()
     def forward(self, x: Tensor) -> Tensor:
         """Plain inference (logits when the stage ends with the output layer)."""
+        return self.logits(x)
+
+    def logits(self, x: Tensor) -> Tensor:
+        """``forward`` on the autograd graph: the stage as one differentiable function."""
         skips: Skips = {}
         # as in evaluation: with --no-batch-norm a residual unit's output depends on whether
         # it forms its local-loss input (quirk 14)

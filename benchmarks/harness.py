@@ -4,8 +4,12 @@ same batch size and precision, within the same total thread budget.
 
 Local modes run localpipe's own stage code (``pipeline.inprocess.run_threads`` and
 ``pipeline.distributed.serve``); the backprop pipelines run ``torch.distributed.pipelining``.
-Memory is counted the way a run counts it (``pipeline.memory.StageMemory``: the activations
-on the first, untimed, batch only), and each mode starts from an emptied allocator.
+With replicas (``local_processes(..., replicas=R)``) the K·R processes are the torchrun
+runner's own grid (``pipeline.topology``), each replica's stage 0 feeding its shard of every
+batch; ``allreduce_seconds`` times gloo all-reduces for the model on paper of replicas at
+scale (benchmarks/run.py). Memory is counted the way a run counts it
+(``pipeline.memory.StageMemory``: the activations on the first, untimed, batch only), and each
+mode starts from an emptied allocator.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import tempfile
 import time
 from dataclasses import dataclass, replace
 from datetime import timedelta
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -30,6 +35,8 @@ from pipeline.distributed import join, serve
 from pipeline.inprocess import run_threads
 from pipeline.message import Kind, Message
 from pipeline.plan import measure_costs
+from pipeline.replicas import shard
+from pipeline.topology import Topology
 from stages.config import Config
 from stages.models import build_stage, plan
 
@@ -129,11 +136,34 @@ def sequential(setup: Setup, backprop: bool, threads: int) -> dict:
             "devices": device_figures(device)}
 
 
-def unit_costs(setup: Setup, threads: int) -> list[float]:
-    """Seconds of each local unit's full step alone (forward, heads, backward, optimizer)."""
+class BucketSizes:
+    """A stage's replicas (``stages.blocks.Replicas``) of one member: every update packs and
+    unpacks its bucket as with R replicas, and the size of each is recorded."""
+
+    count = 1
+
+    def __init__(self) -> None:
+        self.numels: list[int] = []
+
+    def sum(self, flat: Tensor) -> Callable[[], Tensor]:
+        self.numels.append(flat.numel())
+        return lambda: flat
+
+
+def unit_costs(setup: Setup, threads: int, replicas: int = 1) -> tuple[list[float], list[int]]:
+    """Seconds of each local unit's full step alone (forward, heads, backward, optimizer) at
+    one replica's batch (the batch over ``replicas``), and the bytes of each unit's bucket that
+    replicas sum (float32: its gradients, batch-norm statistics and a flag; none with one
+    replica). With replicas the step includes packing and unpacking the bucket, not its
+    exchange."""
     torch.set_num_threads(threads)
-    stage = build_stage(setup.cfg, setup.shape, setup.classes, device=setup.rank_device())
-    return measure_costs(stage, setup.shape, setup.classes, setup.cfg)
+    cfg = replace(setup.cfg, replicas=replicas)
+    stage = build_stage(cfg, setup.shape, setup.classes, device=setup.rank_device())
+    buckets = BucketSizes()
+    if replicas > 1:
+        stage.replicate(0, buckets)
+    costs = measure_costs(stage, setup.shape, setup.classes, cfg)
+    return costs, [4 * n for n in buckets.numels[:len(costs)]]
 
 
 class BackpropPart(nn.Module):
@@ -178,9 +208,11 @@ def backprop_unit_costs(setup: Setup, threads: int, repeats: int = 3) -> list[fl
 
 
 # --------------------------------------------------------------------------- local pipelines
-def _messages(setup: Setup):
-    """Warm-up batches, then each repeat's timed batches, each group closed by a marker."""
+def _messages(setup: Setup, replica: int = 0, replicas: int = 1):
+    """Warm-up batches, then each repeat's timed batches, each group closed by a marker: the
+    shard of every batch that replica ``replica`` of ``replicas`` trains on."""
     x, y = setup.batch()  # on stage 0's device already, as in the sequential modes
+    x, y = shard(x, replica, replicas), shard(y, replica, replicas)
     for r, n in setup.groups():
         for step in range(n):
             yield Message(Kind.TRAIN, 1, step, tensors={"x": x, "y": y}).depart()
@@ -255,21 +287,50 @@ def _process_main(rank: int, k: int, port: int, fn, setup: Setup, out: str, *arg
     dist.destroy_process_group()
 
 
-def local_processes(setup: Setup, parts: list[list[int]]) -> dict:
-    """localpipe's multi-process runner: one process per stage, joined as under torchrun."""
-    return _spawn(_local_rank, setup, len(parts), parts)
+def local_processes(setup: Setup, parts: list[list[int]], replicas: int = 1) -> dict:
+    """localpipe's multi-process runner: one process per stage and replica, joined as under
+    torchrun (rank r runs stage r % K of replica r // K)."""
+    return _spawn(_local_rank, setup, len(parts) * replicas, parts, replicas)
 
 
-def _local_rank(rank: int, k: int, setup: Setup, store, parts: list[list[int]]) -> dict | None:
-    cfg = replace(setup.cfg, stages=k, save_dir="")
+def _local_rank(rank: int, world: int, setup: Setup, store, parts: list[list[int]],
+                replicas: int) -> dict | None:
+    topo = Topology(rank, len(parts), replicas)
+    cfg = replace(setup.cfg, stages=topo.stages, replicas=replicas, save_dir="")
     device = setup.rank_device(rank)
     fresh(device)
-    me = join(cfg, store, rank, k, device, shared=False)
-    stage = build_stage(cfg, setup.shape, setup.classes, parts[rank], device)
+    me = join(cfg, store, topo, device, False, 1)
+    stage = build_stage(cfg, setup.shape, setup.classes, parts[topo.stage], device)
+    stage.replicate(topo.replica, me.links.replicas)
     reports: list[dict] = []
-    serve(me, stage, _messages(setup) if rank == 0 else None, reports.append)
+    serve(me, stage, None if topo.stage else _messages(setup, topo.replica, replicas),
+          reports.append)
     me.control.finish()
     return _collect(setup, reports) if rank == 0 else None
+
+
+def allreduce_seconds(setup: Setup, sizes: list[int], processes: int = 2,
+                      repeats: int = 5) -> list[float]:
+    """Median seconds of a gloo all-reduce (sum) of ``sizes`` bytes of float32 over
+    ``processes`` processes of this machine: the host path a stage's replicas take."""
+    return _spawn(_allreduce_rank, setup, processes, sizes, repeats)
+
+
+def _allreduce_rank(rank: int, world: int, setup: Setup, store, sizes: list[int],
+                    repeats: int) -> list[float] | None:
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
+    medians = []
+    for size in sizes:
+        t = torch.ones(size // 4)
+        seconds = []
+        for i in range(repeats + 1):  # the first one warms gloo's buffers up
+            dist.barrier()
+            start = time.perf_counter()
+            dist.all_reduce(t)
+            if i:
+                seconds.append(time.perf_counter() - start)
+        medians.append(statistics.median(seconds))
+    return medians if rank == 0 else None
 
 
 # --------------------------------------------------------------------------- backprop pipelines

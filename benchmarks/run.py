@@ -3,10 +3,17 @@
     python benchmarks/run.py --model vgg8b --feat-mult 0.5 --stages 2 --batch-size 128
     python benchmarks/run.py --quick                  # a smoke run, about 25 s on 2 cores
     python benchmarks/run.py --sweep                  # stages 1, 2, 4 x batch 32-256, mlp and vgg8b
+    python benchmarks/run.py --model mlp --num-layers 3 --replicas 2   # + K x R processes, model
 
 Every mode trains the same network on the same batches at the same batch size in float32, and
 all modes share one thread budget (--threads, default: every core): K workers get C // K torch
 threads each. Warm-up batches are excluded; rates are medians over --repeats.
+
+--replicas R adds the mode local_pipelined_replicas (K·R processes: every stage R times, each
+replica on its shard of every batch, C // (K·R) threads each; more processes than cores
+oversubscribe them, which the output says) and a model on paper of throughput at K = 4 and
+R = 1, 2, 4, 8 from measured unit step times and gloo all-reduce times. It is a model under
+stated link figures: no machine with fewer cores than processes can show scaling.
 Writes one JSON file (every figure plus the machine), prints a markdown table, and draws PNGs
 when matplotlib is installed.
 """
@@ -29,13 +36,19 @@ from stages import partition  # noqa: E402
 from stages.config import RESIDUAL_MODELS, Config  # noqa: E402
 
 MiB = 2 ** 20
+REPLICAS_MODE = "local_pipelined_replicas"
+MODEL_STAGES, MODEL_REPLICAS = 4, (1, 2, 4, 8)
+ASSUMED_LINK = {"link": "ASSUMED, not measured: 25 GB/s and 5 us per message (about one "
+                        "InfiniBand HDR 200 Gb/s port)", "bytes_per_s": 25e9, "latency_s": 5e-6}
 
 
-def measure(setup: harness.Setup, stages: int, microbatches: list[int], progress) -> dict:
-    """Every mode at K = ``stages``, plus the ratios that explain them."""
+def measure(setup: harness.Setup, stages: int, microbatches: list[int], progress,
+            replicas: int = 1) -> dict:
+    """Every mode at K = ``stages``, plus the ratios that explain them; with ``replicas`` > 1
+    the replicated pipeline and the model of replicas at scale too."""
     c, k = setup.threads, stages
     per_worker = max(1, c // k)
-    costs = harness.unit_costs(setup, per_worker)
+    costs, _ = harness.unit_costs(setup, per_worker)
     bp_costs = harness.backprop_unit_costs(setup, per_worker)
     parts = partition.split(partition.best_balance(costs, k), len(costs))
     bp_parts = partition.split(partition.best_balance(bp_costs, k), len(bp_costs))
@@ -61,6 +74,9 @@ def measure(setup: harness.Setup, stages: int, microbatches: list[int], progress
                 if m <= setup.cfg.batch_size and (schedule == "gpipe" or m >= k):
                     run(f"{schedule}_m{m}", harness.backprop_pipeline, setup, bp_parts,
                         schedule, m)
+    if replicas > 1 and processes:
+        run(REPLICAS_MODE, harness.local_processes, setup, parts, replicas)
+        modes[REPLICAS_MODE].update(replicas=replicas, **oversubscription(c, k * replicas))
     batch = setup.cfg.batch_size
     ideal_local = batch / max(partition.stage_costs(costs, [len(p) for p in parts]))
     ideal_bp = batch / max(partition.stage_costs(bp_costs, [len(p) for p in bp_parts]))
@@ -68,7 +84,7 @@ def measure(setup: harness.Setup, stages: int, microbatches: list[int], progress
         m["largest_stage_live_bytes"] = max(s["live_bytes"] for s in m["stages"])
         m["total_live_bytes"] = sum(s["live_bytes"] for s in m["stages"])
         ideal = ideal_bp if name.startswith(("gpipe", "1f1b")) else ideal_local
-        if "pipelined" in name or name.startswith(("gpipe", "1f1b")):
+        if ("pipelined" in name and name != REPLICAS_MODE) or name.startswith(("gpipe", "1f1b")):
             m["ideal_samples_per_s"] = ideal
             m["efficiency"] = m["samples_per_s"] / ideal
     out = {"stages": k, "threads_per_worker": per_worker, "partition": parts,
@@ -77,7 +93,86 @@ def measure(setup: harness.Setup, stages: int, microbatches: list[int], progress
            "local_head_compute_ratio": sum(costs) / sum(bp_costs)}
     if k > 1:
         out["comparison"] = compare(modes, ideal_local, ideal_bp)
+    if replicas > 1:
+        out["replica_model"] = replica_model(setup, replicas, progress)
     return out
+
+
+def oversubscription(threads: int, processes: int) -> dict:
+    """How the thread budget covers ``processes`` processes, and whether the cores are
+    oversubscribed (then the processes time-share cores and the mode cannot show scaling)."""
+    cores = os.cpu_count() or 1
+    return {"processes": processes, "threads_per_process": max(1, threads // processes),
+            "cores": cores, "oversubscribed": processes > cores}
+
+
+def ring_seconds(nbytes: int, replicas: int, link: dict) -> float:
+    """A ring all-reduce of ``nbytes`` over ``replicas``: 2(R-1)/R of the bytes through each
+    link, and 2(R-1) steps of latency."""
+    if replicas == 1:
+        return 0.0
+    return (2 * (replicas - 1) / replicas * nbytes / link["bytes_per_s"]
+            + 2 * (replicas - 1) * link["latency_s"])
+
+
+def fit_link(sizes: list[int], seconds: list[float]) -> dict:
+    """Latency and bandwidth from all-reduces between 2 processes (a ring of 2: bytes / bandwidth
+    + 2 latencies), by least squares."""
+    n = len(sizes)
+    mx, my = sum(sizes) / n, sum(seconds) / n
+    slope = (sum((x - mx) * (y - my) for x, y in zip(sizes, seconds))
+             / sum((x - mx) ** 2 for x in sizes))
+    return {"link": "measured: gloo all-reduce between 2 processes on this machine (loopback), "
+                    "fitted", "bytes_per_s": 1 / slope, "latency_s": max(0.0, my - slope * mx) / 2}
+
+
+def replica_model(setup: harness.Setup, replicas: int, progress) -> dict:
+    """Throughput at K = 4 and R = 1, 2, 4, 8 (and ``replicas``) on paper, not measured: B / the slowest stage's
+    (step at batch B / R + its exposed exchange). Measured here: each unit's step at B / R (one
+    thread, standing for a device per stage and replica), the bucket each unit's replicas sum,
+    and gloo all-reduces between 2 processes, fitted as a link. A unit's exchange overlaps the
+    next unit's forward; the stage's last unit's does not. The forward's share of a step is not
+    measured, so each rate comes as a bound: every exchange but the last hidden (overlapped),
+    and none hidden (not_overlapped)."""
+    batch = setup.cfg.batch_size
+    threads = max(1, setup.threads // MODEL_STAGES)
+    steps, buckets = {}, []
+    for r in sorted({*MODEL_REPLICAS, replicas}):
+        if batch % r == 0 and batch // r >= 2:  # as Config.validate asks
+            progress(f"model: unit steps at batch {batch // r}")
+            steps[r], own = harness.unit_costs(setup, threads, r)
+            buckets = own or buckets
+    sizes = sorted(set(buckets) | {4 ** i for i in range(6, 13)})  # 4 KiB to 16 MiB besides
+    progress("model: gloo all-reduce")
+    seconds = harness.allreduce_seconds(setup, sizes, repeats=10)
+    links = {"measured": fit_link(sizes, seconds), "assumed": ASSUMED_LINK}
+    k = min(MODEL_STAGES, len(buckets))
+    points = []
+    for r, costs in steps.items():
+        parts = partition.split(partition.best_balance(costs, k), len(costs))
+        point = {"replicas": r, "replica_batch": batch // r, "partition": parts,
+                 "stage_step_s": [sum(costs[u] for u in p) for p in parts],
+                 "stage_bucket_bytes": [sum(buckets[u] for u in p) for p in parts]}
+        for name, link in links.items():
+            last = [ring_seconds(buckets[p[-1]], r, link) for p in parts]
+            every = [sum(ring_seconds(buckets[u], r, link) for u in p) for p in parts]
+            point[name] = {
+                "stage_exchange_s": every, "stage_last_exchange_s": last,
+                "samples_per_s": {
+                    "overlapped": batch / max(map(sum, zip(point["stage_step_s"], last))),
+                    "not_overlapped": batch / max(map(sum, zip(point["stage_step_s"], every)))}}
+        points.append(point)
+    for point in points:
+        for name in links:
+            base = points[0][name]["samples_per_s"]["overlapped"]
+            point[name]["speedup_vs_r1"] = {how: v / base
+                                            for how, v in point[name]["samples_per_s"].items()}
+    return {"note": "a model on paper, not a measurement of scaling: measured unit steps and "
+                    "gloo all-reduces on this machine, combined under the stated links",
+            "stages": k, "global_batch": batch, "threads_per_stage": threads,
+            "unit_bucket_bytes": buckets, "links": links,
+            "allreduce_2_processes": [{"bytes": b, "seconds": t} for b, t in zip(sizes, seconds)],
+            "points": points}
 
 
 def compare(modes: dict, ideal_local: float, ideal_bp: float) -> dict:
@@ -117,6 +212,34 @@ def table(result: dict) -> str:
         rows.append(f"| {name} | {m['samples_per_s']:.1f} ({m['min']:.1f}-{m['max']:.1f}) | "
                     f"{eff} | {m['largest_stage_live_bytes'] / MiB:.1f} | "
                     f"{m['total_live_bytes'] / MiB:.1f} | {split} |")
+    rows += [f"\n{name}: {m['processes']} processes on {m['cores']} cores, "
+             f"{m['threads_per_process']} thread(s) each: oversubscribed, the processes "
+             f"time-share the cores (not a measure of scaling)"
+             for name, m in result["modes"].items() if m.get("oversubscribed")]
+    return "\n".join(rows)
+
+
+def model_table(model: dict) -> str:
+    """The model's rates at each R for both links: a bound with the exchanges overlapped (all
+    but each stage's last unit's) and one with none overlapped."""
+    rows = [f"Model on paper, not measured: K = {model['stages']}, global batch "
+            f"{model['global_batch']}, unit steps measured at {model['threads_per_stage']} "
+            f"thread(s) per stage",
+            *(f"- {link['link']}: {link['bytes_per_s'] / 1e9:.3g} GB/s, "
+              f"{link['latency_s'] * 1e6:.3g} us" for link in model["links"].values()),
+            "", "| R | batch per replica | slowest stage step ms | largest stage bucket MiB | "
+            + " | ".join(f"{n} samples/s (overlapped / not) | {n} speedup vs R=1"
+                         for n in model["links"]) + " |",
+            "|---|---|---|---|" + "---|---|" * len(model["links"])]
+    for pt in model["points"]:
+        cells = [f"{pt['replicas']}", f"{pt['replica_batch']}",
+                 f"{max(pt['stage_step_s']) * 1e3:.2f}",
+                 f"{max(pt['stage_bucket_bytes']) / MiB:.2f}"]
+        for name in model["links"]:
+            rate, up = pt[name]["samples_per_s"], pt[name]["speedup_vs_r1"]
+            cells += [f"{rate['overlapped']:.0f} / {rate['not_overlapped']:.0f}",
+                      f"{up['overlapped']:.2f} / {up['not_overlapped']:.2f}"]
+        rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
@@ -185,7 +308,7 @@ def sweep(args, progress) -> dict:
                     m = harness.sequential(setup, False, args.threads)
                     bp = harness.sequential(setup, True, args.threads)
                 else:
-                    costs = costs or harness.unit_costs(setup, max(1, args.threads // 2))
+                    costs = costs or harness.unit_costs(setup, max(1, args.threads // 2))[0]
                     k_eff = min(k, len(costs))
                     parts = partition.split(partition.best_balance(costs, k_eff), len(costs))
                     m = harness.local_threads(setup, parts)
@@ -256,6 +379,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--loss-sup", default="predsim")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--stages", type=int, default=2)
+    p.add_argument("--replicas", type=int, default=1, metavar="R",
+                   help="R > 1: also every stage R times (K·R processes) and the model on "
+                        "paper of replicas at K = 4, R = 1, 2, 4, 8")
     p.add_argument("--microbatches", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                    help="the whole thread budget C shared by every mode")
@@ -274,6 +400,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.model in RESIDUAL_MODELS:  # torch's pipelining needs cuts between blocks
         p.error(f"--model {args.model}: the benchmarks cover the MLP and the VGGs; residual "
                 f"networks would need their backprop baselines cut between blocks")
+    if args.replicas < 1 or args.batch_size % args.replicas \
+            or args.batch_size // args.replicas < 2:
+        p.error(f"--replicas {args.replicas}: --batch-size {args.batch_size} must split into "
+                f"shards of at least 2 samples")
     if args.quick:
         args.model, args.num_layers, args.num_hidden, args.batch_size = "mlp", 3, 256, 64
         args.warmup, args.steps, args.repeats, args.microbatches = 2, 4, 2, [2, 4]
@@ -293,10 +423,13 @@ def main(argv: list[str] | None = None) -> int:
         cfg = model_config(args)
         setup = harness.Setup(cfg, args.threads, args.warmup, args.steps, args.repeats,
                               args.device)
-        result = measure(setup, args.stages, args.microbatches, lambda s: bar.set_postfix_str(s))
-        name = f"{network(cfg).replace(' ', '-')}-b{cfg.batch_size}-k{args.stages}"
+        result = measure(setup, args.stages, args.microbatches, lambda s: bar.set_postfix_str(s),
+                         args.replicas)
+        replicas = f"-r{args.replicas}" if args.replicas > 1 else ""
+        name = f"{network(cfg).replace(' ', '-')}-b{cfg.batch_size}-k{args.stages}{replicas}"
         result["title"] = (f"{network(cfg)}, {cfg.dataset} shape, batch {cfg.batch_size}, "
-                           f"K={args.stages}, C={args.threads} threads, {args.device}: "
+                           f"K={args.stages}{f', R={args.replicas}' if replicas else ''}, "
+                           f"C={args.threads} threads, {args.device}: "
                            f"{args.repeats} repeats of {args.steps} batches")
         result["config"] = cfg.to_dict()
     bar.close()
@@ -311,6 +444,8 @@ def main(argv: list[str] | None = None) -> int:
         plot_sweep(result, out / f"{name}.png")
     else:
         print(table(result))
+        if "replica_model" in result:
+            print(model_table(result["replica_model"]))
         if "comparison" in result:
             print(json.dumps(result["comparison"], indent=1))
         plot(result, out / f"{name}.png")

@@ -21,6 +21,9 @@ EXAMPLES = """examples:
       the same as four stages, one thread each (one process)
   torchrun --nproc-per-node 4 launch/pipeline.py --stages 4 --recipe cifar10-vgg8b-predsim
       four stages, one process each (one GPU each where there are four)
+  torchrun --nnodes 2 --nproc-per-node 4 --rdzv-backend c10d --rdzv-endpoint HOST:29400 \
+      launch/pipeline.py --stages 4 --replicas 2 --recipe cifar10-vgg8b-predsim
+      on each of two machines: every stage twice, each replica on half of every batch
   %(prog)s --recipe list
       every recipe, with the paper's test error
   %(prog)s --save-dir runs/my-run --resume auto
@@ -145,6 +148,12 @@ def build_parser() -> Parser:
            "given beside it win")
     g("--stages", type=int, default=d.stages, metavar="K",
       help="pipeline stages: threads of this process, or processes under torchrun")
+    g("--replicas", type=int, default=d.replicas, metavar="R",
+      help="data-parallel replicas of every stage (torchrun with K·R processes): each trains "
+           "on its shard of every batch, and each unit's gradients are averaged over them")
+    g("--per-replica-batch", action="store_true",
+      help="--batch-size is each replica's batch (the global batch is R times it), so that "
+           "each similarity matrix spans the paper's batch; off: --batch-size is split")
     g("--balance", type=_int_list, default=None, metavar="N,N,...",
       help="units per stage, e.g. 2,3,2; none: the cut whose slowest stage is fastest, from "
            "each unit's measured step time")

@@ -2,6 +2,7 @@
 
     torchrun launch/pipeline.py --stages 4 --recipe mnist-mlp-predsim   # 4 stages, one process
     torchrun --nproc-per-node 4 launch/pipeline.py --stages 4 ...       # one process per stage
+    torchrun --nproc-per-node 8 launch/pipeline.py --stages 4 --replicas 2 ...  # each stage twice
 
 Every failure a user can cause ends here as one line: bad input with exit code 2, a stage that
 failed or a file that could not be written with 1, a stop with 128 + the signal.
@@ -56,8 +57,8 @@ def resume_command(argv: list[str] | None, folder: str) -> str:
 
 
 def describe(cfg: Config) -> None:
-    """Print the units with their parameter counts (local heads included), the stages with
-    their estimated memory and what each boundary carries, where the network deviates from
+    """Print the units with their parameter counts (local heads included), the mesh of stages
+    and replicas, the stages with their estimated memory and what each boundary carries, where the network deviates from
     the paper's code, and last the parameter count of the backprop network as the paper
     counts it."""
     from pipeline import device
@@ -72,6 +73,12 @@ def describe(cfg: Config) -> None:
     prints = footprints(cfg, info)
     print(f"{cfg.model} on {cfg.dataset} {info.shape}, {info.num_classes} classes, "
           f"loss {'backprop' if cfg.backprop else cfg.loss_sup}")
+    if cfg.replicas > 1:
+        print(f"mesh: {cfg.stages} stage(s) × {cfg.replicas} replicas = "
+              f"{cfg.stages * cfg.replicas} processes (rank r runs stage r % {cfg.stages} of "
+              f"replica r // {cfg.stages}); each replica trains on {cfg.replica_batch} samples "
+              f"of every batch of {cfg.global_batch}, and each unit's gradients are averaged "
+              f"over its {cfg.replicas} replicas before its step")
     for spec, n in zip(run_plan.specs, counts):
         print(f"  unit {spec.index}: {spec.describe():54s} {n:>12,d} parameters")
     print(f"total parameters (with local heads): {sum(counts):,d}")
@@ -84,7 +91,7 @@ def describe(cfg: Config) -> None:
                     else f", {total:,.0f} parameters")
         memory = stage_memory(cfg, prints[part[0]:part[-1] + 1])
         print(f"stage {k}: units {part[0]}-{part[-1]}{cost}, memory about "
-              f"{mib(memory.pop('total'))} at batch {cfg.batch_size} ("
+              f"{mib(memory.pop('total'))} at batch {cfg.replica_batch} ("
               + ", ".join(f"{name} {mib(n)}" for name, n in memory.items()) + ")")
         if k + 1 < len(run_plan.parts):
             nxt = prints[part[-1] + 1]

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from pipeline.files import atomic_write
-from stages.config import ConfigError
+from stages.config import ConfigError, global_batch
 
 # 2: no dropout generator states (masks are keyed by position), weights_only files;
 # 3: a list of optimizers per unit (a residual block's last unit also steps its shortcut's)
@@ -230,6 +230,11 @@ def read_manifest(folder: str, args: dict) -> dict:
         if manifest["args"].get(key) != args.get(key):
             raise ValueError(f"checkpoint {folder} was made with --{key.replace('_', '-')} "
                              f"{manifest['args'].get(key)}, this run has {args.get(key)}")
+    then, now = (global_batch(a["batch_size"], a.get("replicas", 1),
+                              a.get("per_replica_batch", False)) for a in (manifest["args"], args))
+    if then != now:  # a position counts global batches: --replicas may change, not that
+        raise ValueError(f"checkpoint {folder} was made with a global batch of {then} "
+                         f"(--per-replica-batch over its replicas), this run has {now}")
     for entry in manifest["files"]:
         path = os.path.join(folder, entry["file"])
         with open(path, "rb") as f:

@@ -1,14 +1,15 @@
 """Rank 0's bookkeeping: a record per epoch and per logged batch, a manifest per checkpoint,
 ``model.pt`` at the end of a run that finished (a stopped run leaves its checkpoint instead).
-Stage reports come in any order; a record or manifest is written once all K of its kind are
-in, so no stage ever waits for it."""
+Stage reports come in any order; a record or manifest is written once all K·R of its kind are
+in (every stage of every replica), so no stage ever waits for it. Files come from replica 0;
+the replicas' measurements are merged."""
 from __future__ import annotations
 
 import os
 
 from pipeline import checkpoint
 from pipeline.data import Batches
-from pipeline.metrics import epoch_record, step_record
+from pipeline.metrics import epoch_record, merge_replicas, step_record
 from pipeline.plan import Plan
 from pipeline.records import Records
 from stages.config import Config
@@ -27,15 +28,17 @@ class Coordinator:
 
     def handle(self, report: dict) -> None:
         key = (report["kind"], report.get("epoch"), report.get("step"))
-        by_stage = self.pending.setdefault(key, {})
-        by_stage[report["stage"]] = report
-        if len(by_stage) < len(self.plan.parts):
+        by_rank = self.pending.setdefault(key, {})
+        by_rank[report["stage"], report.get("replica", 0)] = report
+        if len(by_rank) < len(self.plan.parts) * self.cfg.replicas:
             return
         del self.pending[key]
-        got = [by_stage[k] for k in sorted(by_stage)]
         kind, epoch, step = key
+        if kind == "final":
+            check_replicas_agree(by_rank.values())
+        got = merge_replicas(list(by_rank.values()))
         if kind == "log":
-            self.last_step = step_record(self.cfg.lr_at(epoch), self.cfg.batch_size, got,
+            self.last_step = step_record(self.cfg.lr_at(epoch), self.cfg.global_batch, got,
                                          self.last_step)
             self.records.step(self.last_step)
             return
@@ -56,3 +59,14 @@ class Coordinator:
             state = {k: v for r in got for k, v in r["state"].items()}
             checkpoint.save_torch(state, os.path.join(self.save_dir, "model.pt"))
         self.records.close()
+
+
+def check_replicas_agree(finals) -> None:
+    """Every replica of a stage must end with the same state; one that does not is a bug
+    worth stopping for, since model.pt would stand for one replica only."""
+    digests: dict[int, set[str]] = {}
+    for r in finals:
+        digests.setdefault(r["stage"], set()).add(r["digest"])
+    differ = [k for k, d in sorted(digests.items()) if len(d) > 1]
+    if differ:
+        raise RuntimeError(f"the replicas of stage {differ[0]} ended with different weights")

@@ -185,7 +185,8 @@ def load_batches(cfg: Config) -> tuple["Batches", "Batches", "Batches | None"]:
     train = Batches(images, labels, info, cfg, train=True)
     if len(train) == 0:
         raise DataError(f"{cfg.dataset}'s training split has {len(train.labels)} sample(s); "
-                        f"training needs at least {MIN_TRAIN_BATCH}")
+                        f"training needs at least {MIN_TRAIN_BATCH * cfg.replicas}"
+                        + (f" ({MIN_TRAIN_BATCH} per replica)" if cfg.replicas > 1 else ""))
     return train, Batches(*load_split(cfg, False), info, cfg, train=False), val
 
 
@@ -196,35 +197,36 @@ MIN_TRAIN_BATCH = 2  # batch norm cannot train on one sample
 class Batches:
     """The batches of one split for a given epoch, reproducible from (seed, epoch, step).
 
-    The last partial batch is kept, except a training batch of fewer than 2 samples, on which
-    batch norm cannot train: it is dropped (``dropped`` samples an epoch), the same way on
-    every runner."""
+    Batches are global batches (``cfg.global_batch``), which R replicas share. The last partial
+    batch is kept, except a training batch that leaves some replica's shard fewer than 2
+    samples, on which batch norm cannot train: it is dropped (``dropped`` samples an epoch),
+    the same way on every runner and every replica."""
 
     def __init__(self, images: Tensor, labels: Tensor, info: DatasetInfo, cfg: Config,
                  train: bool) -> None:
         self.images, self.labels, self.info, self.cfg, self.train = images, labels, info, cfg, train
         self.mean = torch.tensor(info.mean).view(1, -1, 1, 1)
         self.std = torch.tensor(info.std).view(1, -1, 1, 1)
-        short = len(labels) % cfg.batch_size
-        self.dropped = short if train and 0 < short < MIN_TRAIN_BATCH else 0
+        short = len(labels) % cfg.global_batch
+        self.dropped = short if train and 0 < short < MIN_TRAIN_BATCH * cfg.replicas else 0
 
     def __len__(self) -> int:
-        return math.ceil((len(self.labels) - self.dropped) / self.cfg.batch_size)
+        return math.ceil((len(self.labels) - self.dropped) / self.cfg.global_batch)
 
     def order(self, epoch: int) -> list[Tensor]:
         """Index tensors of the epoch's batches."""
-        cfg, n = self.cfg, len(self.labels)
+        cfg, n, size = self.cfg, len(self.labels), self.cfg.global_batch
         if not self.train:
-            return list(torch.arange(n).split(cfg.batch_size))
+            return list(torch.arange(n).split(size))
         if cfg.classes_per_batch and (cfg.classes_per_batch_until_epoch == 0
                                       or epoch <= cfg.classes_per_batch_until_epoch):
             rng = np.random.default_rng(derive_seed(cfg.seed, "sampler", epoch))
             batches = [torch.from_numpy(b) for b in class_batches(
-                self.labels.numpy(), cfg.batch_size, cfg.classes_per_batch, rng)]
+                self.labels.numpy(), size, cfg.classes_per_batch, rng)]
         else:
             gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "order", epoch))
-            batches = list(torch.randperm(n, generator=gen).split(cfg.batch_size))
-        return batches[:len(self)]  # a last batch of one sample is dropped
+            batches = list(torch.randperm(n, generator=gen).split(size))
+        return batches[:len(self)]  # a last batch too small to share is dropped
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
         """(x, y) for batches ``start``, ``start + 1``, … of ``epoch`` (1-based)."""

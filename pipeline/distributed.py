@@ -1,4 +1,5 @@
-"""The torchrun runner: one process per stage, wired by the transport and the control plane.
+"""The torchrun runner: one process per stage and replica, wired by the transport and the
+control plane.
 
 Setup checks everything it can before any process group exists, so bad input exits with code 2
 on every rank. Then: the rendezvous, the default gloo group, the control plane, the link
@@ -33,7 +34,7 @@ from pipeline.feed import feed
 from pipeline.message import Message
 from pipeline.plan import Plan, make_plan, static_plan
 from pipeline.signals import StopRequest
-from pipeline.transport import HostPayload, Link, Receiver, Sender
+from pipeline.transport import HostPayload, Receiver, Sender
 from pipeline.worker import Fault, Watchdog, run_stage, watched
 from stages.config import Config, ConfigError
 from stages.models import build_stage
@@ -49,8 +50,7 @@ class Rank:
     topo: topology.Topology
     device: torch.device
     control: ControlPlane
-    inbound: Link | None
-    outbound: Link | None
+    links: topology.Wiring
 
     @property
     def name(self) -> str:
@@ -72,12 +72,18 @@ class Rank:
 
 def run_distributed(cfg: Config, stop: StopRequest,
                     fault: Fault | None = None) -> Coordinator | None:
-    """Train as rank RANK of WORLD_SIZE == --stages processes started by torchrun."""
+    """Train as rank RANK of WORLD_SIZE == --stages × --replicas processes started by
+    torchrun."""
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    if world != cfg.stages:
+    needed = cfg.stages * cfg.replicas
+    if world != needed and cfg.replicas == 1:
         raise ConfigError(f"torchrun started {world} processes but --stages is {cfg.stages}; "
                           f"use --nproc-per-node {cfg.stages} (or one process for the "
                           f"in-process runner)")
+    if world != needed:
+        raise ConfigError(f"torchrun started {world} processes but --stages {cfg.stages} × "
+                          f"--replicas {cfg.replicas} needs {needed}; use --nproc-per-node "
+                          f"{needed} on one node, or {needed} processes over the nodes")
     try:
         kind = dev.choose(cfg.device)
     except ValueError as exc:
@@ -87,8 +93,11 @@ def run_distributed(cfg: Config, stop: StopRequest,
     device, shared = dev.rank_device(kind, int(os.environ.get("LOCAL_RANK", 0)),
                                      int(os.environ.get("LOCAL_WORLD_SIZE", world)))
     store = rendezvous_store(cfg)
-    cfg, start, batches = verdict(cfg, store, rank, len(static.specs))
-    me = join(cfg, store, rank, world, device, shared, stop)
+    number = attempt_number(store, rank)
+    topo = topology.Topology(rank, cfg.stages, cfg.replicas)
+    cfg, start, batches = verdict(cfg, store, topo, len(static.specs), number)
+    fault = fault and fault.for_rank(topo.replica, number)
+    me = join(cfg, store, topo, device, shared, number, stop)
     # from here on a signal is a stop request only if the control plane confirms it (torchrun
     # signals the survivors when a worker dies); before, the default action ends the process
     with stop.installed(confirm_at_once=False):
@@ -103,11 +112,14 @@ def run_distributed(cfg: Config, stop: StopRequest,
                 if rank == 0:
                     runs.write_provenance(cfg.save_dir, devices, run_plan.parts)
                 info = run_plan.info
-                stage = build_stage(cfg, info.shape, info.num_classes, run_plan.parts[rank],
-                                    device)
+                stage = build_stage(cfg, info.shape, info.num_classes,
+                                    run_plan.parts[topo.stage], device)
+                stage.replicate(topo.replica, me.links.replicas)
                 start.restore(stage)
             coordinator = Coordinator(cfg, run_plan, batches[0]) if rank == 0 else None
-            messages = feed(cfg, *batches, device, start, stop, fault) if rank == 0 else None
+            messages = None if topo.stage else feed(
+                cfg, *batches, device, start, stop, fault, (topo.replica, topo.replicas),
+                me.links.agreement)
         except Exception as exc:
             me.fail(f"{type(exc).__name__}: {exc}")
         serve(me, stage, messages, coordinator.handle if coordinator else None, fault,
@@ -119,14 +131,16 @@ def run_distributed(cfg: Config, stop: StopRequest,
     return coordinator
 
 
-def verdict(cfg: Config, store: dist.Store, rank: int, units: int):
+def verdict(cfg: Config, store: dist.Store, topo: topology.Topology, units: int,
+            number: int):
     """Rank 0 checks the checkpoint to resume, the data and the save folder, then claims the
     folder; the other ranks learn its verdict through the store, so bad input stops every rank
     at once with the same line and exit code 2, before any process group. The folder is kept in
     the store for the whole job: a restarted attempt writes where the first one did. Returns
-    (cfg with its folder, start, (train, test, val) batches on rank 0, None elsewhere)."""
-    said_key = f"{attempt_prefix()}/verdict"
-    if rank == 0:
+    (cfg with its folder, start, (train, test, val) batches on each replica's stage 0, which
+    feeds it, None elsewhere)."""
+    said_key = f"{attempt_prefix(number)}/verdict"
+    if topo.rank == 0:
         try:
             earlier = runs.job_folder(store)
             new = cfg.save_dir is None and earlier is None
@@ -147,7 +161,7 @@ def verdict(cfg: Config, store: dist.Store, rank: int, units: int):
     if "error" in said:
         raise (DataError if said["kind"] == "DataError" else ConfigError)(said["error"])
     cfg = replace(cfg, save_dir=said["save_dir"])
-    return cfg, resume_from(said["resume"]), None
+    return cfg, resume_from(said["resume"]), None if topo.stage else load_batches(cfg)
 
 
 def rendezvous_store(cfg: Config) -> dist.Store:
@@ -156,35 +170,45 @@ def rendezvous_store(cfg: Config) -> dist.Store:
     return store
 
 
-def attempt_prefix() -> str:
-    return f"localpipe/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}"
+def attempt_number(store: dist.Store, rank: int) -> int:
+    """Which attempt of the job this is (1 for the first): how many times a process of this
+    rank has started, counted in torchrun's store, which outlives restarts. Every rank starts
+    once per attempt, so all ranks of one attempt count alike, even where their agents count
+    restarts differently (an agent that restarts its workers because another node's agent
+    did counts no restart, so TORCHELASTIC_RESTART_COUNT differs between nodes)."""
+    return store.add(f"localpipe/starts/{rank}", 1)
 
 
-def attempt(store: dist.Store) -> dist.PrefixStore:
+def attempt_prefix(number: int) -> str:
+    return f"localpipe/attempt-{number}"
+
+
+def attempt(store: dist.Store, number: int) -> dist.PrefixStore:
     """``store`` under a prefix of this attempt's own: torchrun keeps its store across
     --max-restarts, and a restarted worker must not read a dead worker's entries."""
-    return dist.PrefixStore(attempt_prefix(), store)
+    return dist.PrefixStore(attempt_prefix(number), store)
 
 
-def join(cfg: Config, store: dist.Store, rank: int, world: int, device: torch.device,
-         shared: bool, stop: StopRequest | None = None) -> Rank:
+def join(cfg: Config, store: dist.Store, topo: topology.Topology, device: torch.device,
+         shared: bool, number: int, stop: StopRequest | None = None) -> Rank:
     """Join the job: the default gloo group, the control plane (on a store connection of its
-    own, so that beats never queue behind a long wait), and the links to this rank's
-    neighbours. A failure here ends the process, named."""
-    topo = topology.Topology(rank, cfg.stages)
+    own, so that beats never queue behind a long wait), the links to this rank's neighbours
+    and its stage's replicas. A failure here ends the process, named."""
+    rank = topo.rank
     try:
         with dev.use(device):
-            dist.init_process_group("gloo", store=attempt(store), rank=rank, world_size=world,
+            dist.init_process_group("gloo", store=attempt(store, number), rank=rank,
+                                    world_size=topo.world,
                                     timeout=timedelta(seconds=cfg.comm_timeout))
-            me = Rank(cfg, topo, device, None, None, None)
-            me.control = ControlPlane(attempt(store.clone()), rank, topo.names(),
+            me = Rank(cfg, topo, device, None, topology.Wiring())
+            me.control = ControlPlane(attempt(store.clone(), number), rank, topo.names(),
                                       cfg.heartbeat_timeout, me.exit, stop, store_host(topo))
             me.control.start()
-            me.inbound, me.outbound = topology.connect(topo, device, shared, cfg.comm_timeout)
+            me.links = topology.connect(topo, device, shared, cfg.comm_timeout, me.lost_link)
     except Exception as exc:
         say(f"{topo.name(rank)} failed: {type(exc).__name__}: {exc}")
         os._exit(1)
-    link = me.outbound or me.inbound
+    link = me.links.outbound or me.links.inbound
     if rank == 0 and dev.is_cuda(device) and isinstance(getattr(link, "payload", None),
                                                        HostPayload):
         say("more ranks than GPUs on a node: they share the GPUs, and since NCCL needs a GPU per "
@@ -200,14 +224,16 @@ def store_host(topo: topology.Topology) -> str:
 def serve(me: Rank, stage: Stage, messages: Iterator[Message] | None,
           on_report: Callable[[dict], None] | None, fault: Fault | None = None,
           steps: int = 0) -> None:
-    """Run this rank's stage until STOP has passed it: rank 0 serves ``messages`` and hands
-    every stage's reports to ``on_report``; the others receive from the rank before and send
-    their reports to rank 0. Ends with a barrier once rank 0 has taken every final report."""
+    """Run this rank's stage until STOP has passed it: a stage 0 serves ``messages`` (its
+    replica's feed), the others receive from the rank before. Rank 0 hands every rank's
+    reports to ``on_report``; the others send theirs to it. Ends with a barrier once rank 0 has
+    taken every final report."""
     cfg, rank, device = me.cfg, me.topo.rank, me.device
+    links = me.links
     abort = Abort()  # a failure ends the process; the channels only need somewhere to look
     inbox = Channel(cfg.queue_depth, abort, f"{me.name}'s input queue")
-    outbox = None if me.outbound is None else Channel(cfg.queue_depth, abort,
-                                                      f"{me.name}'s output queue")
+    outbox = None if links.outbound is None else Channel(cfg.queue_depth, abort,
+                                                         f"{me.name}'s output queue")
     reports: queue.Queue[dict] = queue.Queue()
     watchdog = Watchdog(cfg.comm_timeout)
     threads: list[threading.Thread] = []
@@ -223,19 +249,21 @@ def serve(me: Rank, stage: Stage, messages: Iterator[Message] | None,
         threads.append(thread)
         return thread
 
-    if rank == 0:
+    if messages is not None:
         guarded("the data feed: ", lambda: [inbox.put(m) for m in watched(messages, watchdog)])
+    else:
+        threads.append(Receiver(inbox, links.inbound, device, me.lost_link))
+    if rank == 0:
         threads.append(ReportReceiver(me.topo.world, reports.put, me.lost_link))
         send_report = reports.put
     else:
-        threads.append(Receiver(inbox, me.inbound, device, me.lost_link))
         report_sender = ReportSender(me.lost_link)
         threads.append(report_sender)
         send_report = report_sender.put
-    if me.outbound is not None:
-        threads.append(Sender(outbox, me.outbound, device, me.lost_link))
-    worker = guarded("", lambda: run_stage(stage, rank, inbox, outbox, send_report, device,
-                                           cfg, fault, steps, watchdog=watchdog))
+    if links.outbound is not None:
+        threads.append(Sender(outbox, links.outbound, device, me.lost_link))
+    worker = guarded("", lambda: run_stage(stage, me.topo.stage, inbox, outbox, send_report,
+                                           device, cfg, fault, steps, watchdog=watchdog))
     for thread in threads:
         thread.start()
 

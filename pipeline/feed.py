@@ -4,6 +4,9 @@ Each epoch's training batches, then its test batches, then END_EPOCH; a CHECKPOI
 --checkpoint-every batches; STOP at the end. Batches are moved to stage 0's device here, on the
 feed thread's own stream, and carry an event their consumer waits for.
 
+With R replicas the feed of each (on its stage-0 rank) makes the same stream and sends the
+shard of every batch that belongs to its replica; the feeds agree on stops (pipeline/replicas.py).
+
 A position is (epoch, step, evaluate): the next training batch to run, and whether that
 epoch's training is over and only its evaluation is still to do, which is where a stop during
 an epoch's evaluation (or right after its last training batch) leaves a run. A CHECKPOINT
@@ -12,7 +15,7 @@ marker carries it as its ``flag``.
 from __future__ import annotations
 
 import itertools
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -23,24 +26,34 @@ from pipeline.console import Progress
 from pipeline.checkpoint import Start
 from pipeline.data import Batches
 from pipeline.message import Kind, Message
+from pipeline.replicas import shard
 from pipeline.signals import StopRequest
 from stages.config import Config
 
 
 def feed(cfg: Config, train: Batches, test: Batches, val: Batches | None,
-         device: torch.device, start: Start, stop: StopRequest,
-         fault=None) -> Iterator[Message]:
+         device: torch.device, start: Start, stop: StopRequest, fault=None,
+         replica: tuple[int, int] = (0, 1),
+         agreement: Callable[[bool], bool] | None = None) -> Iterator[Message]:
     """The messages of the whole run from ``start`` on: each epoch's training batches, then its
     validation batches (with --val-split) and test batches, then END_EPOCH. ``--max-steps``
     ends training after that many batches, still closing with an evaluation. A confirmed stop
     request ends it after the batch in hand, with a checkpoint where training is to go on (none
     where the newest checkpoint already is). A progress bar follows the training batches of
-    the whole run. ``fault`` is the test hook of the feed itself."""
+    the whole run. ``fault`` is the test hook of the feed itself. ``replica`` is (r, R): this
+    feed keeps shard r of R of every batch (an evaluation shard may be empty: it is not sent),
+    shows progress only for r = 0, and asks ``agreement`` whether any feed has seen a stop."""
+    r, replicas = replica
     steps = start.steps
+
+    def stopping() -> bool:
+        asked = stop.signum is not None
+        return asked if agreement is None else agreement(asked)
+
     total = (cfg.epochs - start.epoch + 1) * len(train) - start.step
     if cfg.max_steps:
         total = max(0, min(total, cfg.max_steps - steps))
-    progress = Progress(console.shown(cfg.progress_bar), cfg.epochs, total)
+    progress = Progress(console.shown(cfg.progress_bar) and r == 0, cfg.epochs, total)
     saved = (start.epoch, start.step, start.evaluate)  # the newest checkpoint's position
     try:
         for epoch in range(start.epoch, cfg.epochs + 1):
@@ -50,12 +63,13 @@ def feed(cfg: Config, train: Batches, test: Batches, val: Batches | None,
                     break
                 progress.epoch(epoch)
                 for step, (x, y) in enumerate(train.epoch(epoch, fed), fed):
-                    if stop.signum is not None:
+                    if stopping():
                         yield from _stopped(Message(Kind.CHECKPOINT, epoch, fed), saved)
                         return
                     if fault is not None:
                         fault.in_feed("feed", steps + 1, stop)
-                    yield batch(Kind.TRAIN, epoch, step, x, y, device)
+                    yield batch(Kind.TRAIN, epoch, step, shard(x, r, replicas),
+                                shard(y, r, replicas), device)
                     progress.advance()
                     steps += 1
                     fed += 1
@@ -70,12 +84,14 @@ def feed(cfg: Config, train: Batches, test: Batches, val: Batches | None,
                 ((Kind.VALID, b) for b in (val.epoch(epoch) if val else ())),
                 ((Kind.EVAL, b) for b in test.epoch(epoch)))
             for step, (kind, (x, y)) in enumerate(tests):
-                if stop.signum is not None:  # the evaluation starts over on resume
+                if stopping():  # the evaluation starts over on resume
                     yield from _stopped(Message(Kind.CHECKPOINT, epoch, fed, flag=True), saved)
                     return
                 if fault is not None:
                     fault.in_feed("eval", step + 1, stop)
-                yield batch(kind, epoch, step, x, y, device)
+                x, y = shard(x, r, replicas), shard(y, r, replicas)
+                if len(y):
+                    yield batch(kind, epoch, step, x, y, device)
             yield Message(Kind.END_EPOCH, epoch, fed)
             saved = (epoch + 1, 0, False) if fed == len(train) else (epoch, fed, False)
         yield Message(Kind.STOP, 0, 0)

@@ -36,6 +36,10 @@ from stages.models import build_stage
 def run_inprocess(cfg: Config, stop: StopRequest, fault: Fault | None = None) -> Coordinator:
     """Train with every stage as a thread of this process; raise StageFailed if one fails.
     Every check (options, checkpoint, data, the save folder) passes before the first write."""
+    if cfg.replicas > 1:
+        raise ConfigError(f"--replicas {cfg.replicas} needs a process per stage and replica: "
+                          f"torchrun --nproc-per-node {cfg.stages * cfg.replicas} "
+                          f"launch/pipeline.py ... (on several nodes, K·R processes in all)")
     try:
         first = dev.choose(cfg.device)
     except ValueError as exc:

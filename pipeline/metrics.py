@@ -46,10 +46,55 @@ def device_records(samples: list[dict]) -> dict:
             "gpus": list(gpus.values())}
 
 
+def merge_replicas(reports: list[dict]) -> list[dict]:
+    """One report per stage, in stage order, from the reports of every (stage, replica) of one
+    kind and position: replica 0's, with the replicas' meters merged (sample-weighted means,
+    summed counts), their logged losses averaged, their trained samples summed and their
+    training spans joined, and every device sample kept (``device_samples``)."""
+    by_stage: dict[int, list[dict]] = {}
+    for r in sorted(reports, key=lambda r: (r["stage"], r.get("replica", 0))):
+        by_stage.setdefault(r["stage"], []).append(r)
+    merged = []
+    for group in by_stage.values():
+        first = dict(group[0])
+        first["device_samples"] = [r["device_memory"] for r in group if r.get("device_memory")]
+        if len(group) > 1:
+            if "meters" in first:
+                first["meters"] = {u: {phase: _merged_meter([r["meters"][u][phase]
+                                                              for r in group])
+                                       for phase in m} for u, m in first["meters"].items()}
+                timings = [r["timing"] for r in group]
+                starts = [t["train_start"] for t in timings if t["train_start"]]
+                ends = [t["train_end"] for t in timings if t["train_end"]]
+                first["timing"] = {**timings[0],
+                                   "train_samples": sum(t["train_samples"] for t in timings),
+                                   "train_start": min(starts, default=None),
+                                   "train_end": max(ends, default=None)}
+            if "losses" in first:
+                first["losses"] = {u: sum(r["losses"][u] for r in group) / len(group)
+                                   for u in first["losses"]}
+                first["time"] = max(r["time"] for r in group)
+        merged.append(first)
+    return merged
+
+
+def _merged_meter(meters: list[dict]) -> dict:
+    """One meter's averages over several replicas' shards, weighted by their samples."""
+    n = sum(m["n"] for m in meters)
+    out = {"n": n, "nonfinite": sum(m["nonfinite"] for m in meters)}
+    for key in meters[0]:
+        if key in out:
+            continue
+        seen = [m for m in meters if m[key] is not None and m["n"]]
+        out[key] = sum(m[key] * m["n"] for m in seen) / n if seen and n else None
+    return out
+
+
 def epoch_record(epoch: int, lr: float, reports: list[dict], unit_names: list[str],
                  dropped: int = 0) -> dict:
-    """The record of ``epoch`` from its K END_EPOCH reports (in stage order); ``dropped``
-    training samples were left out (a last batch of one)."""
+    """The record of ``epoch`` from its K END_EPOCH reports (in stage order, each merged over
+    the replicas); ``dropped`` training samples were left out (a last batch too small to
+    share)."""
     meters: dict[int, dict] = {}
     for r in reports:
         meters.update({int(k): v for k, v in r["meters"].items()})
@@ -74,7 +119,7 @@ def epoch_record(epoch: int, lr: float, reports: list[dict], unit_names: list[st
             m["train"]["nonfinite"] for m in meters.values()),
         "blocks": blocks,
         "samples_per_s": timed / elapsed if elapsed > 0 else None,
-        **device_records([r["device_memory"] for r in reports if r.get("device_memory")]),
+        **device_records([s for r in reports for s in r["device_samples"]]),
         "stages": [{"stage": r["stage"], "units": r["units"], "memory": r["memory"],
                     **{k: v for k, v in r["timing"].items() if k != "train_samples"}}
                    for r in reports],

@@ -98,7 +98,7 @@ def thread_limit() -> int:
 class Footprint:
     """One unit's memory in training, in bytes: weights, optimizer state, the activations
     autograd keeps for its backward (its weights apart), and the messages that reach it and
-    leave it (x, y and the skips in flight), at the run's batch size."""
+    leave it (x, y and the skips in flight), at one replica's batch size."""
 
     weights: int
     state: int
@@ -117,8 +117,8 @@ def footprints(cfg: Config, info: DatasetInfo) -> list[Footprint]:
     with torch.device("meta"):
         units = [build_unit(s, est, info.num_classes)
                  for s in plan(est, info.shape, info.num_classes)]
-        x = torch.empty((cfg.batch_size, *info.shape))
-        y = torch.zeros(cfg.batch_size, dtype=torch.long)
+        x = torch.empty((cfg.replica_batch, *info.shape))
+        y = torch.zeros(cfg.replica_batch, dtype=torch.long)
     skips: dict = {}
     out = []
     message = lambda: nbytes(x) + nbytes(y) + sum(map(nbytes, skips.values()))  # noqa: E731
@@ -162,16 +162,16 @@ def stage_memory(cfg: Config, units: list[Footprint]) -> dict[str, int]:
 
 def measure_costs(stage, in_shape: tuple[int, int, int], num_classes: int, cfg: Config,
                   repeats: int = 3, patience: float = 10.0) -> list[float]:
-    """Median seconds of each unit's full training step on random batches of the run's size,
-    over ``repeats`` rounds after a warm-up, or over one where the warm-up took more than
+    """Median seconds of each unit's full training step on random batches of one replica's
+    size, over ``repeats`` rounds after a warm-up, or over one where the warm-up took more than
     ``patience`` seconds (a large network on a CPU: the cut need not wait minutes).
 
     ``stage`` must be a throwaway copy holding every unit: measuring trains it.
     """
     device = next(stage.parameters()).device
     gen = torch.Generator().manual_seed(0)
-    x0 = torch.randn((cfg.batch_size, *in_shape), generator=gen).to(device)
-    y = torch.randint(num_classes, (cfg.batch_size,), generator=gen).to(device)
+    x0 = torch.randn((cfg.replica_batch, *in_shape), generator=gen).to(device)
+    y = torch.randint(num_classes, (cfg.replica_batch,), generator=gen).to(device)
     stage.train()
 
     def one_round() -> list[float]:

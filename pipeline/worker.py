@@ -9,10 +9,11 @@ FIFO, each stage saves after exactly the same batches: a consistent cut, without
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterator
 
 import torch
@@ -30,10 +31,10 @@ from stages.stage import Stage
 
 @dataclass(frozen=True)
 class Fault:
-    """A test hook, from LOCALPIPE_INJECT_FAULT="WHERE:STEP[:ACTION[:DELAY]]".
+    """A test hook, from LOCALPIPE_INJECT_FAULT="WHERE[/REPLICA]:STEP[:ACTION[:DELAY]]".
 
-    WHERE is a stage index: at its STEP-th training batch (1-based, over the whole run) that
-    stage raises ("raise"), kills its own process with SIGKILL on the first attempt of a
+    It acts in replica REPLICA (0 by default) only. WHERE is a stage index: at its STEP-th training batch (1-based, over the whole run) that
+    stage raises ("raise"), kills its own process with SIGKILL in the first attempt of a
     torchrun job ("kill"), stops it with SIGSTOP ("freeze"), hangs in the batch for a minute
     ("stall"), or feeds NaN into its units ("nan"). WHERE "feed" acts in the data feed before
     its STEP-th training batch, "eval" before the STEP-th test batch of any epoch; there
@@ -45,15 +46,25 @@ class Fault:
     step: int
     action: str = "raise"
     delay: float = 0.0
+    replica: int = 0
+    first_attempt: bool = True  # kill and freeze act in the first attempt only
 
     @classmethod
     def parse(cls, text: str | None) -> "Fault | None":
         if not text:
             return None
         where, step, *rest = text.split(":")
+        where, _, replica = where.partition("/")
         action = rest[0] if rest else "raise"
         delay = float(rest[1]) if len(rest) > 1 else 0.0
-        return cls(where if where in ("feed", "eval") else int(where), int(step), action, delay)
+        return cls(where if where in ("feed", "eval") else int(where), int(step), action, delay,
+                   int(replica or 0),
+                   os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0")
+
+    def for_rank(self, replica: int, attempt: int) -> "Fault | None":
+        """This hook in a process of replica ``replica`` in attempt ``attempt`` (from 1) of a
+        torchrun job: None unless it acts there."""
+        return replace(self, first_attempt=attempt == 1) if replica == self.replica else None
 
     def apply(self, index: int, steps: int, x: torch.Tensor) -> torch.Tensor:
         if (index, steps) != (self.stage, self.step):
@@ -65,7 +76,7 @@ class Fault:
             time.sleep(60)
             return x
         if self.action in ("kill", "freeze"):
-            if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+            if self.first_attempt:
                 os.kill(os.getpid(), signal.SIGKILL if self.action == "kill" else signal.SIGSTOP)
             return x
         raise RuntimeError(f"injected fault at training step {steps}")
@@ -98,8 +109,8 @@ class StepLog:
             units = [u for u in stage.units if u.last_loss is not None]
             values, ready = dev.to_host_later(torch.stack([u.last_loss for u in units]))
             self.pending.append((ready, values, [u.index for u in units], {
-                "kind": "log", "stage": self.index, "epoch": msg.epoch, "step": msg.step,
-                "steps": steps, "time": time.time()}))
+                "kind": "log", "stage": self.index, "replica": stage.replica,
+                "epoch": msg.epoch, "step": msg.step, "steps": steps, "time": time.time()}))
         self.flush()
 
     def flush(self, wait: bool = False) -> None:
@@ -155,6 +166,15 @@ def watched(messages: Iterator[Message], watchdog: Watchdog) -> Iterator[Message
         finally:
             watchdog.end(FEED)
         yield msg
+
+
+def digest(state: dict[str, torch.Tensor]) -> str:
+    """A fingerprint of a stage's final state: replicas that kept one model agree on it."""
+    sha = hashlib.sha256()
+    for name, t in state.items():
+        sha.update(name.encode())
+        sha.update(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return sha.hexdigest()
 
 
 def run_stage(stage: Stage, index: int, inbox: Channel, outbox: Channel | None,
@@ -231,19 +251,21 @@ def run_stage(stage: Stage, index: int, inbox: Channel, outbox: Channel | None,
             step_log.flush(wait=True)  # a marker: every logged batch is reported before it
             if msg.kind == Kind.STOP:
                 writer.close()  # every checkpoint report goes out before the final one
-                report({"kind": "final", "stage": index, "stopped": msg.flag,
-                        "state": {k: v.detach().cpu() for k, v in stage.state_dict().items()}})
+                state = {k: v.detach().cpu() for k, v in stage.state_dict().items()}
+                report({"kind": "final", "stage": index, "replica": stage.replica,
+                        "stopped": msg.flag, "digest": digest(state),
+                        "state": state if stage.replica == 0 else None})
                 return
             # END_EPOCH or CHECKPOINT: every batch before the marker is done here, and only those
-            r = {"kind": msg.kind.name.lower(), "stage": index, "epoch": msg.epoch,
-                 "step": msg.step, "steps": steps, "units": stage.indices}
+            r = {"kind": msg.kind.name.lower(), "stage": index, "replica": stage.replica,
+                 "epoch": msg.epoch, "step": msg.step, "steps": steps, "units": stage.indices}
             if msg.kind == Kind.END_EPOCH:
                 own = memory.take()
                 r.update(meters=stage.take_meters(), timing=timer.take(), memory=own,
                          device_memory=devices.epoch_end(device, msg.epoch, index,
                                                          own["current_bytes"]))
             r["evaluate"] = msg.kind == Kind.CHECKPOINT and msg.flag
-            writer.submit(steps, r["evaluate"], stage.checkpoint_state() if cfg.save_dir else None,
-                          r)
+            state = stage.checkpoint_state() if cfg.save_dir else None  # every replica sums
+            writer.submit(steps, r["evaluate"], state if stage.replica == 0 else None, r)
     finally:
         writer.abandon()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +19,6 @@ from torch import Tensor, nn
 from stages import losses
 from stages.config import Config, derive_seed
 
-Update = Callable[[], None]
 # The skip tensors of one batch in flight, by name: a unit that starts a residual block stashes
 # its input here, the block's last unit pops it (stages/residual.py). It travels with the batch.
 Skips = dict[str, Tensor]
@@ -43,19 +42,83 @@ def restore_buffers(kept: list[tuple[Tensor, Tensor]]) -> None:
         buffer.copy_(saved)
 
 
-def update_of(loss: Tensor, what: str, optimizers: list[torch.optim.Optimizer],
-              kept: list[tuple[Tensor, Tensor]], cfg: Config) -> Update:
+class Replicas(Protocol):
+    """The data-parallel replicas of a stage, as its units see them (pipeline/replicas.py):
+    ``sum`` starts adding a flat tensor up over the ``count`` replicas and returns the wait
+    that gives the sum."""
+
+    count: int
+
+    def sum(self, flat: Tensor) -> Callable[[], Tensor]: ...
+
+
+def moving_buffers(module: nn.Module) -> list[Tensor]:
+    """The buffers a training forward changes (batch-norm running statistics), which replicas
+    average so that every replica holds the same model."""
+    return [b for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            for b in (m.running_mean, m.running_var) if b is not None]
+
+
+class Update:
     """A batch's pending update: backward of ``loss``, then each optimizer's step in order;
-    under --on-nan skip a non-finite loss instead puts the ``kept`` buffers back."""
-    def update() -> None:
-        if not finite_or_skip(loss, what, cfg):
-            restore_buffers(kept)
+    under --on-nan skip a non-finite loss instead puts the ``kept`` buffers back.
+
+    With ``replicas`` it comes in two halves, so that the exchange overlaps the next unit's
+    forward: ``begin`` runs the backward and starts summing one bucket over the replicas (a
+    finiteness flag, the gradients, the ``buffers``); ``finish`` waits for it, and then either
+    every replica steps on the averaged gradients and takes the averaged buffers, or, if any
+    replica's loss was not finite, every one skips. Without replicas ``begin`` does it all.
+    Calling the update runs both halves."""
+
+    def __init__(self, loss: Tensor, what: str, optimizers: list[torch.optim.Optimizer],
+                 kept: list[tuple[Tensor, Tensor]], cfg: Config, buffers: list[Tensor] = (),
+                 replicas: Replicas | None = None) -> None:
+        self.loss, self.what, self.optimizers, self.kept, self.cfg = loss, what, optimizers, \
+            kept, cfg
+        self.buffers, self.replicas = list(buffers), replicas
+        self._wait: Callable[[], Tensor] | None = None
+
+    def __call__(self) -> None:
+        self.begin()
+        self.finish()
+
+    def params(self) -> list[Tensor]:
+        return [p for opt in self.optimizers for group in opt.param_groups
+                for p in group["params"]]
+
+    def begin(self) -> None:
+        ok = finite_or_skip(self.loss, self.what, self.cfg)
+        if ok:
+            self.loss.backward()
+        if self.replicas is None:
+            self._apply(ok)
             return
-        loss.backward()
-        for optimizer in optimizers:
-            optimizer.step()
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params()]
+        flag = self.loss.new_full((1,), float(ok))
+        bucket = torch.cat([flag] + [t.reshape(-1) for t in grads + self.buffers])
+        self._wait = self.replicas.sum(bucket)
+
+    def finish(self) -> None:
+        if self._wait is None:
+            return
+        bucket, self._wait = self._wait(), None
+        ok = bool(bucket[0] == self.replicas.count)  # every replica's loss was finite
+        if ok:
+            params = self.params()
+            mean = bucket[1:].div_(self.replicas.count)
+            sizes = [t.numel() for t in params + self.buffers]
+            for t, value in zip([p.grad for p in params] + self.buffers, mean.split(sizes)):
+                if t is not None:  # a parameter without a gradient has none on any replica
+                    t.copy_(value.view_as(t))
+        self._apply(ok)
+
+    def _apply(self, ok: bool) -> None:
+        if not ok:
+            restore_buffers(self.kept)
+        for optimizer in self.optimizers:
+            if ok:
+                optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-    return update
 
 
 def finite_or_skip(loss: Tensor, what: str, cfg: Config) -> bool:
@@ -151,6 +214,8 @@ class Unit(nn.Module):
         self.phase = "test"  # which meter an evaluation records into: "val" or "test"
         self.position = (0, 0)  # (epoch, step) of the batch being trained
         self.last_loss: Tensor | None = None  # the local loss of the latest batch, on device
+        self.replica = 0  # which data-parallel replica of the unit this is
+        self.replicas: Replicas | None = None  # all of them, when there are several
         self._dropout_gen: torch.Generator | None = None
 
     def make_optimizer(self) -> None:
@@ -169,18 +234,20 @@ class Unit(nn.Module):
 
     def dropout_generator(self, device: torch.device) -> torch.Generator:
         """The generator of this unit's masks for the current batch, seeded from its position
-        (a generator of the activation's device: the masks differ between device types).
-        Reseeded at each call: a unit draws one mask per batch."""
+        (a generator of the activation's device: the masks differ between device types) and,
+        beyond the first, its replica. Reseeded at each call: a unit draws one mask per batch."""
         if self._dropout_gen is None or self._dropout_gen.device != device:
             self._dropout_gen = torch.Generator(device=device)
+        replica = ("replica", self.replica) if self.replica else ()
         self._dropout_gen.manual_seed(derive_seed(self.cfg.seed, "dropout", self.index,
-                                                  *self.position))
+                                                  *self.position, *replica))
         return self._dropout_gen
 
     def step_closure(self, loss: Tensor, kept: list[tuple[Tensor, Tensor]]) -> Update:
         """The update of this batch; ``kept`` are the buffers to put back if it is skipped."""
         assert self.optimizers
-        return update_of(loss, f"unit {self.index}", self.optimizers, kept, self.cfg)
+        return Update(loss, f"unit {self.index}", self.optimizers, kept, self.cfg,
+                      moving_buffers(self), self.replicas)
 
 
 class LocalBlock(Unit):

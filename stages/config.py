@@ -93,6 +93,8 @@ class Config:
     # localpipe
     recipe: str = ""
     stages: int = 1
+    replicas: int = 1
+    per_replica_batch: bool = False
     balance: list[int] | None = None
     queue_depth: int = 2
     data_root: str = "data"
@@ -117,6 +119,16 @@ class Config:
     def local(self) -> bool:
         """True when blocks are trained by their own losses on detached inputs (pipelineable)."""
         return not (self.backprop or self.no_detach)
+
+    @property
+    def global_batch(self) -> int:
+        """Samples per training step over all replicas: the batch the data is cut into."""
+        return global_batch(self.batch_size, self.replicas, self.per_replica_batch)
+
+    @property
+    def replica_batch(self) -> int:
+        """Samples one replica trains on per step (its shard of a full global batch)."""
+        return self.global_batch // self.replicas
 
     def lr_at(self, epoch: int) -> float:
         """Learning rate of a 1-based epoch: decayed once per milestone m with m <= epoch - 1."""
@@ -143,7 +155,7 @@ class Config:
                 need(abs(value) <= INT_MAX or name == "seed",
                      f"{flag} must be at most {INT_MAX:,}, got {value}")
         for name in ("batch_size", "num_hidden", "dim_in_decoder", "epochs", "target_proj_size",
-                     "n_holes", "length", "stages", "queue_depth"):
+                     "n_holes", "length", "stages", "replicas", "queue_depth"):
             need(getattr(self, name) > 0, f"--{name.replace('_', '-')} must be positive, "
                                           f"got {getattr(self, name)}")
         for name in ("num_layers", "classes_per_batch", "classes_per_batch_until_epoch",
@@ -180,11 +192,23 @@ class Config:
         need(self.local or self.stages == 1,
              f"--{'backprop' if self.backprop else 'no-detach'} sends gradients between blocks "
              f"and cannot be pipelined; use --stages 1")
+        need(self.per_replica_batch or self.batch_size % self.replicas == 0,
+             f"--batch-size {self.batch_size} does not split evenly into {self.replicas} "
+             f"replicas; use a multiple of {self.replicas}, or --per-replica-batch to train "
+             f"each replica on --batch-size samples")
+        need(self.replica_batch >= 2,
+             f"--batch-size {self.batch_size} leaves {self.replica_batch} sample(s) per replica; "
+             f"batch norm needs at least 2")
         if self.balance is not None:
             need(len(self.balance) == self.stages,
                  f"--balance has {len(self.balance)} entries but --stages is {self.stages}")
             need(all(b > 0 for b in self.balance), "--balance entries must be positive")
         return self
+
+
+def global_batch(batch_size: int, replicas: int, per_replica_batch: bool) -> int:
+    """--batch-size is the global batch, or with --per-replica-batch each replica's."""
+    return batch_size * (replicas if per_replica_batch else 1)
 
 
 def derive_seed(seed: int, *keys: object) -> int:

@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from stages.blocks import (LocalBlock, OutputLayer, Skips, Unit, Update, keep_buffers,
-                           make_optimizer, update_of)
+from stages.blocks import (LocalBlock, OutputLayer, Replicas, Skips, Unit, Update,
+                           keep_buffers, make_optimizer, moving_buffers)
 from stages.config import Config
 
 
@@ -31,6 +31,15 @@ class Stage(nn.Module):
         for unit in units:
             unit.make_optimizer()
         self.optimizer = make_optimizer(self.parameters(), cfg) if cfg.backprop else None
+        self.replica = 0
+        self.replicas: Replicas | None = None
+
+    def replicate(self, replica: int, replicas: Replicas | None) -> None:
+        """Make this stage replica ``replica`` of ``replicas``: its dropout masks are its own,
+        and every update is averaged over them (pipeline/replicas.py)."""
+        self.replica, self.replicas = replica, replicas
+        for unit in self.units:
+            unit.replica, unit.replicas = replica, replicas
 
     @property
     def indices(self) -> list[int]:
@@ -55,14 +64,23 @@ class Stage(nn.Module):
                    skips: Skips | None = None) -> tuple[Tensor, Update]:
         """Train on one batch; return the detached output and the last unit's pending update.
         ``skips`` holds the batch's skip tensors that came with it; on return it holds those
-        that go on with the output (stashed here, popped by a later stage)."""
+        that go on with the output (stashed here, popped by a later stage). With replicas, a
+        unit's update is finished only after the next unit's forward, so that its exchange
+        with the other replicas overlaps that forward (it changes nothing that forward reads)."""
         skips = {} if skips is None else skips
         if not self.cfg.local:
             return self._global_step(x, y, skips)
+        pending: Update | None = None
         for unit in self.units[:-1]:
             x, update = unit.train_step(x, y, skips)
-            update()
-        return self.units[-1].train_step(x, y, skips)
+            if pending is not None:
+                pending.finish()
+            update.begin()
+            pending = update
+        out, last = self.units[-1].train_step(x, y, skips)
+        if pending is not None:
+            pending.finish()
+        return out, last
 
     def _global_step(self, x: Tensor, y: Tensor, skips: Skips) -> tuple[Tensor, Update]:
         """One end-to-end step: CE through every block (plus, with --no-detach, every local
@@ -76,8 +94,8 @@ class Stage(nn.Module):
                 total = total + block.local_loss(h, seen, y)
         logits = self.output(x)
         total = total + self.output.loss(logits, y)
-        return logits.detach(), update_of(total, "the global loss", self.optimizers(), kept,
-                                          self.cfg)
+        return logits.detach(), Update(total, "the global loss", self.optimizers(), kept,
+                                       self.cfg, moving_buffers(self), self.replicas)
 
     @torch.no_grad()
     def eval_step(self, x: Tensor, y: Tensor, phase: str = "test",
@@ -112,22 +130,36 @@ class Stage(nn.Module):
     def checkpoint_state(self) -> dict:
         """Everything to continue exactly: weights, buffers, optimizer moments, and the epoch's
         training meters (test meters only live through one evaluation, which a resumed run
-        does again from its start)."""
+        does again from its start), summed over the replicas: every replica takes part."""
+        meters = [u.meters["train"].state() for u in self.units]
+        if self.replicas is not None:
+            meters = self._summed(meters)
         return {
             "units": {u.index: {"state": u.state_dict(),
                                 "optimizers": [opt.state_dict() for opt in u.optimizers],
-                                "meters": u.meters["train"].state()}
-                      for u in self.units},
+                                "meters": m}
+                      for u, m in zip(self.units, meters)},
             "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),
         }
 
+    def _summed(self, meters: list[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
+        """``meters`` added up over the replicas (which recorded the same quantities)."""
+        keys = [sorted(m) for m in meters]
+        values = [m[k].reshape(1) for m, ks in zip(meters, keys) for k in ks]
+        if not values:
+            return meters
+        total = iter(self.replicas.sum(torch.cat(values))().cpu())
+        return [{k: next(total).clone() for k in ks} for ks in keys]
+
     def load_checkpoint_state(self, state: dict) -> None:
-        """Restore what ``checkpoint_state`` saved, for the units of this stage."""
+        """Restore what ``checkpoint_state`` saved, for the units of this stage; the saved
+        meters, summed over the replicas, go to replica 0 alone."""
         for unit in self.units:
             saved = state["units"][unit.index]
             unit.load_state_dict(saved["state"])
             for optimizer, opt_state in zip(unit.optimizers, saved["optimizers"], strict=True):
                 optimizer.load_state_dict(opt_state)
-            unit.meters["train"].load(saved["meters"], next(self.parameters()).device)
+            if self.replica == 0:
+                unit.meters["train"].load(saved["meters"], next(self.parameters()).device)
         if self.optimizer is not None:
             self.optimizer.load_state_dict(state["optimizer"])

@@ -58,15 +58,16 @@ def _free_port() -> int:
 
 def _payload_rank(rank: int, port: int, count: int) -> None:
     from pipeline.distributed import join
+    from pipeline.topology import Topology
     from pipeline.transport import HostPayload, Receiver, Sender
     from stages.config import Config
 
     store = dist.TCPStore("127.0.0.1", port, 2, rank == 0, timedelta(seconds=60))
-    me = join(Config(stages=2), store, rank, 2, torch.device("cpu"), shared=False)
+    me = join(Config(stages=2), store, Topology(rank, 2), torch.device("cpu"), False, 1)
     channel = Channel(2, Abort(), "test")
     if rank == 0:
-        assert isinstance(me.outbound.payload, HostPayload)
-        sender = Sender(channel, me.outbound, torch.device("cpu"), me.lost_link)
+        assert isinstance(me.links.outbound.payload, HostPayload)
+        sender = Sender(channel, me.links.outbound, torch.device("cpu"), me.lost_link)
         sender.start()
         for step in range(count):
             channel.put(_message(step))
@@ -75,7 +76,7 @@ def _payload_rank(rank: int, port: int, count: int) -> None:
         channel.put(Message(Kind.STOP, 0, 0))
         sender.join()
     else:
-        Receiver(channel, me.inbound, torch.device("cpu"), me.lost_link).start()
+        Receiver(channel, me.links.inbound, torch.device("cpu"), me.lost_link).start()
         got = [channel.get()[0] for _ in range(count + 2)]
         kinds = [m.kind for m in got]
         assert kinds == [Kind.TRAIN] * 2 + [Kind.CHECKPOINT] + [Kind.TRAIN] * (count - 2) \

@@ -184,10 +184,12 @@ def write_manifest(save_dir: str, steps: int, position: tuple[int, int, bool], a
 
 
 # Options that change the network or its training, so a checkpoint made with other values
-# cannot be continued. The rest (epochs, stages, balance, paths, devices, logging) may change.
+# cannot be continued (and the global batch, checked apart: --batch-size may change with
+# --per-replica-batch and --replicas so long as it stays). The rest (epochs, stages, replicas,
+# balance, paths, devices, logging) may change.
 MODEL_ARGS = ("model", "dataset", "num_layers", "num_hidden", "dim_in_decoder", "feat_mult",
               "loss_sup", "loss_unsup", "bio", "backprop", "no_detach", "no_batch_norm", "pre_act",
-              "target_proj_size", "optim", "nonlin", "seed", "batch_size", "dropout", "alpha",
+              "target_proj_size", "optim", "nonlin", "seed", "dropout", "alpha",
               "beta", "lr", "lr_decay_milestones", "lr_decay_fact", "momentum", "weight_decay",
               "no_similarity_std", "cutout", "n_holes", "length", "classes_per_batch",
               "classes_per_batch_until_epoch", "limit_train", "val_split")
@@ -234,7 +236,8 @@ def read_manifest(folder: str, args: dict) -> dict:
                               a.get("per_replica_batch", False)) for a in (manifest["args"], args))
     if then != now:  # a position counts global batches: --replicas may change, not that
         raise ValueError(f"checkpoint {folder} was made with a global batch of {then} "
-                         f"(--per-replica-batch over its replicas), this run has {now}")
+                         f"(--batch-size, times --replicas with --per-replica-batch), this run "
+                         f"has {now}")
     for entry in manifest["files"]:
         path = os.path.join(folder, entry["file"])
         with open(path, "rb") as f:

@@ -101,8 +101,10 @@ def connect(topo: Topology, device: torch.device, shared_gpu: bool, comm_timeout
                     wiring.inbound = link
     if topo.replicas == 1:
         return wiring
-    for k in range(topo.stages):  # a replica group waits for its slowest member, unbounded:
-        ranks = [topo.rank_of(k, r) for r in range(topo.replicas)]  # the control plane bounds it
+    # a sum waits for the slowest replica: bounded by --comm-timeout over NCCL (its watchdog,
+    # as for payloads), by the control plane over gloo
+    for k in range(topo.stages):
+        ranks = [topo.rank_of(k, r) for r in range(topo.replicas)]
         group = dist.new_group(ranks, backend="nccl", device_id=device, timeout=timeout) \
             if nccl else dist.new_group(ranks, backend="gloo", timeout=LONG)
         if topo.stage == k:

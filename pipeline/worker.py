@@ -253,7 +253,8 @@ def run_stage(stage: Stage, index: int, inbox: Channel, outbox: Channel | None,
                 writer.close()  # every checkpoint report goes out before the final one
                 state = {k: v.detach().cpu() for k, v in stage.state_dict().items()}
                 report({"kind": "final", "stage": index, "replica": stage.replica,
-                        "stopped": msg.flag, "digest": digest(state),
+                        "stopped": msg.flag,
+                        "digest": digest(state) if cfg.replicas > 1 else None,
                         "state": state if stage.replica == 0 else None})
                 return
             # END_EPOCH or CHECKPOINT: every batch before the marker is done here, and only those

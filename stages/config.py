@@ -196,7 +196,7 @@ class Config:
              f"--batch-size {self.batch_size} does not split evenly into {self.replicas} "
              f"replicas; use a multiple of {self.replicas}, or --per-replica-batch to train "
              f"each replica on --batch-size samples")
-        need(self.replica_batch >= 2,
+        need(self.replicas == 1 or self.replica_batch >= 2,
              f"--batch-size {self.batch_size} leaves {self.replica_batch} sample(s) per replica; "
              f"batch norm needs at least 2")
         if self.balance is not None:

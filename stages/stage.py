@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from stages.blocks import (LocalBlock, OutputLayer, Replicas, Skips, Unit, Update,
+from stages.blocks import (LocalBlock, Meter, OutputLayer, Replicas, Skips, Unit, Update,
                            keep_buffers, make_optimizer, moving_buffers)
 from stages.config import Config
 
@@ -143,13 +143,16 @@ class Stage(nn.Module):
         }
 
     def _summed(self, meters: list[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
-        """``meters`` added up over the replicas (which recorded the same quantities)."""
-        keys = [sorted(m) for m in meters]
-        values = [m[k].reshape(1) for m, ks in zip(meters, keys) for k in ks]
-        if not values:
-            return meters
-        total = iter(self.replicas.sum(torch.cat(values))().cpu())
-        return [{k: next(total).clone() for k in ks} for ks in keys]
+        """``meters`` added up over the replicas. Every replica sends the same schema (each
+        key's value and whether it has one), whatever it has recorded: after a resume only
+        replica 0 holds the restored sums, and the collective must match on every replica."""
+        keys = (*Meter.KEYS, "n", "nonfinite")
+        device = next(self.parameters()).device  # NCCL sums device tensors only
+        flat = torch.tensor([[float(k in m), float(m[k]) if k in m else 0.0]
+                             for m in meters for k in keys], dtype=torch.float64)
+        total = self.replicas.sum(flat.to(device))().cpu().view(len(meters), len(keys), 2)
+        return [{k: total[i, j, 1].clone() for j, k in enumerate(keys) if total[i, j, 0] > 0}
+                for i in range(len(meters))]
 
     def load_checkpoint_state(self, state: dict) -> None:
         """Restore what ``checkpoint_state`` saved, for the units of this stage; the saved

@@ -254,6 +254,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(capsys, finished, bad_d
                                                   "since": "now"}))
     try:
         before, around = _tree(run.parent), sorted(os.listdir(run.parent.parent))
+        ours = _listing(ROOT / "runs")  # the user's own runs may be there already
         save = [] if "--save-dir" in args else ["--save-dir", str(run)]
         capsys.readouterr()
         with pytest.raises(SystemExit) as exit_info:
@@ -264,10 +265,14 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(capsys, finished, bad_d
         assert fill(message) in err[0] and "Traceback" not in err[0], err
         assert _tree(run.parent) == before, "the finished run's folder changed"
         assert sorted(os.listdir(run.parent.parent)) == around, "a new folder appeared"
-        assert not (ROOT / "runs").exists() or "runs" in before
+        assert _listing(ROOT / "runs") == ours, "a run folder appeared under runs/"
     finally:
         if lock:
             (run / "run.lock").unlink()
+
+
+def _listing(folder: Path) -> list[str] | None:
+    return sorted(os.listdir(folder)) if folder.exists() else None
 
 
 def test_missing_data_offline_names_the_folder_and_files(tmp_path):

@@ -265,3 +265,36 @@ def test_a_checkpoint_is_refused_with_another_global_batch(mesh, mnist_root):
                                       "--resume", str(mesh)])
     with pytest.raises(ConfigError, match="a global batch of 32 .*, this run has 64"):
         start_point(cfg, 4)
+
+
+class Recording:
+    """Replicas that record what each sum is sent (and give it back unchanged)."""
+
+    count = 2
+
+    def __init__(self) -> None:
+        self.sent: list[torch.Tensor] = []
+
+    def sum(self, flat: torch.Tensor):
+        self.sent.append(flat.clone())
+        return lambda: flat
+
+
+def test_every_replica_sends_its_meters_in_one_schema():
+    """After a resume only replica 0 holds the restored meters: the replicas' sums at the
+    next checkpoint must still be the same collective, whatever each has recorded."""
+    cfg = Config(model="mlp", dataset="synthetic", num_hidden=16).validate()
+    fresh, trained = (build_stage(cfg, (1, 28, 28), 10) for _ in range(2))
+    trained.train()
+    trained.train_step(torch.randn(8, 1, 28, 28), torch.arange(8))[1]()
+    sums = []
+    for stage in (fresh, trained):
+        stage.replicate(0, Recording())
+        state = stage.checkpoint_state()
+        sums.append(stage.replicas.sent[-1])
+        assert all(state["units"][u.index]["meters"].keys()
+                   == u.meters["train"].state().keys() for u in stage.units)
+    assert sums[0].shape == sums[1].shape and sums[0].abs().sum() == 0
+    saved = trained.checkpoint_state()["units"][0]["meters"]
+    assert {k: float(v) for k, v in saved.items()} == \
+        {k: float(v) for k, v in trained.units[0].meters["train"].state().items()}

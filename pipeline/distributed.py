@@ -139,7 +139,7 @@ def verdict(cfg: Config, store: dist.Store, topo: topology.Topology, units: int,
     the store for the whole job: a restarted attempt writes where the first one did. Returns
     (cfg with its folder, start, (train, test, val) batches on each replica's stage 0, which
     feeds it, None elsewhere)."""
-    said_key = f"{attempt_prefix(number)}/verdict"
+    ours = attempt(store, number)  # the verdict of this attempt, under "verdict"
     if topo.rank == 0:
         try:
             earlier = runs.job_folder(store)
@@ -151,13 +151,13 @@ def verdict(cfg: Config, store: dist.Store, topo: topology.Topology, units: int,
                 runs.check(cfg.save_dir, bool(cfg.resume))
             cfg = replace(cfg, save_dir=runs.claim(cfg.save_dir, cfg, start, new))
         except (ConfigError, DataError) as exc:
-            store.set(said_key, json.dumps({"error": str(exc), "kind": type(exc).__name__}))
+            ours.set("verdict", json.dumps({"error": str(exc), "kind": type(exc).__name__}))
             raise
         runs.remember(store, cfg.save_dir)
-        store.set(said_key, json.dumps({"resume": start.folder, "save_dir": cfg.save_dir}))
+        ours.set("verdict", json.dumps({"resume": start.folder, "save_dir": cfg.save_dir}))
         return cfg, start, (train, test, val)
-    store.wait([said_key], LONG)  # rank 0 may be downloading a dataset
-    said = json.loads(store.get(said_key))
+    ours.wait(["verdict"], LONG)  # rank 0 may be downloading a dataset
+    said = json.loads(ours.get("verdict"))
     if "error" in said:
         raise (DataError if said["kind"] == "DataError" else ConfigError)(said["error"])
     cfg = replace(cfg, save_dir=said["save_dir"])
@@ -179,14 +179,10 @@ def attempt_number(store: dist.Store, rank: int) -> int:
     return store.add(f"localpipe/starts/{rank}", 1)
 
 
-def attempt_prefix(number: int) -> str:
-    return f"localpipe/attempt-{number}"
-
-
 def attempt(store: dist.Store, number: int) -> dist.PrefixStore:
-    """``store`` under a prefix of this attempt's own: torchrun keeps its store across
+    """``store`` under a prefix of attempt ``number``'s own: torchrun keeps its store across
     --max-restarts, and a restarted worker must not read a dead worker's entries."""
-    return dist.PrefixStore(attempt_prefix(number), store)
+    return dist.PrefixStore(f"localpipe/attempt-{number}", store)
 
 
 def join(cfg: Config, store: dist.Store, topo: topology.Topology, device: torch.device,

@@ -46,6 +46,9 @@ def feed(cfg: Config, train: Batches, test: Batches, val: Batches | None,
     r, replicas = replica
     steps = start.steps
 
+    def mine(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        return shard(x, r, replicas), shard(y, r, replicas)
+
     def stopping() -> bool:
         asked = stop.signum is not None
         return asked if agreement is None else agreement(asked)
@@ -68,8 +71,7 @@ def feed(cfg: Config, train: Batches, test: Batches, val: Batches | None,
                         return
                     if fault is not None:
                         fault.in_feed("feed", steps + 1, stop)
-                    yield batch(Kind.TRAIN, epoch, step, shard(x, r, replicas),
-                                shard(y, r, replicas), device)
+                    yield batch(Kind.TRAIN, epoch, step, *mine(x, y), device)
                     progress.advance()
                     steps += 1
                     fed += 1
@@ -89,7 +91,7 @@ def feed(cfg: Config, train: Batches, test: Batches, val: Batches | None,
                     return
                 if fault is not None:
                     fault.in_feed("eval", step + 1, stop)
-                x, y = shard(x, r, replicas), shard(y, r, replicas)
+                x, y = mine(x, y)
                 if len(y):
                     yield batch(kind, epoch, step, x, y, device)
             yield Message(Kind.END_EPOCH, epoch, fed)

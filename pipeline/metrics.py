@@ -52,7 +52,7 @@ def merge_replicas(reports: list[dict]) -> list[dict]:
     summed counts), their logged losses averaged, their trained samples summed and their
     training spans joined, and every device sample kept (``device_samples``)."""
     by_stage: dict[int, list[dict]] = {}
-    for r in sorted(reports, key=lambda r: (r["stage"], r.get("replica", 0))):
+    for r in sorted(reports, key=lambda r: (r["stage"], r["replica"])):
         by_stage.setdefault(r["stage"], []).append(r)
     merged = []
     for group in by_stage.values():

@@ -33,8 +33,8 @@ from stages.stage import Stage
 class Fault:
     """A test hook, from LOCALPIPE_INJECT_FAULT="WHERE[/REPLICA]:STEP[:ACTION[:DELAY]]".
 
-    It acts in replica REPLICA (0 by default) only. WHERE is a stage index: at its STEP-th training batch (1-based, over the whole run) that
-    stage raises ("raise"), kills its own process with SIGKILL in the first attempt of a
+    It acts in replica REPLICA (0 by default) only. WHERE is a stage index: at its STEP-th
+    training batch (1-based, over the whole run) that stage raises ("raise"), kills its own process with SIGKILL in the first attempt of a
     torchrun job ("kill"), stops it with SIGSTOP ("freeze"), hangs in the batch for a minute
     ("stall"), or feeds NaN into its units ("nan"). WHERE "feed" acts in the data feed before
     its STEP-th training batch, "eval" before the STEP-th test batch of any epoch; there

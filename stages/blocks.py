@@ -65,26 +65,26 @@ class Update:
 
     With ``replicas`` it comes in two halves, so that the exchange overlaps the next unit's
     forward: ``begin`` runs the backward and starts summing one bucket over the replicas (a
-    finiteness flag, the gradients, the ``buffers``); ``finish`` waits for it, and then either
+    finiteness flag, the gradients, the batch-norm statistics of ``module``); ``finish`` waits for it, and then either
     every replica steps on the averaged gradients and takes the averaged buffers, or, if any
     replica's loss was not finite, every one skips. Without replicas ``begin`` does it all.
     Calling the update runs both halves."""
 
     def __init__(self, loss: Tensor, what: str, optimizers: list[torch.optim.Optimizer],
-                 kept: list[tuple[Tensor, Tensor]], cfg: Config, buffers: list[Tensor] = (),
+                 kept: list[tuple[Tensor, Tensor]], cfg: Config, module: nn.Module,
                  replicas: Replicas | None = None) -> None:
+        """``module`` holds the buffers the replicas average (its ``moving_buffers``)."""
         self.loss, self.what, self.optimizers, self.kept, self.cfg = loss, what, optimizers, \
             kept, cfg
-        self.buffers, self.replicas = list(buffers), replicas
+        self.module, self.replicas = module, replicas
         self._wait: Callable[[], Tensor] | None = None
+        # where each piece of the averaged bucket goes back (None: a parameter without a
+        # gradient, which has none on any replica), and its size
+        self._targets: list[tuple[Tensor | None, int]] = []
 
     def __call__(self) -> None:
         self.begin()
         self.finish()
-
-    def params(self) -> list[Tensor]:
-        return [p for opt in self.optimizers for group in opt.param_groups
-                for p in group["params"]]
 
     def begin(self) -> None:
         ok = finite_or_skip(self.loss, self.what, self.cfg)
@@ -93,22 +93,25 @@ class Update:
         if self.replicas is None:
             self._apply(ok)
             return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params()]
+        params = [p for opt in self.optimizers for group in opt.param_groups
+                  for p in group["params"]]
+        buffers = moving_buffers(self.module)
+        self._targets = [(p.grad, p.numel()) for p in params] + [(b, b.numel()) for b in buffers]
+        sent = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         flag = self.loss.new_full((1,), float(ok))
-        bucket = torch.cat([flag] + [t.reshape(-1) for t in grads + self.buffers])
+        bucket = torch.cat([flag] + [t.reshape(-1) for t in sent + buffers])
         self._wait = self.replicas.sum(bucket)
 
     def finish(self) -> None:
         if self._wait is None:
             return
         bucket, self._wait = self._wait(), None
+        targets, self._targets = self._targets, []
         ok = bool(bucket[0] == self.replicas.count)  # every replica's loss was finite
         if ok:
-            params = self.params()
             mean = bucket[1:].div_(self.replicas.count)
-            sizes = [t.numel() for t in params + self.buffers]
-            for t, value in zip([p.grad for p in params] + self.buffers, mean.split(sizes)):
-                if t is not None:  # a parameter without a gradient has none on any replica
+            for (t, _), value in zip(targets, mean.split([n for _, n in targets])):
+                if t is not None:
                     t.copy_(value.view_as(t))
         self._apply(ok)
 
@@ -160,6 +163,7 @@ class Meter:
     loss is NaN or infinite (kept going by --on-nan skip) is counted apart, not averaged in."""
 
     KEYS = ("loss", "loss_sim", "loss_pred", "errors")
+    SUMS = (*KEYS, "n", "nonfinite")  # every sum a meter may hold
 
     def __init__(self) -> None:
         self.sums: dict[str, Tensor] = {}
@@ -246,8 +250,8 @@ class Unit(nn.Module):
     def step_closure(self, loss: Tensor, kept: list[tuple[Tensor, Tensor]]) -> Update:
         """The update of this batch; ``kept`` are the buffers to put back if it is skipped."""
         assert self.optimizers
-        return Update(loss, f"unit {self.index}", self.optimizers, kept, self.cfg,
-                      moving_buffers(self), self.replicas)
+        return Update(loss, f"unit {self.index}", self.optimizers, kept, self.cfg, self,
+                      self.replicas)
 
 
 class LocalBlock(Unit):

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from stages.blocks import (LocalBlock, Meter, OutputLayer, Replicas, Skips, Unit, Update,
-                           keep_buffers, make_optimizer, moving_buffers)
+                           keep_buffers, make_optimizer)
 from stages.config import Config
 
 
@@ -31,15 +31,20 @@ class Stage(nn.Module):
         for unit in units:
             unit.make_optimizer()
         self.optimizer = make_optimizer(self.parameters(), cfg) if cfg.backprop else None
-        self.replica = 0
-        self.replicas: Replicas | None = None
 
     def replicate(self, replica: int, replicas: Replicas | None) -> None:
         """Make this stage replica ``replica`` of ``replicas``: its dropout masks are its own,
         and every update is averaged over them (pipeline/replicas.py)."""
-        self.replica, self.replicas = replica, replicas
         for unit in self.units:
             unit.replica, unit.replicas = replica, replicas
+
+    @property
+    def replica(self) -> int:
+        return self.units[0].replica
+
+    @property
+    def replicas(self) -> Replicas | None:
+        return self.units[0].replicas
 
     @property
     def indices(self) -> list[int]:
@@ -95,7 +100,7 @@ class Stage(nn.Module):
         logits = self.output(x)
         total = total + self.output.loss(logits, y)
         return logits.detach(), Update(total, "the global loss", self.optimizers(), kept,
-                                       self.cfg, moving_buffers(self), self.replicas)
+                                       self.cfg, self, self.replicas)
 
     @torch.no_grad()
     def eval_step(self, x: Tensor, y: Tensor, phase: str = "test",
@@ -146,7 +151,7 @@ class Stage(nn.Module):
         """``meters`` added up over the replicas. Every replica sends the same schema (each
         key's value and whether it has one), whatever it has recorded: after a resume only
         replica 0 holds the restored sums, and the collective must match on every replica."""
-        keys = (*Meter.KEYS, "n", "nonfinite")
+        keys = Meter.SUMS
         device = next(self.parameters()).device  # NCCL sums device tensors only
         flat = torch.tensor([[float(k in m), float(m[k]) if k in m else 0.0]
                              for m in meters for k in keys], dtype=torch.float64)

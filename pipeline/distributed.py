@@ -236,6 +236,7 @@ def serve(me: Rank, stage: Stage, messages: Iterator[Message] | None,
 
     def guarded(name: str, body: Callable[[], None]) -> threading.Thread:
         def run() -> None:
+            process.pin_thread()
             try:
                 with dev.use(device, dev.new_stream(device)):
                     body()

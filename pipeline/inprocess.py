@@ -94,6 +94,7 @@ def run_threads(cfg: Config, stages: list, devices: list[torch.device],
     watchdog = Watchdog(cfg.comm_timeout)
 
     def guarded(k: int, body: Callable[[], None], label: str = "") -> None:
+        process.pin_thread()
         try:
             with dev.use(devices[k], dev.new_stream(devices[k])):
                 body()

@@ -25,3 +25,12 @@ def configure(cfg: Config, threads_per_process: int = 0) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
     if torch.are_deterministic_algorithms_enabled() != cfg.deterministic:
         torch.use_deterministic_algorithms(cfg.deterministic)
+
+
+def pin_thread() -> None:
+    """Give the calling thread the process's torch thread count now; call first in every
+    thread that computes. torch hands the count to a new thread lazily, at the thread's first
+    parallel ATen op, and a BLAS call before that (a GEMM) runs with the BLAS library's own
+    default, every core: a GEMM's sums depend on its thread count, so --threads would not pin
+    the arithmetic of a thread's first GEMMs."""
+    torch.set_num_threads(torch.get_num_threads())

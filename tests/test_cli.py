@@ -133,6 +133,7 @@ BAD = [
     (["--resume", "{ckpt:escape}"], "manifest.json is not a localpipe manifest: a files entry "
                                     "is malformed"),
     (["--resume", "{ckpt:truncated}"], "stage-0.pt is truncated or corrupt"),
+    (["--resume", "{ckpt:bit-flip}"], "stage-0.pt is truncated or corrupt"),
     (["--resume", "{ckpt:pickled}"], "stage-0.pt holds objects other than tensors and plain "
                                      "containers; refused"),
     (["--resume", "{ckpt:foreign}"], "stage-0.pt does not hold the state of units [0, 1, 2]"),
@@ -177,6 +178,17 @@ def finished(tmp_path_factory):
         torch.save(state, buffer)
         rehash(folder, manifest, buffer.getvalue())
 
+    def bit_flip(folder, manifest) -> None:
+        """One bit of a weight flipped: the same size, and a file torch still loads."""
+        path = folder / "stage-0.pt"
+        data = bytearray(path.read_bytes())
+        weight = next(iter(torch.load(path)["units"][0]["state"].values()))
+        at = bytes(data).find(weight.numpy().tobytes()[:64])
+        assert at > 0
+        data[at] ^= 1
+        path.write_bytes(bytes(data))
+        torch.load(path, weights_only=True)  # still loads: only the hash can tell
+
     def foreign(folder, manifest) -> None:
         buffer = io.BytesIO()
         torch.save({"units": {7: {}}, "optimizer": None}, buffer)
@@ -188,6 +200,7 @@ def finished(tmp_path_factory):
     tamper("escape", lambda f, m: m["files"][0].update(file="../../stage-0.pt"))
     tamper("truncated", lambda f, m: (f / "stage-0.pt").write_bytes(
         (f / "stage-0.pt").read_bytes()[:-100]))
+    tamper("bit-flip", bit_flip)
     tamper("pickled", pickled)
     tamper("foreign", foreign)
     return run, ckpts
@@ -275,6 +288,7 @@ def _listing(folder: Path) -> list[str] | None:
     return sorted(os.listdir(folder)) if folder.exists() else None
 
 
+@pytest.mark.slow  # starts processes
 def test_missing_data_offline_names_the_folder_and_files(tmp_path):
     result = run_cli("--dataset", "MNIST", "--model", "mlp", "--data-root", str(tmp_path),
                      "--no-download", "--save-dir", "")
@@ -285,6 +299,7 @@ def test_missing_data_offline_names_the_folder_and_files(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow  # starts processes
 def test_world_size_must_match_stages(tmp_path):
     result = run_cli("--model", "mlp", "--dataset", "synthetic", "--stages", "3",
                      "--save-dir", str(tmp_path), torchrun=2, timeout=120)

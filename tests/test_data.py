@@ -44,9 +44,10 @@ def test_batches_are_normalised_reproducible_and_keep_the_partial_batch():
     assert len(batches) == 21 and len(batches.order(1)[-1]) == 48
     first = list(batches.epoch(1))
     again = list(batches.epoch(1))
+    assert len(first) == len(again) == 21
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, again))
     resumed = list(batches.epoch(1, start=7))
-    assert all(torch.equal(a[0], b[0]) for a, b in zip(first[7:], resumed))
+    assert len(resumed) == 14 and all(torch.equal(a[0], b[0]) for a, b in zip(first[7:], resumed))
     assert not torch.equal(first[0][1], next(batches.epoch(2))[1]), "epochs reshuffle"
     test = Batches(*load_split(cfg, train=False), INFO["synthetic"], cfg, train=False)
     x, _ = next(test.epoch(1))

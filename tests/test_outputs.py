@@ -34,7 +34,9 @@ def recipe_run(mnist_root, tmp_path_factory) -> Path:
     return save
 
 
-def test_the_mlp_recipe_reaches_the_papers_accuracy(recipe_run):
+def test_the_mlp_recipe_learns_in_two_epochs_and_records_them(recipe_run):
+    """Two of the recipe's 100 epochs: under 4 % and 3 % test error (the paper's 0.62 % comes
+    after all 100, beyond what a test can run)."""
     records = metrics(recipe_run)
     assert [r["epoch"] for r in records] == [1, 2]
     assert records[0]["test_error"] < 4.0 and records[1]["test_error"] < 3.0, records
@@ -105,6 +107,7 @@ def test_evaluate_reproduces_the_last_test_error_block_errors_and_logits(recipe_
     assert json.loads((tmp_path / "e.json").read_text())["error"] == last["test_error"]
 
 
+@pytest.mark.slow  # starts processes
 def test_runs_started_together_without_save_dir_get_folders_of_their_own(tmp_path):
     args = ["--no-curves", "--model", "mlp", "--num-layers", "2", "--num-hidden", "32",
             "--dataset", "synthetic", "--epochs", "1", "--threads", "1"]
@@ -264,6 +267,7 @@ def test_an_unknown_recipe_is_one_line(capsys):
                                                "all 86")
 
 
+@pytest.mark.slow  # starts processes
 def test_a_torchrun_restart_writes_where_the_first_attempt_did(tmp_path):
     """No --save-dir: rank 0 names the folder, and after a worker is killed, torchrun's
     restart (--max-restarts with --resume auto) continues in that very folder."""

@@ -15,7 +15,7 @@ from launch.pipeline import main
 from pipeline import process
 from pipeline.data import INFO, load_batches
 from pipeline.replicas import shard
-from stages.blocks import moving_buffers
+from stages.blocks import LocalBlock, moving_buffers
 from stages.config import Config, ConfigError
 from stages.models import build_stage
 
@@ -29,6 +29,7 @@ ARGS = ["--no-curves", "--model", "mlp", "--num-layers", "3", "--num-hidden", "6
         "--epochs", "2", "--dropout", "0.2", "--nonlin", "leakyrelu", "--lr-decay-milestones",
         "1", "--checkpoint-every", "3", "--threads", "1", "--seed", "7"]
 MESH = ["--stages", "2", "--replicas", "2"]
+NUM_UNITS = 4  # three blocks and the output layer
 
 
 @pytest.fixture(scope="module")
@@ -111,15 +112,17 @@ def test_one_replica_resumes_a_two_replica_checkpoint_exactly(mesh, mnist_root, 
     the checkpoint's; going on finishes, with the epoch's meters carried over from both
     replicas."""
     checkpoint = mesh / "checkpoints" / "step-000000015"
-    saved = {}
+    saved = {}  # under model.pt's names: a unit's own names behind its place in the network
     for path in checkpoint.glob("stage-*.pt"):
-        for unit in torch.load(path)["units"].values():
-            saved.update(unit["state"])
+        units = torch.load(path)["units"]
+        for index, unit in units.items():
+            prefix = "output." if index == NUM_UNITS - 1 else f"blocks.{index}."
+            saved.update({prefix + k: v for k, v in unit["state"].items()})
     args = ARGS + ["--data-root", mnist_root, "--resume", str(checkpoint)]
     assert main(args + ["--save-dir", str(tmp_path / "same"), "--max-steps", "15"]) == 0
     restored = load_model(tmp_path / "same")
-    assert restored.keys() and all(torch.equal(restored[k], v) for k, v in saved.items()
-                                   if k in restored)
+    assert len(saved) > NUM_UNITS and saved.keys() == restored.keys()
+    assert_same_model(saved, restored)
     assert main(args + ["--save-dir", str(tmp_path / "on"), "--stages", "1"]) == 0
     assert [r["epoch"] for r in metrics(tmp_path / "on")] == [2]
     assert metrics(tmp_path / "on")[0]["train_samples"] == 300
@@ -221,6 +224,29 @@ def test_torchrun_with_the_wrong_process_count_is_one_line(mnist_root, tmp_path)
                      torchrun=2, timeout=120)
     assert result.returncode != 0
     assert "torchrun started 2 processes but --stages 2 × --replicas 2 needs 4" in result.stderr
+
+
+def _masks(replica: int, epoch: int, step: int, seed: int = 7) -> list[torch.Tensor]:
+    """Each block's dropout mask for one batch, drawn by a freshly built stage."""
+    cfg = Config(model="mlp", dataset="synthetic", num_layers=3, num_hidden=32, dropout=0.5,
+                 seed=seed).validate()
+    stage = build_stage(cfg, (1, 28, 28), 10)
+    stage.replicate(replica, None)
+    stage.train()
+    stage.set_position(epoch, step)
+    return [u.drop(torch.ones(64, 32), 0.5) for u in stage.units if isinstance(u, LocalBlock)]
+
+
+def test_dropout_masks_are_keyed_by_seed_unit_position_and_replica():
+    """The masks themselves, not two runs of the same code: the same key draws the same mask
+    in any stage object, and each part of the key (replica, epoch, step, seed, unit) changes
+    it."""
+    base = _masks(0, 1, 3)
+    assert all(m.unique().tolist() == [0.0, 2.0] for m in base)
+    assert all(torch.equal(a, b) for a, b in zip(base, _masks(0, 1, 3)))
+    for other in (_masks(1, 1, 3), _masks(0, 1, 4), _masks(0, 2, 3), _masks(0, 1, 3, seed=8)):
+        assert not any(torch.equal(a, b) for a, b in zip(base, other))
+    assert not torch.equal(base[0], base[1]) and not torch.equal(base[1], base[2])
 
 
 class OtherReplica:

@@ -1,5 +1,5 @@
 """Training on the real MNIST: every variant learns, and a run is reproducible from its seed.
-(The paper's MLP recipe reaching its accuracy is in test_outputs.py, whose records it shares.)"""
+(Two epochs of the paper's MLP recipe, and their records, are in test_outputs.py.)"""
 import pytest
 
 from launch.pipeline import main

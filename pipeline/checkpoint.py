@@ -48,7 +48,7 @@ def checkpoint_dir(save_dir: str, steps: int, evaluate: bool = False) -> str:
     return os.path.join(save_dir, "checkpoints", name)
 
 
-def _age(name: str) -> tuple[int, int]:
+def age(name: str) -> tuple[int, int]:
     """Sorts checkpoint folders from oldest to newest."""
     steps = name.removeprefix("step-").removesuffix(BEFORE_EVAL)
     return (int(steps) if steps.isdigit() else -1, 0 if name.endswith(BEFORE_EVAL) else 1)
@@ -172,10 +172,10 @@ def write_manifest(save_dir: str, steps: int, position: tuple[int, int, bool], a
                        "args": args, "files": files}, indent=1)
     atomic_write(os.path.join(folder, "manifest.json"), lambda f: f.write(text.encode()))
     root = os.path.dirname(folder)
-    names = sorted(os.listdir(root), key=_age)
+    names = sorted(os.listdir(root), key=age)
     complete = [n for n in names if os.path.exists(os.path.join(root, n, "manifest.json"))]
     doomed = [n for n in names
-              if _age(n) < _age(os.path.basename(folder)) and n not in complete]
+              if age(n) < age(os.path.basename(folder)) and n not in complete]
     if keep:
         doomed += complete[:-keep]
     for name in doomed:
@@ -203,7 +203,7 @@ def find_checkpoint(resume: str, save_dir: str) -> str | None:
     root = save_dir if resume == "auto" else resume
     folder = os.path.join(root, "checkpoints")
     done = sorted((d for d in (os.listdir(folder) if os.path.isdir(folder) else [])
-                   if os.path.exists(os.path.join(folder, d, "manifest.json"))), key=_age)
+                   if os.path.exists(os.path.join(folder, d, "manifest.json"))), key=age)
     if done:
         return os.path.join(folder, done[-1])
     if resume == "auto":

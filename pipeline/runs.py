@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import socket
 import subprocess
 import sys
@@ -108,6 +109,7 @@ def claim(folder: str, cfg: Config, start: checkpoint.Start, new: bool) -> str:
                           f"{getattr(exc, 'strerror', None) or exc}") from None
     try:
         _check_records(folder, bool(cfg.resume))  # again, now that the folder is ours
+        _branch(folder, start)
         for name, kept in (("metrics.jsonl", lambda r: r.get("epoch", 0) < start.epoch),
                            ("steps.jsonl", lambda r: r.get("steps", 0) <= start.steps)):
             records = [r for r in _records(folder, name) if start.folder and kept(r)]
@@ -123,6 +125,33 @@ def claim(folder: str, cfg: Config, start: checkpoint.Start, new: bool) -> str:
             raise ConfigError(f"cannot write to --save-dir {folder}: {exc}") from None
         raise
     return folder
+
+
+def _branch(folder: str, start: checkpoint.Start) -> None:
+    """Resuming an older checkpoint of this very folder (going back) starts a new branch of
+    its history. The later checkpoints, ``model.pt`` and the whole records belong to the
+    abandoned branch: they are moved (records copied) to ``abandoned/<time>/``, so that the new
+    branch's checkpoint rotation never takes them for newer ones and deletes its own, and
+    ``--resume auto`` never continues the abandoned branch."""
+    root = os.path.join(folder, "checkpoints")
+    if not start.folder or os.path.realpath(os.path.dirname(start.folder)) \
+            != os.path.realpath(root):
+        return
+    mine = checkpoint.age(os.path.basename(start.folder))
+    later = sorted(n for n in os.listdir(root) if checkpoint.age(n) > mine
+                   and os.path.exists(os.path.join(root, n, "manifest.json")))
+    if not later:
+        return
+    aside = os.path.join(folder, "abandoned", time.strftime("%Y%m%d-%H%M%S"))
+    os.makedirs(os.path.join(aside, "checkpoints"))
+    for name in later:
+        os.rename(os.path.join(root, name), os.path.join(aside, "checkpoints", name))
+    for name in ("metrics.jsonl", "steps.jsonl", "model.pt"):
+        if os.path.exists(os.path.join(folder, name)):
+            (shutil.copy2 if name.endswith(".jsonl") else os.rename)(
+                os.path.join(folder, name), os.path.join(aside, name))
+    say(f"going back to {start.folder}: a new branch of this run; the {len(later)} later "
+        f"checkpoint(s), their records and model.pt are kept in {aside}")
 
 
 def _create(folder: str) -> str:
@@ -202,9 +231,13 @@ def _records(folder: str, name: str) -> list[dict]:
 
 def _point_latest(folder: str) -> None:
     root = os.path.dirname(folder)
+    latest = os.path.join(root, "latest")
+    if os.path.lexists(latest) and not os.path.islink(latest):
+        say(f"{latest} is not the link localpipe keeps there; left as it is")
+        return
     tmp = os.path.join(root, f".latest-{os.getpid()}")
     os.symlink(os.path.basename(folder), tmp)
-    os.replace(tmp, os.path.join(root, "latest"))
+    os.replace(tmp, latest)
 
 
 def write_provenance(folder: str, devices: list[str], parts: list[list[int]]) -> None:

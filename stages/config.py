@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+import os
 from dataclasses import dataclass, field
 
 
@@ -139,10 +140,16 @@ class Config:
         return dataclasses.asdict(self)
 
     def validate(self) -> "Config":
-        """Raise ConfigError on the first invalid value; return self for chaining."""
+        """Raise ConfigError on the first invalid value; return self for chaining. The paths
+        are normalised here, once, so that every later join and comparison sees one form."""
         def need(ok: bool, msg: str) -> None:
             if not ok:
                 raise ConfigError(msg)
+
+        for name in ("save_dir", "resume", "data_root"):
+            value = getattr(self, name)
+            if value and value != "auto":  # None, '' and --resume auto are no paths
+                setattr(self, name, user_path(value))
 
         need(self.model in MODELS, f"unknown model {self.model!r}; choose from {', '.join(MODELS)}")
         need(self.dataset in DATASETS,
@@ -204,6 +211,12 @@ class Config:
                  f"--balance has {len(self.balance)} entries but --stages is {self.stages}")
             need(all(b > 0 for b in self.balance), "--balance entries must be positive")
         return self
+
+
+def user_path(path: str) -> str:
+    """A path as a user types it (``~``, a trailing slash as tab completion adds it, ``.`` and
+    ``..``) in the one form localpipe joins and compares."""
+    return os.path.normpath(os.path.expanduser(path))
 
 
 def global_batch(batch_size: int, replicas: int, per_replica_batch: bool) -> int:

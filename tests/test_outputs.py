@@ -20,7 +20,7 @@ from launch.recipes import RECIPES
 from pipeline.data import load_split
 from stages.config import Config
 
-from conftest import LAUNCH, ROOT, metrics
+from conftest import LAUNCH, ROOT, assert_same_model, load_model, metrics
 
 SPEC = ROOT.parent / "shared" / "method" / "local-loss-spec.md"
 
@@ -283,3 +283,57 @@ def test_a_torchrun_restart_writes_where_the_first_attempt_did(tmp_path):
     assert len(folders) == 1 and result.stdout.count("resuming from") == 2, result.stdout
     assert [r["epoch"] for r in metrics(folders[0])] == [1, 2]
     assert (folders[0] / "model.pt").exists()
+
+
+SMALL = ["--no-curves", "--model", "mlp", "--num-layers", "2", "--num-hidden", "32", "--dataset",
+         "synthetic", "--threads", "1"]
+
+
+def test_paths_as_users_type_them(tmp_path, monkeypatch, capsys):
+    """A trailing slash (tab completion adds one), ``..`` and ``~`` name the folder they name:
+    the run, runs/latest, its args.json and the command that continues it all use one form; a
+    real folder at runs/latest is left alone with a notice."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert main(SMALL + ["--epochs", "1", "--save-dir", "runs/x/"]) == 0
+    assert os.readlink("runs/latest") == "x"
+    assert json.loads(Path("runs/x/args.json").read_text())["save_dir"] == "runs/x"
+    assert main(SMALL + ["--epochs", "2", "--save-dir", "runs/../runs/x//", "--resume",
+                         "auto"]) == 0
+    assert [r["epoch"] for r in metrics("runs/x")] == [1, 2]
+    assert main(SMALL + ["--epochs", "1", "--save-dir", "~/r/"]) == 0
+    assert (tmp_path / "home" / "r" / "model.pt").exists()
+    os.remove("runs/latest")
+    os.mkdir("runs/latest")
+    capsys.readouterr()
+    assert main(SMALL + ["--epochs", "1", "--save-dir", "runs/y/"]) == 0
+    assert "runs/latest is not the link localpipe keeps there" in capsys.readouterr().err
+    assert os.path.isdir("runs/latest") and not os.listdir("runs/latest")
+
+
+def test_going_back_to_an_older_checkpoint_starts_a_branch_and_deletes_nothing(tmp_path,
+                                                                               capsys):
+    """Resuming an older checkpoint into its own folder: the later checkpoints, model.pt and
+    the whole records are kept aside, the new branch's own checkpoints survive its rotation,
+    --resume auto continues the new branch, and the branch ends where a straight run ends."""
+    args = SMALL + ["--checkpoint-every", "5", "--keep-checkpoints", "2"]
+    assert main(args + ["--epochs", "3", "--save-dir", str(tmp_path / "straight")]) == 0
+    run = tmp_path / "run"
+    assert main(args + ["--epochs", "2", "--save-dir", str(run)]) == 0
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert before == ["step-000000030", "step-000000032"]  # 16 batches an epoch
+    capsys.readouterr()
+    assert main(args + ["--epochs", "3", "--save-dir", str(run), "--resume",
+                        str(run / "checkpoints" / "step-000000030")]) == 0
+    said = capsys.readouterr().err
+    aside = next((run / "abandoned").iterdir())
+    assert "a new branch of this run" in said and str(aside) in said
+    assert sorted(p.name for p in (aside / "checkpoints").iterdir()) == ["step-000000032"]
+    assert (aside / "model.pt").exists() and len(metrics(aside)) == 2
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == \
+        ["step-000000045", "step-000000048"]  # the branch's own, kept by the rotation
+    assert [r["epoch"] for r in metrics(run)] == [1, 2, 3]
+    assert_same_model(load_model(tmp_path / "straight"), load_model(run))
+    assert main(args + ["--epochs", "4", "--save-dir", str(run), "--resume", "auto"]) == 0
+    assert "resuming from " + str(run / "checkpoints" / "step-000000048") in \
+        capsys.readouterr().out

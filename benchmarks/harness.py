@@ -7,9 +7,10 @@ Local modes run localpipe's own stage code (``pipeline.inprocess.run_threads`` a
 With replicas (``local_processes(..., replicas=R)``) the K·R processes are the torchrun
 runner's own grid (``pipeline.topology``), each replica's stage 0 feeding its shard of every
 batch; ``allreduce_seconds`` times gloo all-reduces for the model on paper of replicas at
-scale (benchmarks/run.py). Memory is counted the way a run counts it
-(``pipeline.memory.StageMemory``: the activations on the first, untimed, batch only), and each
-mode starts from an emptied allocator.
+scale (benchmarks/run.py). Every mode is timed the same way (``timed``): each timed group from
+its first batch entering any rank to its last update finished on any rank. Memory is counted the
+way a run counts it (``pipeline.memory.StageMemory``: the activations on the first, untimed,
+batch only), and each mode starts from an emptied allocator with its peaks reset.
 """
 from __future__ import annotations
 
@@ -86,15 +87,22 @@ def machine() -> dict:
             cpu = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
     except (OSError, StopIteration):
         pass
+    peak = ("each process's own peak resident set (VmHWM), reset at the start of each mode"
+            if memory.reset_peak_rss() else
+            "each process's own peak resident set (VmHWM) since it started: this kernel "
+            "cannot reset it, so a mode run in the benchmark's own process counts the earlier "
+            "ones")
     return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
             "gpu": (dev.gpus()["gpus"] or [None])[0],
-            "python": platform.python_version()}
+            "python": platform.python_version(), "peak_rss": peak}
 
 
 # --------------------------------------------------------------------------- memory
 def fresh(device: torch.device) -> None:
-    """Before a mode: nothing cached by an earlier one counts in its allocator peak or NVML."""
+    """Before a mode: nothing an earlier one held counts in its peaks, neither the GPU
+    allocator's cache and peak nor this process's peak resident set."""
     dev.release(device)
+    memory.reset_peak_rss()
 
 
 def device_figures(device: torch.device) -> list[dict]:
@@ -103,9 +111,19 @@ def device_figures(device: torch.device) -> list[dict]:
     return [memory.sample(device, 0)]
 
 
-def summary(rates: list[float]) -> dict:
+Span = tuple[float, float]  # one rank's wall clock (time.time) at the start and end of a group
+
+
+def timed(spans: list[list[Span]], samples: int) -> dict:
+    """The one definition of throughput, shared by every mode: a timed group of ``samples``
+    lasts from its first batch entering on any rank to its last update finished on any rank
+    (max end - min start over ``spans``, each group's spans of every rank), so no rank's
+    work falls outside it; the median, min and max over the groups, and the spans."""
+    seconds = [max(end for _, end in group) - min(start for start, _ in group)
+               for group in spans]
+    rates = [samples / s for s in seconds]
     return {"samples_per_s": statistics.median(rates), "min": min(rates), "max": max(rates),
-            "repeats": rates}
+            "repeats": rates, "group_seconds": seconds, "spans": spans}
 
 
 # --------------------------------------------------------------------------- one device
@@ -119,10 +137,10 @@ def sequential(setup: Setup, backprop: bool, threads: int) -> dict:
     stage.train()
     x, y = setup.batch()
     mem = memory.StageMemory(stage)
-    rates = []
+    spans = []
     for r, n in setup.groups():
         dev.synchronize(device)
-        start = time.perf_counter()
+        start = time.time()
         for _ in range(n):
             with mem.watching():  # the first warm-up batch only
                 _, update = stage.train_step(x, y)
@@ -130,8 +148,8 @@ def sequential(setup: Setup, backprop: bool, threads: int) -> dict:
             mem.after_step()
         dev.synchronize(device)
         if r > 0:
-            rates.append(n * cfg.batch_size / (time.perf_counter() - start))
-    return {**summary(rates), "threads": threads,
+            spans.append([(start, time.time())])
+    return {**timed(spans, setup.steps * cfg.batch_size), "threads": threads,
             "stages": [{"live_bytes": mem.take()["peak_bytes"]}],
             "devices": device_figures(device)}
 
@@ -221,14 +239,13 @@ def _messages(setup: Setup, replica: int = 0, replicas: int = 1):
 
 
 def _collect(setup: Setup, reports: list[dict]) -> dict:
-    """Throughput per repeat from the stages' wall-clock stamps, each stage's time split and
-    own bytes, and every process's device figures."""
+    """Throughput per repeat from the wall-clock stamps of every stage (and replica): its first
+    training batch taken in, its last update done; each stage's time split and own bytes, and
+    every process's device figures."""
     k = max(r["stage"] for r in reports) + 1
     marks = [[r for r in reports if r["kind"] == "end_epoch" and r["epoch"] == i]
              for i in range(1, setup.repeats + 1)]
-    rates = [setup.steps * setup.cfg.batch_size /
-             (max(r["timing"]["train_end"] for r in m) - min(r["timing"]["train_start"]
-                                                           for r in m)) for m in marks]
+    spans = [[(r["timing"]["train_start"], r["timing"]["train_end"]) for r in m] for m in marks]
     ends = [r for r in reports if r["kind"] == "end_epoch"]
     per_stage = []
     for s in range(k):
@@ -244,7 +261,8 @@ def _collect(setup: Setup, reports: list[dict]) -> dict:
         key = (d["host"], d["pid"], d["device"])
         if key not in peaks or _peak(d) > _peak(peaks[key]):
             peaks[key] = d
-    return {**summary(rates), "stages": per_stage, "devices": list(peaks.values())}
+    return {**timed(spans, setup.steps * setup.cfg.batch_size), "stages": per_stage,
+            "devices": list(peaks.values())}
 
 
 def _peak(sample: dict) -> int:
@@ -358,10 +376,10 @@ def _pipelining_rank(rank: int, k: int, setup: Setup, store, parts: list[list[in
     sched = cls(pipe_stage, n_microbatches=microbatches, loss_fn=nn.functional.cross_entropy)
     x, y = setup.batch(rank)
     mem = memory.StageMemory(module.stage)
-    rates = []
+    spans = []
     for r, n in setup.groups():
-        dist.barrier()
-        start = time.perf_counter()
+        dist.barrier()  # no group starts on one rank while another still works on the last
+        start = time.time()
         for _ in range(n):
             with mem.watching():  # the first warm-up step only
                 if rank == 0:
@@ -375,14 +393,15 @@ def _pipelining_rank(rank: int, k: int, setup: Setup, store, parts: list[list[in
             mem.after_step()
         dev.synchronize(device)
         if r > 0:
-            rates.append(n * cfg.batch_size / (time.perf_counter() - start))
-    mine = {"rates": rates, "live_bytes": mem.take()["peak_bytes"],
+            spans.append((start, time.time()))
+    mine = {"spans": spans, "live_bytes": mem.take()["peak_bytes"],
             "devices": device_figures(device)}
     gathered = [None] * k if rank == 0 else None
     dist.gather_object(mine, gathered, dst=0)
     dist.barrier()  # no rank tears down while another still has work in flight
     if rank != 0:
         return None
-    return {**summary(gathered[-1]["rates"]), "microbatches": microbatches,
+    return {**timed([list(group) for group in zip(*(g["spans"] for g in gathered))],
+                    setup.steps * setup.cfg.batch_size), "microbatches": microbatches,
             "stages": [{"live_bytes": g["live_bytes"]} for g in gathered],
             "devices": [d for g in gathered for d in g["devices"]]}

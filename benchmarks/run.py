@@ -1,13 +1,15 @@
 """Throughput and memory of pipelined local learning against global backprop and GPipe/1F1B.
 
     python benchmarks/run.py --model vgg8b --feat-mult 0.5 --stages 2 --batch-size 128
-    python benchmarks/run.py --quick                  # a smoke run, about 25 s on 2 cores
+    python benchmarks/run.py --quick                  # a smoke run, about 40 s on 2 cores
     python benchmarks/run.py --sweep                  # stages 1, 2, 4 x batch 32-256, mlp and vgg8b
     python benchmarks/run.py --model mlp --num-layers 3 --replicas 2   # + K x R processes, model
 
 Every mode trains the same network on the same batches at the same batch size in float32, and
 all modes share one thread budget (--threads, default: every core): K workers get C // K torch
-threads each. Warm-up batches are excluded; rates are medians over --repeats.
+threads each. Warm-up batches are excluded; rates are medians over --repeats groups of --steps
+batches, each group timed alike in every mode: from its first batch entering any process or
+stage to its last update finished on any.
 
 --replicas R adds the mode local_pipelined_replicas (K·R processes: every stage R times, each
 replica on its shard of every batch, C // (K·R) threads each; more processes than cores
@@ -345,17 +347,19 @@ def plot_sweep(result: dict, path: Path) -> None:
             stages = [r[0] for r in row]
             axes[0][col].errorbar(stages, [r[1] for r in row], capsize=3, marker="o",
                                   yerr=[[r[1] - r[3] for r in row], [r[4] - r[1] for r in row]],
-                                  label=f"batch {batch} (median, min-max)")
+                                  label=f"batch {batch}")
             axes[1][col].plot(stages, [r[2] / MiB for r in row], marker="o",
                               label=f"batch {batch}")
         axes[0][col].set_title(pts[0]["network"] if pts else model)
-        axes[0][col].set_ylabel("samples/s")
+        axes[0][col].set_ylabel("samples/s (median, min-max)")
         axes[1][col].set_ylabel("largest stage, live MiB")
         axes[1][col].set_xlabel("stages (threads, 1 process)")
         axes[1][col].set_xticks([1, 2, 4])
-        axes[0][col].legend()
+    # one legend below both columns, where it covers no line
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels))
     fig.suptitle(result["title"])
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
     fig.savefig(path, dpi=110, bbox_inches="tight")
     print(f"plot: {path}")
 
@@ -441,6 +445,8 @@ def main(argv: list[str] | None = None) -> int:
         result["config"] = cfg.to_dict()
     bar.close()
     result.update(machine=harness.machine(), seconds=time.time() - started,
+                  batches={"warmup": args.warmup, "per_timed_group": args.steps,
+                           "timed_groups": args.repeats},
                   command=" ".join(["python", "benchmarks/run.py", *(argv or sys.argv[1:])]),
                   thread_budget=f"{args.threads} threads in total for every mode; "
                                 f"K workers get {args.threads} // K each")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import resource
 import socket
 import threading
 from typing import Callable
@@ -159,8 +158,9 @@ class DeviceMemory:
 
 
 def sample(device: torch.device, stage_bytes: int, stage: int | None = None) -> dict:
-    """This process's memory on ``device`` now, and its peak since the last sample (reset);
-    ``stage`` is the stage that took it."""
+    """This process's memory on ``device`` now, and its peak: on a GPU since the last sample
+    (reset), on the CPU since the process started or the last ``reset_peak_rss``; ``stage`` is
+    the stage that took it."""
     out = {"host": socket.gethostname(), "pid": os.getpid(), "device": str(device),
            "stage": stage, "stage_bytes": stage_bytes}
     if dev.is_cuda(device):
@@ -173,8 +173,22 @@ def sample(device: torch.device, stage_bytes: int, stage: int | None = None) -> 
 
 
 def peak_rss() -> int:
-    """This process's peak resident set since it started (the kernel never resets it)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """This process's own peak resident set (``VmHWM``), since it started or since the last
+    ``reset_peak_rss``. Not ``ru_maxrss``: Linux carries that over from the parent into a
+    spawned child (across fork and exec), so every child reports at least its parent's peak."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) * 1024
+
+
+def reset_peak_rss() -> bool:
+    """Restart this process's peak resident set from its resident set now (Linux >= 4.0);
+    False where the kernel does not allow it, and the peak then still counts from the start."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
 
 
 def _rss() -> int:

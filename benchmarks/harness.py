@@ -29,17 +29,17 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import Tensor, nn
 
-from pipeline import device as dev
-from pipeline import memory
-from pipeline.data import INFO
-from pipeline.distributed import join, serve
-from pipeline.inprocess import run_threads
-from pipeline.message import Kind, Message
-from pipeline.plan import measure_costs
-from pipeline.replicas import shard
-from pipeline.topology import Topology
-from stages.config import Config
-from stages.models import build_stage, plan
+from localpipe.pipeline import device as dev
+from localpipe.pipeline import memory
+from localpipe.pipeline.data import INFO
+from localpipe.pipeline.distributed import join, serve
+from localpipe.pipeline.inprocess import run_threads
+from localpipe.pipeline.message import Kind, Message
+from localpipe.pipeline.plan import measure_costs
+from localpipe.pipeline.replicas import shard
+from localpipe.pipeline.topology import Topology
+from localpipe.stages.config import Config
+from localpipe.stages.models import build_stage, plan
 
 
 @dataclass(frozen=True)

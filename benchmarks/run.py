@@ -28,14 +28,11 @@ import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
+import torch
 
-import torch  # noqa: E402
-
-from benchmarks import harness  # noqa: E402
-from stages import partition  # noqa: E402
-from stages.config import RESIDUAL_MODELS, Config, ConfigError  # noqa: E402
+from localpipe.benchmarks import harness
+from localpipe.stages import partition
+from localpipe.stages.config import RESIDUAL_MODELS, Config, ConfigError
 
 MiB = 2 ** 20
 REPLICAS_MODE = "local_pipelined_replicas"
@@ -138,13 +135,13 @@ def fit_link(sizes: list[int], seconds: list[float]) -> dict:
 
 
 def replica_model(setup: harness.Setup, replicas: int, progress) -> dict:
-    """Throughput at K = 4 and R = 1, 2, 4, 8 (and ``replicas``) on paper, not measured: B / the slowest stage's
-    (step at batch B / R + its exposed exchange). Measured here: each unit's step at B / R (one
-    thread, standing for a device per stage and replica), the bucket each unit's replicas sum,
-    and gloo all-reduces between 2 processes, fitted as a link. A unit's exchange overlaps the
-    next unit's forward; the stage's last unit's does not. The forward's share of a step is not
-    measured, so each rate comes as a bound: every exchange but the last hidden (overlapped),
-    and none hidden (not_overlapped)."""
+    """Throughput at K = 4 and R = 1, 2, 4, 8 (and ``replicas``) on paper, not measured: B / the
+    slowest stage's (step at batch B / R + its exposed exchange). Measured here: each unit's
+    step at B / R (one thread, standing for a device per stage and replica), the bucket each
+    unit's replicas sum, and gloo all-reduces between 2 processes, fitted as a link. A unit's
+    exchange overlaps the next unit's forward; the stage's last unit's does not. The forward's
+    share of a step is not measured, so each rate comes as a bound: every exchange but the last
+    hidden (overlapped), and none hidden (not_overlapped)."""
     batch = setup.cfg.batch_size
     threads = max(1, setup.threads // MODEL_STAGES)
     steps, buckets = {}, []

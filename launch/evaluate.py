@@ -1,6 +1,6 @@
 """Load a run's model, and evaluate it: the test error and each block's local-head error.
 
-    from launch.evaluate import load
+    from localpipe.launch.evaluate import load
     model, cfg, transform = load("runs/latest")        # a run folder, or a checkpoint folder
     logits = model(transform(images))                  # uint8 N×C×H×W images, as the dataset
 
@@ -18,23 +18,19 @@ import dataclasses
 import json
 import os
 import sys
-from pathlib import Path
 from typing import Callable, NamedTuple
 
-if __package__ in (None, ""):
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
+import torch
+from torch import Tensor
 
-import torch  # noqa: E402
-from torch import Tensor  # noqa: E402
-
-from pipeline import checkpoint  # noqa: E402
-from pipeline.console import say  # noqa: E402
-from pipeline.data import (INFO, Batches, DataError, DatasetInfo, load_batches,  # noqa: E402
-                           load_split)
-from pipeline.files import atomic_write  # noqa: E402
-from stages.config import Config, ConfigError  # noqa: E402
-from stages.models import build_model, plan  # noqa: E402
-from stages.stage import Stage  # noqa: E402
+from localpipe.pipeline import checkpoint
+from localpipe.pipeline.console import say
+from localpipe.pipeline.data import (INFO, Batches, DataError, DatasetInfo, load_batches,
+                                     load_split)
+from localpipe.pipeline.files import atomic_write
+from localpipe.stages.config import Config, ConfigError
+from localpipe.stages.models import build_model, plan
+from localpipe.stages.stage import Stage
 
 
 class Loaded(NamedTuple):

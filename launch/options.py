@@ -11,8 +11,8 @@ import argparse
 import os
 import sys
 
-from launch.recipes import RECIPES, listing
-from stages.config import DATASETS, MODELS, Config
+from localpipe.launch.recipes import RECIPES, listing
+from localpipe.stages.config import DATASETS, MODELS, Config
 
 EXAMPLES = """examples:
   %(prog)s --recipe mnist-mlp-predsim --data-root ../shared/data

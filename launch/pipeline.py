@@ -12,25 +12,19 @@ from __future__ import annotations
 import os
 import shlex
 import sys
-from pathlib import Path
 
-if __package__ in (None, ""):
-    # Run as a script, this folder comes first on sys.path and this very file would shadow the
-    # ``pipeline`` package: put the project root there instead.
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
-from pipeline.channel import StageFailed  # noqa: E402
-from pipeline.files import WriteError  # noqa: E402
-from pipeline.console import say  # noqa: E402
-from pipeline.data import INFO, DataError  # noqa: E402
-from pipeline.distributed import run_distributed  # noqa: E402
-from pipeline.inprocess import run_inprocess  # noqa: E402
-from pipeline.plan import footprints, make_plan, stage_memory  # noqa: E402
-from pipeline.signals import StopRequest  # noqa: E402
-from pipeline.worker import Fault  # noqa: E402
-from launch.options import parse_config, program  # noqa: E402
-from stages.config import Config, ConfigError  # noqa: E402
-from stages.models import backprop_parameters  # noqa: E402
+from localpipe.pipeline.channel import StageFailed
+from localpipe.pipeline.files import WriteError
+from localpipe.pipeline.console import say
+from localpipe.pipeline.data import INFO, DataError
+from localpipe.pipeline.distributed import run_distributed
+from localpipe.pipeline.inprocess import run_inprocess
+from localpipe.pipeline.plan import footprints, make_plan, stage_memory
+from localpipe.pipeline.signals import StopRequest
+from localpipe.pipeline.worker import Fault
+from localpipe.launch.options import parse_config, program
+from localpipe.stages.config import Config, ConfigError
+from localpipe.stages.models import backprop_parameters
 
 FAULT_ENV = "LOCALPIPE_INJECT_FAULT"  # a test hook: see pipeline.worker.Fault
 
@@ -61,8 +55,8 @@ def describe(cfg: Config) -> None:
     and replicas, the stages with their estimated memory and what each boundary carries,
     where the network deviates from the paper's code, and last the parameter count of the
     backprop network as the paper counts it."""
-    from pipeline import device
-    from stages.residual import deviations
+    from localpipe.pipeline import device
+    from localpipe.stages.residual import deviations
 
     info = INFO[cfg.dataset]
     try:

@@ -8,14 +8,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
-from pipeline.files import atomic_write  # noqa: E402
-from pipeline.console import say  # noqa: E402
-from pipeline.curves import compare_figure, read, run_figure, save  # noqa: E402
+from localpipe.pipeline.files import atomic_write
+from localpipe.pipeline.console import say
+from localpipe.pipeline.curves import compare_figure, read, run_figure, save
 
 
 def main(argv: list[str] | None = None) -> int:

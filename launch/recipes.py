@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from stages.config import Config
+from localpipe.stages.config import Config
 
 
 

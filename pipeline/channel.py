@@ -13,7 +13,7 @@ import queue
 import threading
 import time
 
-from pipeline.message import Message
+from localpipe.pipeline.message import Message
 
 
 class StageFailed(RuntimeError):

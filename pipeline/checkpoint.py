@@ -28,8 +28,8 @@ from typing import BinaryIO
 import torch
 from torch import Tensor
 
-from pipeline.files import atomic_write
-from stages.config import ConfigError, global_batch
+from localpipe.pipeline.files import atomic_write
+from localpipe.stages.config import ConfigError, global_batch
 
 # 2: no dropout generator states (masks are keyed by position), weights_only files;
 # 3: a list of optimizers per unit (a residual block's last unit also steps its shortcut's)

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import os
 
-from pipeline import checkpoint
-from pipeline.data import Batches
-from pipeline.metrics import epoch_record, merge_replicas, step_record
-from pipeline.plan import Plan
-from pipeline.records import Records
-from stages.config import Config
+from localpipe.pipeline import checkpoint
+from localpipe.pipeline.data import Batches
+from localpipe.pipeline.metrics import epoch_record, merge_replicas, step_record
+from localpipe.pipeline.plan import Plan
+from localpipe.pipeline.records import Records
+from localpipe.stages.config import Config
 
 
 class Coordinator:

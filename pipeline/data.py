@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from stages.config import Config, derive_seed
+from localpipe.stages.config import Config, derive_seed
 
 
 class DataError(RuntimeError):

@@ -22,23 +22,23 @@ from typing import Callable, Iterator, NoReturn
 import torch
 import torch.distributed as dist
 
-from pipeline import device as dev
-from pipeline import process, runs, topology
-from pipeline.channel import Abort, Channel
-from pipeline.checkpoint import resume_from, start_point
-from pipeline.control import LONG, ControlPlane, Failure, ReportReceiver, ReportSender
-from pipeline.console import say
-from pipeline.coordinator import Coordinator
-from pipeline.data import DataError, load_batches
-from pipeline.feed import feed
-from pipeline.message import Message
-from pipeline.plan import Plan, make_plan, static_plan
-from pipeline.signals import StopRequest
-from pipeline.transport import HostPayload, Receiver, Sender
-from pipeline.worker import Fault, Watchdog, run_stage, watched
-from stages.config import Config, ConfigError
-from stages.models import build_stage
-from stages.stage import Stage
+from localpipe.pipeline import device as dev
+from localpipe.pipeline import process, runs, topology
+from localpipe.pipeline.channel import Abort, Channel
+from localpipe.pipeline.checkpoint import resume_from, start_point
+from localpipe.pipeline.control import LONG, ControlPlane, Failure, ReportReceiver, ReportSender
+from localpipe.pipeline.console import say
+from localpipe.pipeline.coordinator import Coordinator
+from localpipe.pipeline.data import DataError, load_batches
+from localpipe.pipeline.feed import feed
+from localpipe.pipeline.message import Message
+from localpipe.pipeline.plan import Plan, make_plan, static_plan
+from localpipe.pipeline.signals import StopRequest
+from localpipe.pipeline.transport import HostPayload, Receiver, Sender
+from localpipe.pipeline.worker import Fault, Watchdog, run_stage, watched
+from localpipe.stages.config import Config, ConfigError
+from localpipe.stages.models import build_stage
+from localpipe.stages.stage import Stage
 
 
 

@@ -20,15 +20,15 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor
 
-from pipeline import console
-from pipeline import device as dev
-from pipeline.console import Progress
-from pipeline.checkpoint import Start
-from pipeline.data import Batches
-from pipeline.message import Kind, Message
-from pipeline.replicas import shard
-from pipeline.signals import StopRequest
-from stages.config import Config
+from localpipe.pipeline import console
+from localpipe.pipeline import device as dev
+from localpipe.pipeline.console import Progress
+from localpipe.pipeline.checkpoint import Start
+from localpipe.pipeline.data import Batches
+from localpipe.pipeline.message import Kind, Message
+from localpipe.pipeline.replicas import shard
+from localpipe.pipeline.signals import StopRequest
+from localpipe.stages.config import Config
 
 
 def feed(cfg: Config, train: Batches, test: Batches, val: Batches | None,

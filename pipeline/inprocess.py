@@ -15,22 +15,22 @@ from typing import Callable, Iterator
 
 import torch
 
-from pipeline import device as dev
-from pipeline import process
-from pipeline.channel import Abort, Channel, StageFailed
-from pipeline.checkpoint import start_point
-from pipeline import runs
-from pipeline.coordinator import Coordinator
-from pipeline.data import load_batches
-from pipeline.distributed import rendezvous_store
-from pipeline.feed import feed
-from pipeline.memory import DeviceMemory
-from pipeline.message import Message
-from pipeline.plan import make_plan, static_plan
-from pipeline.signals import StopRequest
-from pipeline.worker import Fault, Watchdog, run_stage, watched
-from stages.config import Config, ConfigError
-from stages.models import build_stage
+from localpipe.pipeline import device as dev
+from localpipe.pipeline import process
+from localpipe.pipeline.channel import Abort, Channel, StageFailed
+from localpipe.pipeline.checkpoint import start_point
+from localpipe.pipeline import runs
+from localpipe.pipeline.coordinator import Coordinator
+from localpipe.pipeline.data import load_batches
+from localpipe.pipeline.distributed import rendezvous_store
+from localpipe.pipeline.feed import feed
+from localpipe.pipeline.memory import DeviceMemory
+from localpipe.pipeline.message import Message
+from localpipe.pipeline.plan import make_plan, static_plan
+from localpipe.pipeline.signals import StopRequest
+from localpipe.pipeline.worker import Fault, Watchdog, run_stage, watched
+from localpipe.stages.config import Config, ConfigError
+from localpipe.stages.models import build_stage
 
 
 def run_inprocess(cfg: Config, stop: StopRequest, fault: Fault | None = None) -> Coordinator:

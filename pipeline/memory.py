@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from pipeline import device as dev
+from localpipe.pipeline import device as dev
 
 
 class LiveBytes:

@@ -19,7 +19,7 @@ from enum import IntEnum
 import torch
 from torch import Tensor
 
-from pipeline import device as dev
+from localpipe.pipeline import device as dev
 
 
 class Kind(IntEnum):

@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from pipeline.device import Clock
+from localpipe.pipeline.device import Clock
 
 
 class StageTimer:

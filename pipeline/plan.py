@@ -13,11 +13,11 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from pipeline import device as dev
-from pipeline.data import INFO, DatasetInfo
-from stages import partition
-from stages.config import Config, ConfigError
-from stages.models import Spec, build_stage, build_unit, plan
+from localpipe.pipeline import device as dev
+from localpipe.pipeline.data import INFO, DatasetInfo
+from localpipe.stages import partition
+from localpipe.stages.config import Config, ConfigError
+from localpipe.stages.models import Spec, build_stage, build_unit, plan
 
 
 @dataclass

@@ -7,7 +7,7 @@ import random
 import numpy as np
 import torch
 
-from stages.config import Config
+from localpipe.stages.config import Config
 
 CUBLAS_WORKSPACE = ":4096:8"  # what cuBLAS needs to be deterministic
 

@@ -9,11 +9,13 @@ import os
 import subprocess
 import sys
 
-from pipeline import console
-from pipeline.files import WriteError
-from pipeline.metrics import summary
+import localpipe
+from localpipe.pipeline import console
+from localpipe.pipeline.files import WriteError
+from localpipe.pipeline.metrics import summary
 
-PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# where ``import localpipe`` is found, for the sidecar (a checkout run with PYTHONPATH=.)
+IMPORT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(localpipe.__file__)))
 
 
 class Records:
@@ -23,10 +25,10 @@ class Records:
         self.sidecar: subprocess.Popen | None = None
         if self.folder and curves:
             env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-                [PROJECT, *filter(None, [os.environ.get("PYTHONPATH")])])}
+                [IMPORT_ROOT, *filter(None, [os.environ.get("PYTHONPATH")])])}
             # a session of its own: a Ctrl-C or a scheduler's signal to the run's process group
             # must not cut the last drawing short; it ends when the run closes its stdin
-            self.sidecar = subprocess.Popen([sys.executable, "-m", "pipeline.sidecar",
+            self.sidecar = subprocess.Popen([sys.executable, "-m", "localpipe.pipeline.sidecar",
                                              self.folder], stdin=subprocess.PIPE, env=env,
                                             stdout=subprocess.DEVNULL, text=True,
                                             start_new_session=True)

@@ -20,11 +20,11 @@ import subprocess
 import sys
 import time
 
-from pipeline import checkpoint
-from pipeline.files import WriteError, atomic_write
-from pipeline.console import say
-from pipeline.control import host_id, process_alive
-from stages.config import Config, ConfigError
+from localpipe.pipeline import checkpoint
+from localpipe.pipeline.files import WriteError, atomic_write
+from localpipe.pipeline.console import say
+from localpipe.pipeline.control import host_id, process_alive
+from localpipe.stages.config import Config, ConfigError
 
 ROOT = "runs"
 LOCK = "run.lock"
@@ -255,7 +255,7 @@ def provenance(devices: list[str], parts: list[list[int]]) -> dict:
     import torch
     import torchvision
 
-    from pipeline import device as dev
+    from localpipe.pipeline import device as dev
 
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:

@@ -1,7 +1,7 @@
 """A process beside rank 0 that turns a run's records into TensorBoard event files and
 ``curves.png``, so that neither drawing nor TensorBoard ever holds a training process's GIL.
 
-    python -m pipeline.sidecar RUN_FOLDER
+    python -m localpipe.pipeline.sidecar RUN_FOLDER
 
 It follows ``metrics.jsonl`` and ``steps.jsonl`` in the folder, told through stdin when to look:
 "epoch" (a new epoch record: write its events and draw the curves again), "step" (new step
@@ -18,8 +18,8 @@ import select
 import shutil
 import sys
 
-from pipeline.curves import draw_run
-from pipeline.files import atomic_write
+from localpipe.pipeline.curves import draw_run
+from localpipe.pipeline.files import atomic_write
 
 
 class Follow:

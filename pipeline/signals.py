@@ -14,7 +14,7 @@ import os
 import signal
 import time
 
-from pipeline.console import say
+from localpipe.pipeline.console import say
 
 REPEAT_S = 2.0
 

@@ -21,10 +21,10 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from pipeline import device as dev
-from pipeline.control import LONG  # link waits are bounded by the control plane
-from pipeline.replicas import FeedAgreement, LostPeer, ReplicaGroup
-from pipeline.transport import HostPayload, Link, NcclPayload
+from localpipe.pipeline import device as dev
+from localpipe.pipeline.control import LONG  # link waits are bounded by the control plane
+from localpipe.pipeline.replicas import FeedAgreement, LostPeer, ReplicaGroup
+from localpipe.pipeline.transport import HostPayload, Link, NcclPayload
 
 
 @dataclass(frozen=True)

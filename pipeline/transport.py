@@ -54,9 +54,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from pipeline import device as dev
-from pipeline.channel import Channel
-from pipeline.message import HEADER_LEN, Kind, TensorSpec, decode, decode_spec, encode
+from localpipe.pipeline import device as dev
+from localpipe.pipeline.channel import Channel
+from localpipe.pipeline.message import HEADER_LEN, Kind, TensorSpec, decode, decode_spec, encode
 
 OnError = Callable[[int, BaseException], None]  # a link to rank ``peer`` broke
 

@@ -18,15 +18,15 @@ from typing import Callable, Iterator
 
 import torch
 
-from pipeline import checkpoint
-from pipeline import device as dev
-from pipeline.channel import Channel, StageFailed
-from pipeline.memory import DeviceMemory, StageMemory
-from pipeline.message import Kind, Message
-from pipeline.metrics import StageTimer
-from stages.blocks import NonFiniteLoss
-from stages.config import Config
-from stages.stage import Stage
+from localpipe.pipeline import checkpoint
+from localpipe.pipeline import device as dev
+from localpipe.pipeline.channel import Channel, StageFailed
+from localpipe.pipeline.memory import DeviceMemory, StageMemory
+from localpipe.pipeline.message import Kind, Message
+from localpipe.pipeline.metrics import StageTimer
+from localpipe.stages.blocks import NonFiniteLoss
+from localpipe.stages.config import Config
+from localpipe.stages.stage import Stage
 
 
 @dataclass(frozen=True)
@@ -34,13 +34,13 @@ class Fault:
     """A test hook, from LOCALPIPE_INJECT_FAULT="WHERE[/REPLICA]:STEP[:ACTION[:DELAY]]".
 
     It acts in replica REPLICA (0 by default) only. WHERE is a stage index: at its STEP-th
-    training batch (1-based, over the whole run) that stage raises ("raise"), kills its own process with SIGKILL in the first attempt of a
-    torchrun job ("kill"), stops it with SIGSTOP ("freeze"), hangs in the batch for a minute
-    ("stall"), or feeds NaN into its units ("nan"). WHERE "feed" acts in the data feed before
-    its STEP-th training batch, "eval" before the STEP-th test batch of any epoch; there
-    "sigint" and "sigterm" send that signal to the feed's own process. DELAY seconds pass
-    first (while the other stages and the checkpoint writers go on), so that a test can know
-    the checkpoints taken a few batches before are complete."""
+    training batch (1-based, over the whole run) that stage raises ("raise"), kills its own
+    process with SIGKILL in the first attempt of a torchrun job ("kill"), stops it with SIGSTOP
+    ("freeze"), hangs in the batch for a minute ("stall"), or feeds NaN into its units ("nan").
+    WHERE "feed" acts in the data feed before its STEP-th training batch, "eval" before the
+    STEP-th test batch of any epoch; there "sigint" and "sigterm" send that signal to the feed's
+    own process. DELAY seconds pass first (while the other stages and the checkpoint writers go
+    on), so that a test can know the checkpoints taken a few batches before are complete."""
 
     stage: int | str
     step: int

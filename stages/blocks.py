@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from stages import losses
-from stages.config import Config, derive_seed
+from localpipe.stages import losses
+from localpipe.stages.config import Config, derive_seed
 
 # The skip tensors of one batch in flight, by name: a unit that starts a residual block stashes
 # its input here, the block's last unit pops it (stages/residual.py). It travels with the batch.
@@ -65,10 +65,10 @@ class Update:
 
     With ``replicas`` it comes in two halves, so that the exchange overlaps the next unit's
     forward: ``begin`` runs the backward and starts summing one bucket over the replicas (a
-    finiteness flag, the gradients, the batch-norm statistics of ``module``); ``finish`` waits for it, and then either
-    every replica steps on the averaged gradients and takes the averaged buffers, or, if any
-    replica's loss was not finite, every one skips. Without replicas ``begin`` does it all.
-    Calling the update runs both halves."""
+    finiteness flag, the gradients, the batch-norm statistics of ``module``); ``finish`` waits
+    for it, and then either every replica steps on the averaged gradients and takes the averaged
+    buffers, or, if any replica's loss was not finite, every one skips. Without replicas
+    ``begin`` does it all. Calling the update runs both halves."""
 
     def __init__(self, loss: Tensor, what: str, optimizers: list[torch.optim.Optimizer],
                  kept: list[tuple[Tensor, Tensor]], cfg: Config, module: nn.Module,

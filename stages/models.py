@@ -10,10 +10,10 @@ from dataclasses import dataclass
 
 import torch
 
-from stages import residual
-from stages.blocks import LocalBlock, OutputLayer, Unit
-from stages.config import RESIDUAL_MODELS, VGG_CONFIGS, Config, derive_seed
-from stages.stage import Stage
+from localpipe.stages import residual
+from localpipe.stages.blocks import LocalBlock, OutputLayer, Unit
+from localpipe.stages.config import RESIDUAL_MODELS, VGG_CONFIGS, Config, derive_seed
+from localpipe.stages.stage import Stage
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from stages.config import ConfigError
+from localpipe.stages.config import ConfigError
 
 
 def check_stages(num_units: int, stages: int) -> None:

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from stages.blocks import LocalBlock, OutputLayer, Skips, make_optimizer
-from stages.config import RESNET_CONFIGS as RESNETS
-from stages.config import Config
+from localpipe.stages.blocks import LocalBlock, OutputLayer, Skips, make_optimizer
+from localpipe.stages.config import RESNET_CONFIGS as RESNETS
+from localpipe.stages.config import Config
 
 
 @dataclass(frozen=True)

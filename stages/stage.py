@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from stages.blocks import (LocalBlock, Meter, OutputLayer, Replicas, Skips, Unit, Update,
-                           keep_buffers, make_optimizer)
-from stages.config import Config
+from localpipe.stages.blocks import (LocalBlock, Meter, OutputLayer, Replicas, Skips, Unit, Update,
+                                     keep_buffers, make_optimizer)
+from localpipe.stages.config import Config
 
 
 class Stage(nn.Module):

@@ -52,7 +52,10 @@ def cli_command(*args: str, torchrun: int = 0, torchrun_args: tuple = ()) -> lis
 
 
 def cli_env(env: dict | None = None) -> dict:
-    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    """A child's environment: this checkout's ``localpipe`` first, whatever else is installed."""
+    path = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": path,
+            **(env or {})}
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: float = 600, torchrun: int = 0,

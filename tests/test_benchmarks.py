@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from conftest import ROOT, cli_env
-from pipeline import memory
+from localpipe.pipeline import memory
 
 MiB = 2 ** 20
 MODES = {"backprop", "local_sequential_1thread", "local_sequential_2threads",

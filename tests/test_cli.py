@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from launch.pipeline import main
-from pipeline.control import host_id
+from localpipe.launch.pipeline import main
+from localpipe.pipeline.control import host_id
 
 from conftest import ROOT, run_cli
 

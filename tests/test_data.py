@@ -7,9 +7,9 @@ import pytest
 import torch
 import torchvision
 
-from launch.pipeline import main
-from pipeline.data import INFO, Batches, class_batches, cutout, load_split, random_crop
-from stages.config import Config
+from localpipe.launch.pipeline import main
+from localpipe.pipeline.data import INFO, Batches, class_batches, cutout, load_split, random_crop
+from localpipe.stages.config import Config
 
 from conftest import metrics
 

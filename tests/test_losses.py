@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from stages import losses
-from stages.blocks import FALinear, LocalBlock, Meter, pred_pooling
-from stages.config import Config
+from localpipe.stages import losses
+from localpipe.stages.blocks import FALinear, LocalBlock, Meter, pred_pooling
+from localpipe.stages.config import Config
 
 
 def test_label_similarity_is_one_and_minus_one_over_c_minus_one():

@@ -13,14 +13,14 @@ import pytest
 import torch
 from PIL import Image
 
-from launch.evaluate import evaluate, load
-from launch.options import build_parser, parse_config
-from launch.pipeline import main
-from launch.recipes import RECIPES
-from pipeline.data import load_split
-from stages.config import Config
+from localpipe.launch.evaluate import evaluate, load
+from localpipe.launch.options import build_parser, parse_config
+from localpipe.launch.pipeline import main
+from localpipe.launch.recipes import RECIPES
+from localpipe.pipeline.data import load_split
+from localpipe.stages.config import Config
 
-from conftest import LAUNCH, ROOT, assert_same_model, load_model, metrics
+from conftest import LAUNCH, ROOT, assert_same_model, cli_env, load_model, metrics
 
 SPEC = ROOT.parent / "shared" / "method" / "local-loss-spec.md"
 
@@ -101,7 +101,7 @@ def test_evaluate_reproduces_the_last_test_error_block_errors_and_logits(recipe_
     result = subprocess.run([sys.executable, str(ROOT / "launch" / "evaluate.py"),
                              str(recipe_run), "--threads", "2", "--json",
                              str(tmp_path / "e.json")], capture_output=True, text=True,
-                            timeout=300)
+                            timeout=300, env=cli_env())
     assert result.returncode == 0, result.stderr
     assert f"test error {last['test_error']:.3f}%" in result.stdout
     assert json.loads((tmp_path / "e.json").read_text())["error"] == last["test_error"]
@@ -111,7 +111,7 @@ def test_evaluate_reproduces_the_last_test_error_block_errors_and_logits(recipe_
 def test_runs_started_together_without_save_dir_get_folders_of_their_own(tmp_path):
     args = ["--no-curves", "--model", "mlp", "--num-layers", "2", "--num-hidden", "32",
             "--dataset", "synthetic", "--epochs", "1", "--threads", "1"]
-    runs = [subprocess.Popen([sys.executable, str(LAUNCH), *args], cwd=tmp_path,
+    runs = [subprocess.Popen([sys.executable, str(LAUNCH), *args], cwd=tmp_path, env=cli_env(),
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
             for _ in range(3)]
     for run in runs:
@@ -277,7 +277,7 @@ def test_a_torchrun_restart_writes_where_the_first_attempt_did(tmp_path):
          "2", "--num-hidden", "32", "--dataset", "synthetic", "--epochs", "2", "--stages", "2",
          "--checkpoint-every", "3", "--resume", "auto"],
         cwd=tmp_path, capture_output=True, text=True, timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "LOCALPIPE_INJECT_FAULT": "1:14:kill:2"})
+        env=cli_env({"LOCALPIPE_INJECT_FAULT": "1:14:kill:2"}))
     assert result.returncode == 0, result.stderr[-3000:]
     folders = [p for p in (tmp_path / "runs").iterdir() if p.name != "latest"]
     assert len(folders) == 1 and result.stdout.count("resuming from") == 2, result.stdout

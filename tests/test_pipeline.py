@@ -6,11 +6,11 @@ import time
 import pytest
 import torch
 
-from launch.pipeline import main
-from pipeline.channel import Abort, Channel, StageFailed
-from pipeline.message import Kind, Message
-from stages import partition
-from stages.config import ConfigError
+from localpipe.launch.pipeline import main
+from localpipe.pipeline.channel import Abort, Channel, StageFailed
+from localpipe.pipeline.message import Kind, Message
+from localpipe.stages import partition
+from localpipe.stages.config import ConfigError
 
 from conftest import Timed, assert_same_model, load_model, metrics, run_cli
 
@@ -64,9 +64,9 @@ def test_pipelined_equals_sequential(model, runner, stages, mnist_root, tmp_path
 
 
 def test_pipelined_model_loads_as_an_ordinary_model(mnist_root, tmp_path_factory):
-    from pipeline.data import INFO
-    from stages.config import Config
-    from stages.models import build_model
+    from localpipe.pipeline.data import INFO
+    from localpipe.stages.config import Config
+    from localpipe.stages.models import build_model
 
     reference = _reference_run("mlp", mnist_root, tmp_path_factory)
     cfg = Config(model="mlp", num_layers=3, num_hidden=64, dropout=0.2)
@@ -157,9 +157,9 @@ def test_best_balance_minimises_the_slowest_stage():
 
 def test_auto_cut_falls_back_to_parameter_counts_when_measuring_runs_out_of_memory(
         monkeypatch):
-    from pipeline import plan as plan_module
-    from pipeline.plan import make_plan
-    from stages.config import Config
+    from localpipe.pipeline import plan as plan_module
+    from localpipe.pipeline.plan import make_plan
+    from localpipe.stages.config import Config
 
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("no room for a throwaway copy")
@@ -187,11 +187,11 @@ def _kinds(messages) -> list[tuple]:
     (0, [("STOP", 0, 0)]),  # before any training: nothing new to save
 ])
 def test_a_stop_ends_the_feed_with_one_checkpoint_where_training_goes_on(stop_after, tail):
-    from pipeline.checkpoint import Start
-    from pipeline.data import load_batches
-    from pipeline.feed import feed
-    from pipeline.signals import StopRequest
-    from stages.config import Config
+    from localpipe.pipeline.checkpoint import Start
+    from localpipe.pipeline.data import load_batches
+    from localpipe.pipeline.feed import feed
+    from localpipe.pipeline.signals import StopRequest
+    from localpipe.stages.config import Config
 
     cfg = Config(dataset="synthetic", epochs=2, checkpoint_every=5)
     train, test, _ = load_batches(cfg)  # 16 training batches, 4 test batches
@@ -213,7 +213,7 @@ def test_a_new_thread_computes_with_the_process_thread_count():
     runners start, makes a thread's first GEMM the one --threads asks for."""
     import threading
 
-    from pipeline import process
+    from localpipe.pipeline import process
 
     torch.manual_seed(0)
     grad, x = torch.randn(64, 10), torch.randn(64, 1024)  # a 10-class head's weight gradient

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch.options import parse_config
-from launch.pipeline import main
-from pipeline.data import INFO, load_batches
-from stages.models import build_stage
+from localpipe.launch.options import parse_config
+from localpipe.launch.pipeline import main
+from localpipe.pipeline.data import INFO, load_batches
+from localpipe.stages.models import build_stage
 
 from conftest import (ROOT, Timed, assert_same_model, cli_command, cli_env, load_model,
                       metrics, run_cli)

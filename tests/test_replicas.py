@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch.options import parse_config
-from launch.pipeline import main
-from pipeline import process
-from pipeline.data import INFO, load_batches
-from pipeline.replicas import shard
-from stages.blocks import LocalBlock, moving_buffers
-from stages.config import Config, ConfigError
-from stages.models import build_stage
+from localpipe.launch.options import parse_config
+from localpipe.launch.pipeline import main
+from localpipe.pipeline import process
+from localpipe.pipeline.data import INFO, load_batches
+from localpipe.pipeline.replicas import shard
+from localpipe.stages.blocks import LocalBlock, moving_buffers
+from localpipe.stages.config import Config, ConfigError
+from localpipe.stages.models import build_stage
 
 from conftest import (LAUNCH, ROOT, _free_port, assert_same_model, cli_env, load_model, metrics,
                       run_cli)
@@ -285,7 +285,7 @@ def test_one_replicas_nonfinite_loss_skips_the_update_on_every_replica(finite):
 
 
 def test_a_checkpoint_is_refused_with_another_global_batch(mesh, mnist_root):
-    from pipeline.checkpoint import start_point
+    from localpipe.pipeline.checkpoint import start_point
 
     cfg = parse_config(ARGS + MESH + ["--per-replica-batch", "--data-root", mnist_root,
                                       "--resume", str(mesh)])

@@ -10,14 +10,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from launch.options import parse_config
-from launch.pipeline import main
-from pipeline import memory
-from pipeline.data import INFO
-from pipeline.plan import footprints, stage_memory
-from stages import partition
-from stages.config import Config, ConfigError
-from stages.models import backprop_parameters, build_stage, build_unit, count_parameters, plan
+from localpipe.launch.options import parse_config
+from localpipe.launch.pipeline import main
+from localpipe.pipeline import memory
+from localpipe.pipeline.data import INFO
+from localpipe.pipeline.plan import footprints, stage_memory
+from localpipe.stages import partition
+from localpipe.stages.config import Config, ConfigError
+from localpipe.stages.models import (backprop_parameters, build_stage, build_unit,
+                                     count_parameters, plan)
 
 from conftest import assert_same_model, load_model, metrics, run_cli
 
@@ -368,7 +369,7 @@ def test_the_memory_estimate_follows_the_network():
 def test_the_automatic_cut_fits_every_stage_in_its_device(monkeypatch):
     """With a GPU per stage, a cut whose stage would overflow its device is never chosen,
     even where it is the fastest; if none fits, one clear error."""
-    from pipeline import plan as plan_module
+    from localpipe.pipeline import plan as plan_module
 
     cfg = Config(model="resnet18", dataset="CIFAR10", stages=2, batch_size=16).validate()
     prints = footprints(cfg, INFO["CIFAR10"])

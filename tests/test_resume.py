@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from launch.pipeline import main
+from localpipe.launch.pipeline import main
 
 from conftest import assert_same_model, load_model, metrics, run_cli
 

@@ -2,7 +2,7 @@
 (Two epochs of the paper's MLP recipe, and their records, are in test_outputs.py.)"""
 import pytest
 
-from launch.pipeline import main
+from localpipe.launch.pipeline import main
 
 from conftest import assert_same_model, load_model, metrics
 

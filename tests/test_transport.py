@@ -15,13 +15,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pipeline import checkpoint, control, device
-from pipeline.channel import Abort, Channel
-from pipeline.control import ControlPlane, Failure
-from pipeline.files import WriteError
-from pipeline.message import Kind, Message, decode, decode_spec, encode
-from pipeline.signals import StopRequest
-from pipeline.worker import FEED, Watchdog
+from localpipe.pipeline import checkpoint, control, device
+from localpipe.pipeline.channel import Abort, Channel
+from localpipe.pipeline.control import ControlPlane, Failure
+from localpipe.pipeline.files import WriteError
+from localpipe.pipeline.message import Kind, Message, decode, decode_spec, encode
+from localpipe.pipeline.signals import StopRequest
+from localpipe.pipeline.worker import FEED, Watchdog
 
 
 def _message(step: int) -> Message:
@@ -57,10 +57,10 @@ def _free_port() -> int:
 
 
 def _payload_rank(rank: int, port: int, count: int) -> None:
-    from pipeline.distributed import join
-    from pipeline.topology import Topology
-    from pipeline.transport import HostPayload, Receiver, Sender
-    from stages.config import Config
+    from localpipe.pipeline.distributed import join
+    from localpipe.pipeline.topology import Topology
+    from localpipe.pipeline.transport import HostPayload, Receiver, Sender
+    from localpipe.stages.config import Config
 
     store = dist.TCPStore("127.0.0.1", port, 2, rank == 0, timedelta(seconds=60))
     me = join(Config(stages=2), store, Topology(rank, 2), torch.device("cpu"), False, 1)

@@ -21,14 +21,15 @@ import sys
 from typing import Callable, NamedTuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from localpipe.pipeline import checkpoint
 from localpipe.pipeline.console import say
 from localpipe.pipeline.data import (INFO, Batches, DataError, DatasetInfo, load_batches,
                                      load_split)
 from localpipe.pipeline.files import atomic_write
-from localpipe.stages.config import Config, ConfigError
+from localpipe.stages.config import PYTHON_MODEL, Config, ConfigError
+from localpipe.stages.localnet import module_state
 from localpipe.stages.models import build_model, plan
 from localpipe.stages.stage import Stage
 
@@ -51,9 +52,12 @@ class Normalize:
         return (x - self.mean.to(x.device)) / self.std.to(x.device)
 
 
-def load(path: str, device: str | torch.device = "cpu") -> Loaded:
+def load(path: str, device: str | torch.device = "cpu", into: nn.Sequential | None = None):
     """The model of a finished run (its ``model.pt``), or of a checkpoint folder (or, for a
-    run without ``model.pt``, of its newest checkpoint), with its config and input transform."""
+    run without ``model.pt``, of its newest checkpoint), with its config and input transform.
+
+    ``into``: a fresh copy of the ``nn.Sequential`` a run of ``lp.fit`` trained (a checkpoint
+    holds weights, not code); its weights are loaded and it is returned, in eval mode."""
     folder = checkpoint.find_checkpoint(path, path) \
         if not os.path.exists(os.path.join(path, "model.pt")) else None
     if folder is not None:
@@ -65,6 +69,19 @@ def load(path: str, device: str | torch.device = "cpu") -> Loaded:
         with open(os.path.join(path, "args.json")) as f:
             cfg = config_from(json.load(f))
         state = torch.load(os.path.join(path, "model.pt"), map_location="cpu", weights_only=True)
+    if (cfg.model == PYTHON_MODEL) != (into is not None):
+        raise ConfigError(f"{path} holds a network defined in Python: load it with "
+                          f"into=<a fresh copy of its nn.Sequential>" if into is None else
+                          f"{path} holds the paper's {cfg.model}, not a network of yours: "
+                          f"load it without into=")
+    if into is not None:
+        if state is None:
+            manifest = checkpoint.read_manifest(folder, cfg.to_dict())
+            units = checkpoint.load_units(folder, manifest, list(range(len(into))))["units"]
+            state = {f"{'output' if i == len(into) - 1 else f'blocks.{i}'}.{k}": v
+                     for i, unit in units.items() for k, v in unit["state"].items()}
+        into.load_state_dict(module_state(state, len(into)))
+        return into.to(device).eval()
     info = INFO[cfg.dataset]
     model = build_model(cfg, info.shape, info.num_classes)
     if state is None:

@@ -19,7 +19,7 @@ from localpipe.pipeline.console import say
 from localpipe.pipeline.data import INFO, DataError
 from localpipe.pipeline.distributed import run_distributed
 from localpipe.pipeline.inprocess import run_inprocess
-from localpipe.pipeline.plan import footprints, make_plan, stage_memory
+from localpipe.pipeline.plan import footprints, make_plan, network_of, stage_memory
 from localpipe.pipeline.signals import StopRequest
 from localpipe.pipeline.worker import Fault
 from localpipe.launch.options import parse_config, program
@@ -58,9 +58,10 @@ def describe(cfg: Config) -> None:
     from localpipe.pipeline import device
     from localpipe.stages.residual import deviations
 
+    network = network_of(cfg)
     info = INFO[cfg.dataset]
     try:
-        run_plan = make_plan(cfg, device.choose(cfg.device))
+        run_plan = make_plan(cfg, device.choose(cfg.device), network=network)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     counts = run_plan.params
@@ -73,8 +74,8 @@ def describe(cfg: Config) -> None:
               f"replica r // {cfg.stages}); each replica trains on {cfg.replica_batch} samples "
               f"of every batch of {cfg.global_batch}, and each unit's gradients are averaged "
               f"over its {cfg.replicas} replicas before its step")
-    for spec, n in zip(run_plan.specs, counts):
-        print(f"  unit {spec.index}: {spec.describe():54s} {n:>12,d} parameters")
+    for i, (name, n) in enumerate(zip(run_plan.names, counts)):
+        print(f"  unit {i}: {name:54s} {n:>12,d} parameters")
     print(f"total parameters (with local heads): {sum(counts):,d}")
     mib = lambda n: f"{n / 2**20:,.0f} MiB"  # noqa: E731
     for k, part in enumerate(run_plan.parts):
@@ -92,7 +93,7 @@ def describe(cfg: Config) -> None:
             print(f"  -> stage {k + 1} gets " + ", ".join(
                 f"{name} {'x'.join(map(str, shape[1:])) or 'labels'}"
                 for name, shape in nxt.carries) + f": {mib(nxt.inbound)} a batch")
-    for line in deviations(cfg, run_plan.specs):
+    for line in deviations(cfg, network.specs):
         print(f"deviation from the paper's code: {line}")
     print(f"backprop parameters: {backprop_parameters(cfg, info.shape, info.num_classes)}")
 

@@ -1,7 +1,11 @@
 """localpipe: local error signal learning (Nøkland & Eidnes, 2019) run as a pipeline.
 
     import localpipe as lp
-    loaded = lp.load("runs/latest")               # a run's network, ready for model(x)
+    net = lp.LocalNet(my_sequential, num_classes=10, input_shape=(1, 28, 28))
+    result = lp.fit(net, train_set, test_set, epochs=1, batch_size=128, stages=2)
+    lp.evaluate(net.module, test_set)             # plain PyTorch: the same error
+    lp.load(result.run_dir, into=fresh_copy)      # a run's weights into your own network
+    model, cfg, transform = lp.load("runs/latest")  # a run of the paper's models
     lp.main(["--recipe", "mnist-mlp-predsim"])    # the command line, from Python
 
 The installed distribution has this one import name; its parts live in the checkout's folders
@@ -13,7 +17,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["Config", "ConfigError", "evaluate", "load", "main"]
+__all__ = ["Config", "ConfigError", "DataError", "FitResult", "LocalHead", "LocalNet",
+           "StageFailed", "evaluate", "fit", "load", "main"]
 
 # In a checkout (PYTHONPATH=. or `pip install -e .`) the parts are the folders beside this one;
 # an installed wheel holds them inside this package.
@@ -22,7 +27,10 @@ if not (_here / "stages").is_dir() and (_here.parent / "setup.cfg").is_file():
     __path__.append(str(_here.parent))  # noqa: F821 (a package's own __path__)
 
 _API = {"Config": "localpipe.stages.config", "ConfigError": "localpipe.stages.config",
-        "evaluate": "localpipe.launch.evaluate", "load": "localpipe.launch.evaluate",
+        "DataError": "localpipe.pipeline.data", "StageFailed": "localpipe.pipeline.channel",
+        "LocalNet": "localpipe.stages.localnet", "LocalHead": "localpipe.stages.localnet",
+        "fit": "localpipe.launch.fit", "evaluate": "localpipe.launch.fit",
+        "FitResult": "localpipe.launch.fit", "load": "localpipe.launch.evaluate",
         "main": "localpipe.launch.pipeline"}
 
 

@@ -20,7 +20,7 @@ class Coordinator:
         self.cfg, self.plan = cfg, run_plan
         self.train_batches, self.dropped = len(train), train.dropped
         self.save_dir = cfg.save_dir or None
-        self.unit_names = [s.describe() for s in run_plan.specs]
+        self.unit_names = run_plan.names
         self.records = Records(self.save_dir, cfg.backprop, curves=not cfg.no_curves)
         self.pending: dict[tuple, dict[int, dict]] = {}
         self.last_step: dict | None = None

@@ -204,20 +204,24 @@ class Batches:
 
     def __init__(self, images: Tensor, labels: Tensor, info: DatasetInfo, cfg: Config,
                  train: bool) -> None:
-        self.images, self.labels, self.info, self.cfg, self.train = images, labels, info, cfg, train
+        self.images, self.labels, self.info = images, labels, info
         self.mean = torch.tensor(info.mean).view(1, -1, 1, 1)
         self.std = torch.tensor(info.std).view(1, -1, 1, 1)
-        short = len(labels) % cfg.global_batch
+        self._count(len(labels), cfg, train)
+
+    def _count(self, count: int, cfg: Config, train: bool) -> None:
+        self.count, self.cfg, self.train = count, cfg, train
+        short = count % cfg.global_batch
         self.dropped = short if train and 0 < short < MIN_TRAIN_BATCH * cfg.replicas else 0
 
     def __len__(self) -> int:
-        return math.ceil((len(self.labels) - self.dropped) / self.cfg.global_batch)
+        return math.ceil((self.count - self.dropped) / self.cfg.global_batch)
 
     def order(self, epoch: int) -> list[Tensor]:
         """Index tensors of the epoch's batches."""
-        cfg, n, size = self.cfg, len(self.labels), self.cfg.global_batch
+        cfg, n, size = self.cfg, self.count, self.cfg.global_batch
         if not self.train:
-            return list(torch.arange(n).split(size))
+            return list(torch.arange(n).split(size)) if n else []
         if cfg.classes_per_batch and (cfg.classes_per_batch_until_epoch == 0
                                       or epoch <= cfg.classes_per_batch_until_epoch):
             rng = np.random.default_rng(derive_seed(cfg.seed, "sampler", epoch))
@@ -246,6 +250,31 @@ class Batches:
                 x = cutout(x, self.cfg.n_holes, self.cfg.length, gen)
             return x
         return (x - self.mean) / self.std
+
+
+class DatasetBatches(Batches):
+    """The batches of a map-style dataset of (tensor, int label) given in Python (``lp.fit``),
+    in the same seeded order as ``Batches``; samples are taken as they are (no preprocessing),
+    and read batch by batch, never all at once."""
+
+    def __init__(self, dataset, cfg: Config, train: bool) -> None:
+        self.dataset = dataset
+        self._count(len(dataset), cfg, train)
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+        for idx in self.order(epoch)[start:]:
+            samples = [self.dataset[i] for i in idx.tolist()]
+            yield (torch.stack([torch.as_tensor(x) for x, _ in samples]),
+                   torch.tensor([int(y) for _, y in samples]))
+
+
+def dataset_batches(train_set, test_set, cfg: Config) -> tuple[Batches, Batches, None]:
+    """``load_batches`` for datasets given in Python: no test set tests on nothing."""
+    train = DatasetBatches(train_set, cfg, train=True)
+    if len(train) == 0:
+        raise DataError(f"the training set has {len(train_set)} sample(s); training needs at "
+                        f"least {MIN_TRAIN_BATCH * cfg.replicas}")
+    return train, DatasetBatches(() if test_set is None else test_set, cfg, train=False), None
 
 
 def random_crop(x: Tensor, padding: int, gen: torch.Generator) -> Tensor:

@@ -32,14 +32,15 @@ from localpipe.pipeline.coordinator import Coordinator
 from localpipe.pipeline.data import DataError, load_batches
 from localpipe.pipeline.feed import feed
 from localpipe.pipeline.message import Message
-from localpipe.pipeline.plan import Plan, make_plan, static_plan
+from localpipe.pipeline.plan import Plan, make_plan, network_of, static_plan
 from localpipe.pipeline.signals import StopRequest
 from localpipe.pipeline.transport import HostPayload, Receiver, Sender
 from localpipe.pipeline.worker import Fault, Watchdog, run_stage, watched
 from localpipe.stages.config import Config, ConfigError
-from localpipe.stages.models import build_stage
+from localpipe.stages.network import Network
 from localpipe.stages.stage import Stage
 
+Data = Callable[[Config], tuple]  # cfg -> the (train, test, val) batches, as load_batches
 
 
 @dataclass
@@ -70,10 +71,15 @@ class Rank:
         self.exit(self.control.blame_link(peer, exc))
 
 
-def run_distributed(cfg: Config, stop: StopRequest,
-                    fault: Fault | None = None) -> Coordinator | None:
+def run_distributed(cfg: Config, stop: StopRequest, fault: Fault | None = None,
+                    network: Network | None = None, data: Data = load_batches,
+                    gather: Callable[[dict, list[dict]], None] | None = None
+                    ) -> Coordinator | None:
     """Train as rank RANK of WORLD_SIZE == --stages × --replicas processes started by
-    torchrun."""
+    torchrun. ``network`` and ``data``: the paper's ``cfg.model`` and ``cfg.dataset`` unless
+    given. ``gather``, where given, gets the whole trained network's state (every stage's
+    ``state_dict``, on the CPU) and the epoch records in every process before the job's
+    process group ends."""
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     needed = cfg.stages * cfg.replicas
     if world != needed and cfg.replicas == 1:
@@ -88,14 +94,15 @@ def run_distributed(cfg: Config, stop: StopRequest,
         kind = dev.choose(cfg.device)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    static = static_plan(cfg)  # bad options fail here, on every rank
+    network = network or network_of(cfg)
+    static = static_plan(cfg, network)  # bad options fail here, on every rank
     process.configure(cfg)
     device, shared = dev.rank_device(kind, int(os.environ.get("LOCAL_RANK", 0)),
                                      int(os.environ.get("LOCAL_WORLD_SIZE", world)))
     store = rendezvous_store(cfg)
     number = attempt_number(store, rank)
     topo = topology.Topology(rank, cfg.stages, cfg.replicas)
-    cfg, start, batches = verdict(cfg, store, topo, len(static.specs), number)
+    cfg, start, batches = verdict(cfg, store, topo, len(static.names), number, data)
     fault = fault and fault.for_rank(topo.replica, number)
     me = join(cfg, store, topo, device, shared, number, stop)
     # from here on a signal is a stop request only if the control plane confirms it (torchrun
@@ -104,16 +111,15 @@ def run_distributed(cfg: Config, stop: StopRequest,
         try:
             with dev.use(device):
                 own = dev.is_cuda(device) and not shared  # a GPU for every stage
-                shared_plan = [make_plan(cfg, device, own, static) if rank == 0 else None]
+                shared_plan = [make_plan(cfg, device, own, static, network) if rank == 0
+                               else None]
                 dist.broadcast_object_list(shared_plan, src=0)
                 run_plan: Plan = shared_plan[0]
                 devices = [None] * world
                 dist.all_gather_object(devices, str(device))
                 if rank == 0:
                     runs.write_provenance(cfg.save_dir, devices, run_plan.parts)
-                info = run_plan.info
-                stage = build_stage(cfg, info.shape, info.num_classes,
-                                    run_plan.parts[topo.stage], device)
+                stage = network.build(cfg, run_plan.parts[topo.stage], device)
                 stage.replicate(topo.replica, me.links.replicas)
                 start.restore(stage)
             coordinator = Coordinator(cfg, run_plan, batches[0]) if rank == 0 else None
@@ -124,6 +130,8 @@ def run_distributed(cfg: Config, stop: StopRequest,
             me.fail(f"{type(exc).__name__}: {exc}")
         serve(me, stage, messages, coordinator.handle if coordinator else None, fault,
               start.steps)
+        if gather is not None:
+            gather(*gathered(me, stage, coordinator.records.history if coordinator else []))
     me.control.finish()
     dist.destroy_process_group()
     if rank == 0:
@@ -131,8 +139,21 @@ def run_distributed(cfg: Config, stop: StopRequest,
     return coordinator
 
 
+def gathered(me: Rank, stage: Stage, history: list[dict]) -> tuple[dict, list[dict]]:
+    """Every stage's final weights (replica 0's: the replicas agree), on the CPU, and rank 0's
+    epoch records, in every process: one all-gather at the very end."""
+    mine = ({k: v.detach().cpu() for k, v in stage.state_dict().items()}
+            if me.topo.replica == 0 else {}, history)
+    got: list = [None] * me.topo.world
+    try:
+        dist.all_gather_object(got, mine)
+    except Exception as exc:
+        me.lost_link(None, exc)
+    return {k: v for state, _ in got for k, v in state.items()}, got[0][1]
+
+
 def verdict(cfg: Config, store: dist.Store, topo: topology.Topology, units: int,
-            number: int):
+            number: int, data: Data = load_batches):
     """Rank 0 checks the checkpoint to resume, the data and the save folder, then claims the
     folder; the other ranks learn its verdict through the store, so bad input stops every rank
     at once with the same line and exit code 2, before any process group. The folder is kept in
@@ -146,7 +167,7 @@ def verdict(cfg: Config, store: dist.Store, topo: topology.Topology, units: int,
             new = cfg.save_dir is None and earlier is None
             cfg = replace(cfg, save_dir=runs.choose(cfg, earlier))
             start = start_point(cfg, units)
-            train, test, val = load_batches(cfg)
+            train, test, val = data(cfg)
             if not new:
                 runs.check(cfg.save_dir, bool(cfg.resume))
             cfg = replace(cfg, save_dir=runs.claim(cfg.save_dir, cfg, start, new))
@@ -161,7 +182,7 @@ def verdict(cfg: Config, store: dist.Store, topo: topology.Topology, units: int,
     if "error" in said:
         raise (DataError if said["kind"] == "DataError" else ConfigError)(said["error"])
     cfg = replace(cfg, save_dir=said["save_dir"])
-    return cfg, resume_from(said["resume"]), None if topo.stage else load_batches(cfg)
+    return cfg, resume_from(said["resume"]), None if topo.stage else data(cfg)
 
 
 def rendezvous_store(cfg: Config) -> dist.Store:

@@ -26,16 +26,20 @@ from localpipe.pipeline.distributed import rendezvous_store
 from localpipe.pipeline.feed import feed
 from localpipe.pipeline.memory import DeviceMemory
 from localpipe.pipeline.message import Message
-from localpipe.pipeline.plan import make_plan, static_plan
+from localpipe.pipeline.plan import make_plan, network_of, static_plan
 from localpipe.pipeline.signals import StopRequest
 from localpipe.pipeline.worker import Fault, Watchdog, run_stage, watched
 from localpipe.stages.config import Config, ConfigError
-from localpipe.stages.models import build_stage
+from localpipe.stages.network import Network
+
+Data = Callable[[Config], tuple]  # cfg -> the (train, test, val) batches, as load_batches
 
 
-def run_inprocess(cfg: Config, stop: StopRequest, fault: Fault | None = None) -> Coordinator:
+def run_inprocess(cfg: Config, stop: StopRequest, fault: Fault | None = None,
+                  network: Network | None = None, data: Data = load_batches) -> Coordinator:
     """Train with every stage as a thread of this process; raise StageFailed if one fails.
-    Every check (options, checkpoint, data, the save folder) passes before the first write."""
+    Every check (options, checkpoint, data, the save folder) passes before the first write.
+    ``network`` and ``data``: the paper's ``cfg.model`` and ``cfg.dataset`` unless given."""
     if cfg.replicas > 1:
         raise ConfigError(f"--replicas {cfg.replicas} needs a process per stage and replica: "
                           f"torchrun --nproc-per-node {cfg.stages * cfg.replicas} "
@@ -44,27 +48,27 @@ def run_inprocess(cfg: Config, stop: StopRequest, fault: Fault | None = None) ->
         first = dev.choose(cfg.device)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    static = static_plan(cfg)
+    network = network or network_of(cfg)
+    static = static_plan(cfg, network)
     store = rendezvous_store(cfg) if "TORCHELASTIC_RUN_ID" in os.environ else None
     earlier = runs.job_folder(store)  # a torchrun restart writes where it wrote before
     new = cfg.save_dir is None and earlier is None
     cfg = replace(cfg, save_dir=runs.choose(cfg, earlier))
     process.configure(cfg, 0 if dev.is_cuda(first) else
                       max(1, (os.cpu_count() or 1) // cfg.stages))  # OpenMP team per thread
-    start = start_point(cfg, len(static.specs))
-    train, test, val = load_batches(cfg)
+    start = start_point(cfg, len(static.names))
+    train, test, val = data(cfg)
     if not new:
         runs.check(cfg.save_dir, bool(cfg.resume))
     devices = dev.stage_devices(cfg.stages, first)
     run_plan = make_plan(cfg, first, own_devices=dev.is_cuda(first)
-                         and len(set(map(str, devices))) == cfg.stages, static=static)
+                         and len(set(map(str, devices))) == cfg.stages, static=static,
+                         network=network)
     cfg = replace(cfg, save_dir=runs.claim(cfg.save_dir, cfg, start, new))
     runs.remember(store, cfg.save_dir)
     try:
         runs.write_provenance(cfg.save_dir, [str(d) for d in devices], run_plan.parts)
-        info = run_plan.info
-        stages = [build_stage(cfg, info.shape, info.num_classes, part, d)
-                  for part, d in zip(run_plan.parts, devices)]
+        stages = [network.build(cfg, part, d) for part, d in zip(run_plan.parts, devices)]
         for stage in stages:
             start.restore(stage)
         coordinator = Coordinator(cfg, run_plan, train)

@@ -16,16 +16,16 @@ import torch
 from localpipe.pipeline import device as dev
 from localpipe.pipeline.data import INFO, DatasetInfo
 from localpipe.stages import partition
-from localpipe.stages.config import Config, ConfigError
-from localpipe.stages.models import Spec, build_stage, build_unit, plan
+from localpipe.stages.config import PYTHON_MODEL, Config, ConfigError
+from localpipe.stages.models import Zoo, build_unit, plan
+from localpipe.stages.network import Network
 
 
 @dataclass
 class Plan:
-    """The network and its cut: what every process must agree on before training."""
+    """The network's units and their cut: what every process must agree on before training."""
 
-    info: DatasetInfo
-    specs: list[Spec]
+    names: list[str]  # one per unit
     parts: list[list[int]]  # unit indices of each stage
     params: list[int]  # each unit's parameter count, local heads included
     costs: list[float] | None = None  # per unit, in seconds ("measured") or parameters
@@ -33,29 +33,37 @@ class Plan:
     budget: int | None = None  # bytes each stage's device has, when the cut had to fit it
 
 
-def static_plan(cfg: Config) -> Plan:
+def network_of(cfg: Config) -> Zoo:
+    """The paper's network that ``cfg`` names, for inputs of its dataset."""
+    if cfg.model == PYTHON_MODEL:
+        raise ConfigError(f"--model {PYTHON_MODEL} is a network defined in Python "
+                          f"(lp.LocalNet): train or continue it with lp.fit")
+    info = INFO[cfg.dataset]
+    return Zoo(cfg, info.shape, info.num_classes)
+
+
+def static_plan(cfg: Config, network: Network | None = None) -> Plan:
     """The units, and the cut where nothing needs measuring (--balance, one stage; else no
     parts yet). Checks the options against the network, the data and this machine: cheap,
-    before any setup."""
-    info = INFO[cfg.dataset]
-    specs = plan(cfg, info.shape, info.num_classes)
-    partition.check_stages(len(specs), cfg.stages)
-    params = check_feasible(cfg, info, specs)
+    before any setup. ``network``: the paper's ``cfg.model`` unless given."""
+    network = network or network_of(cfg)
+    names = network.names()
+    partition.check_stages(len(names), cfg.stages)
+    params = check_feasible(cfg, network)
     if cfg.balance is not None:
-        return Plan(info, specs, partition.split(cfg.balance, len(specs)), params)
-    return Plan(info, specs, [list(range(len(specs)))] if cfg.stages == 1 else [], params)
+        return Plan(names, partition.split(cfg.balance, len(names)), params)
+    return Plan(names, [list(range(len(names)))] if cfg.stages == 1 else [], params)
 
 
-def check_feasible(cfg: Config, info: DatasetInfo, specs: list[Spec]) -> list[int]:
+def check_feasible(cfg: Config, network: Network) -> list[int]:
     """Refuse values that provably cannot run: more classes per batch than the data has, more
     cutout holes than pixels, more threads than this machine can start, and a unit (the whole
     network with one stage) whose weights, gradients and optimizer state exceed the memory of
-    the device it would train on. Returns each unit's parameter count (built on the meta
-    device: no memory)."""
-    channels, height, width = info.shape
-    if cfg.classes_per_batch > info.num_classes:
+    the device it would train on. Returns each unit's parameter count."""
+    height, width = network.shape[-2:]
+    if cfg.classes_per_batch > network.num_classes:
         raise ConfigError(f"--classes-per-batch {cfg.classes_per_batch} is more than the "
-                          f"{info.num_classes} classes of {cfg.dataset}")
+                          f"{network.num_classes} classes of {cfg.dataset}")
     if cfg.cutout and cfg.n_holes > height * width:
         raise ConfigError(f"--n-holes {cfg.n_holes} is more than the {height * width} pixels "
                           f"of a {cfg.dataset} image")
@@ -67,9 +75,7 @@ def check_feasible(cfg: Config, info: DatasetInfo, specs: list[Spec]) -> list[in
         memory, where = dev.memory(dev.choose(cfg.device))
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    with torch.device("meta"):
-        sizes = [sum(p.numel() for p in build_unit(s, cfg, info.num_classes).parameters())
-                 for s in specs]
+    sizes = network.parameter_counts()
     per_parameter = 4 * (2 + {"adam": 2, "amsgrad": 3}.get(cfg.optim, cfg.momentum > 0))
     need = per_parameter * (sum(sizes) if cfg.stages == 1 else max(sizes))
     if need > memory:
@@ -194,30 +200,30 @@ def measure_costs(stage, in_shape: tuple[int, int, int], num_classes: int, cfg: 
 
 
 def make_plan(cfg: Config, device: torch.device, own_devices: bool = False,
-              static: Plan | None = None) -> Plan:
+              static: Plan | None = None, network: Network | None = None) -> Plan:
     """Plan the units and choose the cut: --balance if given, else the best one for each
     unit's measured step time, or for its parameter count where a full copy of the network
     cannot be trained on ``device`` (out of memory) to measure it. With ``own_devices`` (a
     GPU for every stage) only cuts whose every stage fits its device's memory are considered.
     The copy is freed, and the device's allocator peak restarted, before training begins.
-    ``static`` is this run's ``static_plan`` where the caller has made it already."""
-    static = static or static_plan(cfg)
+    ``static`` is this run's ``static_plan`` where the caller has made it already. A network
+    given in Python has no memory estimate: its cut only balances time."""
+    network = network or network_of(cfg)
+    static = static or static_plan(cfg, network)
     if static.parts:
         return static
-    info = static.info
     fits, budget = None, None
-    if own_devices:  # a tenth left for the CUDA context, the allocator's cache and fragments
-        budget = int(0.9 * dev.memory(device)[0])
-        prints = footprints(cfg, info)
+    if own_devices and isinstance(network, Zoo):  # a tenth left for the CUDA context, the
+        budget = int(0.9 * dev.memory(device)[0])  # allocator's cache and fragments
+        prints = footprints(cfg, INFO[cfg.dataset])
         fits = lambda a, b: stage_memory(cfg, prints[a:b])["total"] <= budget  # noqa: E731
     try:
-        costs = measure_costs(
-            build_stage(cfg, info.shape, info.num_classes, device=device), info.shape,
-            info.num_classes, cfg)
+        costs = measure_costs(network.build(cfg, None, device, throwaway=True), network.shape,
+                              network.num_classes, cfg)
         kind = "measured"
     except torch.OutOfMemoryError:
         costs, kind = [float(n) for n in static.params], "parameters"
     dev.release(device)
     balance = partition.best_balance(costs, cfg.stages, fits)
-    return Plan(info, static.specs, partition.split(balance, len(costs)), static.params, costs,
-                kind, budget)
+    return Plan(static.names, partition.split(balance, len(costs)), static.params, costs, kind,
+                budget)

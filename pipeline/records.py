@@ -23,6 +23,7 @@ class Records:
         """``curves``: run the sidecar that draws curves.png and writes TensorBoard files."""
         self.folder, self.backprop = folder or None, backprop
         self.sidecar: subprocess.Popen | None = None
+        self.history: list[dict] = []  # every epoch's record, for lp.fit's result
         if self.folder and curves:
             env = {**os.environ, "PYTHONPATH": os.pathsep.join(
                 [IMPORT_ROOT, *filter(None, [os.environ.get("PYTHONPATH")])])}
@@ -34,6 +35,7 @@ class Records:
                                             start_new_session=True)
 
     def epoch(self, record: dict) -> None:
+        self.history.append(record)
         console.show(summary(record, self.backprop))
         if self.folder:
             self._append("metrics.jsonl", record)

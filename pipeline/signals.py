@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import threading
 import time
 
 from localpipe.pipeline.console import say
@@ -29,8 +30,12 @@ class StopRequest:
     @contextlib.contextmanager
     def installed(self, confirm_at_once: bool = True):
         """Handle SIGINT and SIGTERM inside the block; the previous handlers come back after.
-        ``confirm_at_once=False`` leaves confirmation to the control plane."""
+        ``confirm_at_once=False`` leaves confirmation to the control plane. Off the main thread
+        (``lp.fit`` called from a thread of the user's) Python allows no handlers: none."""
         self.confirm_at_once = confirm_at_once
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
         previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT,
                                                                       signal.SIGTERM)}
         try:

@@ -209,6 +209,8 @@ class Unit(nn.Module):
     and dropout masks drawn from (seed, index, epoch, step): a batch's masks depend only on
     where it sits in the run, never on run order, device count or a restart."""
 
+    is_output = False  # the network's last unit, trained by the global cross-entropy
+
     def __init__(self, index: int, cfg: Config) -> None:
         super().__init__()
         self.index = index
@@ -418,6 +420,8 @@ class LocalBlock(Unit):
 class OutputLayer(Unit):
     """The final Linear, trained by the global CE (times (1−β) in predsim, §3.5). In local modes
     it is just one more local unit: its input is detached and its weight starts at zero."""
+
+    is_output = True
 
     def __init__(self, index: int, cfg: Config, n_in: int, num_classes: int,
                  zero_init: bool) -> None:

@@ -47,6 +47,9 @@ RESIDUAL_MODELS = (*RESNET_CONFIGS, *WRN_MODELS)
 MODELS = ("mlp", *VGG_CONFIGS, *RESIDUAL_MODELS)
 DATASETS = ("MNIST", "FashionMNIST", "KuzushijiMNIST", "CIFAR10", "CIFAR100", "SVHN", "STL10",
             "synthetic")
+# what a run's args.json says when lp.fit trained it: a network and datasets given in Python,
+# which a command line cannot rebuild (the runners refuse them without the objects)
+PYTHON_MODEL, PYTHON_DATASET = "localnet", "custom"
 
 
 @dataclass
@@ -151,8 +154,9 @@ class Config:
             if value and value != "auto":  # None, '' and --resume auto are no paths
                 setattr(self, name, user_path(value))
 
-        need(self.model in MODELS, f"unknown model {self.model!r}; choose from {', '.join(MODELS)}")
-        need(self.dataset in DATASETS,
+        need(self.model in (*MODELS, PYTHON_MODEL),
+             f"unknown model {self.model!r}; choose from {', '.join(MODELS)}")
+        need(self.dataset in (*DATASETS, PYTHON_DATASET),
              f"unknown dataset {self.dataset!r}; choose from {', '.join(DATASETS)}")
         for name, value in self.to_dict().items():  # before any comparison below
             flag = f"--{name.replace('_', '-')}"

@@ -100,6 +100,27 @@ def build_model(cfg: Config, in_shape: tuple[int, int, int], num_classes: int) -
     return build_stage(cfg, in_shape, num_classes)
 
 
+class Zoo:
+    """The paper's network ``cfg.model`` for inputs of ``shape``, as a runner sees it
+    (stages/network.py): built afresh, unit by unit, from its seeds."""
+
+    def __init__(self, cfg: Config, shape: tuple[int, int, int], num_classes: int) -> None:
+        self.cfg, self.shape, self.num_classes = cfg, shape, num_classes
+        self.specs = plan(cfg, shape, num_classes)
+
+    def names(self) -> list[str]:
+        return [s.describe() for s in self.specs]
+
+    def parameter_counts(self) -> list[int]:
+        with torch.device("meta"):
+            return [count_parameters([build_unit(s, self.cfg, self.num_classes)])
+                    for s in self.specs]
+
+    def build(self, cfg: Config, indices: list[int] | None, device: torch.device | str,
+              throwaway: bool = False) -> Stage:
+        return build_stage(cfg, self.shape, self.num_classes, indices, device)
+
+
 def count_parameters(units: list[Unit] | Stage) -> int:
     modules = units.units if isinstance(units, Stage) else units
     return sum(p.numel() for u in modules for p in u.parameters())

@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from localpipe.stages.blocks import (LocalBlock, Meter, OutputLayer, Replicas, Skips, Unit, Update,
-                                     keep_buffers, make_optimizer)
+from localpipe.stages.blocks import (Meter, Replicas, Skips, Unit, Update, keep_buffers,
+                                     make_optimizer)
 from localpipe.stages.config import Config
 
 
@@ -23,8 +23,8 @@ class Stage(nn.Module):
         if indices != list(range(indices[0], indices[0] + len(indices))):
             raise ValueError(f"a stage needs contiguous units, got {indices}")
         self.cfg = cfg
-        self.blocks = nn.ModuleDict({str(u.index): u for u in units if isinstance(u, LocalBlock)})
-        outputs = [u for u in units if isinstance(u, OutputLayer)]
+        self.blocks = nn.ModuleDict({str(u.index): u for u in units if not u.is_output})
+        outputs = [u for u in units if u.is_output]
         self.output = outputs[0] if outputs else None
         self.units: list[Unit] = units
         self.to(device)

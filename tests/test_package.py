@@ -43,7 +43,8 @@ def test_the_public_api_is_small_and_import_is_cheap():
                          timeout=120)
     assert out.returncode == 0, out.stderr
     names, callables, extra = out.stdout.split("\n")[:3]
-    assert names == str(sorted(["Config", "ConfigError", "evaluate", "load", "main"]))
+    assert names == str(sorted(["Config", "ConfigError", "DataError", "FitResult", "LocalHead",
+                                "LocalNet", "StageFailed", "evaluate", "fit", "load", "main"]))
     assert callables == "True" and extra == "False"
 
 

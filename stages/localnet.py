@@ -1,0 +1,334 @@
+"""Any network of the user's, trained with local losses: ``LocalNet(nn.Sequential, ...)``.
+
+Every child of the ``nn.Sequential`` but the last is a *local block*: it trains on its own
+output with its own loss through a head of its own and its own optimizer, on a detached input,
+so no error crosses from one block to the next. The last child is the output layer, trained
+with cross-entropy (times 1 − β under ``predsim``, as the paper's output layer). The heads are
+built from each block's output shape, found by one forward in eval mode of a batch of 2 with
+no gradients, which changes nothing of the user's ``state_dict``.
+
+A ``LocalNet`` is a network as the runners see it (stages/network.py): each child becomes one
+unit (``UserUnit``), with the same protocol as the paper's blocks, so the in-process and the
+torchrun runners, checkpoints, resume and every failure path serve it unchanged.
+
+Randomness: a block's random ops draw from a generator keyed by (seed, block, epoch, step,
+replica), handed to them by ``KeyedRandom``, so every runner draws the same masks. Covered:
+``nn.Dropout``/``Dropout1d``/``Dropout2d``/``Dropout3d`` (``F.dropout*``) and the torch calls
+that take a ``generator`` (``torch.rand``, ``randn``, ``randint``, ``randperm``,
+``bernoulli``, ``multinomial``, ``normal`` and the in-place ``Tensor.bernoulli_``,
+``uniform_``, ``normal_``, ``random_``, ``exponential_``). Not covered: random ops inside
+other C++ kernels (``F.rrelu``, ``F.alpha_dropout``), which draw from torch's global generator
+and make runners differ.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from localpipe.stages import losses
+from localpipe.stages.blocks import Skips, Unit, Update, keep_buffers, make_optimizer, \
+    pred_pooling
+from localpipe.stages.config import Config, derive_seed
+from localpipe.stages.stage import Stage
+
+LossFn = Callable[[Tensor, Tensor, nn.Module], Tensor]  # (block output, labels, head) -> loss
+Heads = Callable[[int, tuple[int, ...]], nn.Module]  # (block index, output shape) -> head
+Optimizer = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
+
+
+# --------------------------------------------------------------------------------- heads
+class LocalHead(nn.Module):
+    """The paper's local heads for a block's output of any shape: ``predict`` (pooled to at
+    most ``dim_in_decoder`` features, then a zero-initialised linear layer) and ``similar``
+    (a 3×3 convolution for a C×H×W map, a linear layer otherwise), each where asked for.
+    A T×D output (tokens) is averaged over its T positions first."""
+
+    def __init__(self, shape: tuple[int, ...], num_classes: int, pred: bool = True,
+                 sim: bool = True, dim_in_decoder: int = 4096) -> None:
+        super().__init__()
+        self.num_classes, self.is_map = num_classes, len(shape) == 3
+        self.tokens = len(shape) == 2
+        width = shape[-1] if self.tokens else math.prod(shape)
+        self.pool: nn.Module = nn.Identity()
+        if self.is_map:
+            channels, height, width_ = shape
+            if height == width_:
+                pooling = pred_pooling(channels, height, dim_in_decoder)
+                if pooling.kernel != (1, 1):
+                    self.pool = nn.AvgPool2d(pooling.kernel, pooling.kernel, pooling.padding)
+                width = pooling.dim
+            else:
+                self.pool, width = nn.AdaptiveAvgPool2d(1), channels
+        self.pred = nn.Linear(width, num_classes) if pred else None
+        if self.pred is not None:
+            nn.init.zeros_(self.pred.weight)
+        features = shape[0] if self.is_map else shape[-1] if self.tokens else math.prod(shape)
+        self.sim = None
+        if sim:
+            self.sim = (nn.Conv2d(features, features, 3, 1, 1, bias=False) if self.is_map
+                        else nn.Linear(features, features, bias=False))
+
+    def _flat(self, h: Tensor) -> Tensor:
+        return h.mean(dim=1) if self.tokens else h.flatten(1)
+
+    def predict(self, h: Tensor) -> Tensor:
+        """Class logits from a block's output."""
+        return self.pred((self.pool(h) if self.is_map else self._flat(h)).flatten(1))
+
+    def similar(self, h: Tensor) -> Tensor:
+        """What the similarity-matching loss compares, from a block's output."""
+        return self.sim(h if self.is_map else self._flat(h))
+
+
+def pred_loss(h: Tensor, y: Tensor, head: LocalHead) -> tuple[Tensor, dict]:
+    logits = head.predict(h)
+    return losses.pred_loss(logits, y), {"errors": losses.errors(logits, y)}
+
+
+def sim_loss(h: Tensor, y: Tensor, head: LocalHead) -> tuple[Tensor, dict]:
+    return losses.sim_loss(head.similar(h), losses.label_similarity(y, head.num_classes)), {}
+
+
+def predsim_loss(beta: float) -> Callable[[Tensor, Tensor, LocalHead], tuple[Tensor, dict]]:
+    """(1 − β)·pred + β·sim (§3.3), each term recorded apart."""
+    def loss(h: Tensor, y: Tensor, head: LocalHead) -> tuple[Tensor, dict]:
+        pred, stats = pred_loss(h, y, head)
+        sim = sim_loss(h, y, head)[0]
+        w_pred, w_sim = losses.sup_weights("predsim", beta)
+        return w_pred * pred + w_sim * sim, {**stats, "loss_pred": w_pred * pred,
+                                             "loss_sim": w_sim * sim}
+    return loss
+
+
+LOSSES = ("pred", "sim", "predsim")  # the registered local losses, by name
+
+
+# ---------------------------------------------------------------------------- randomness
+# torch calls that draw random numbers and take a ``generator``
+_RANDOM = {torch.rand, torch.randn, torch.randint, torch.randperm, torch.bernoulli,
+           torch.multinomial, torch.normal, torch.rand_like, torch.randn_like,
+           torch.randint_like, Tensor.bernoulli_, Tensor.uniform_, Tensor.normal_,
+           Tensor.random_, Tensor.exponential_}
+_DROPOUT = {F.dropout: False, F.dropout1d: True, F.dropout2d: True, F.dropout3d: True}
+
+
+class KeyedRandom(TorchFunctionMode):
+    """Inside a block's training forward, hands ``generator`` (one per device, seeded from the
+    block's key) to every covered random op, and draws dropout masks from it. A mode is the
+    calling thread's own, so stage threads never share one."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        self.seed, self.generators = seed, {}
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        device = torch.device(device)
+        if device not in self.generators:
+            self.generators[device] = torch.Generator(device=device).manual_seed(self.seed)
+        return self.generators[device]
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _DROPOUT:
+            return self._dropout(_DROPOUT[func], *args, **kwargs)
+        if func in _RANDOM and kwargs.get("generator") is None:
+            tensor = next((a for a in args if isinstance(a, Tensor)), None)
+            device = tensor.device if tensor is not None else kwargs.get("device") or "cpu"
+            kwargs = {**kwargs, "generator": self.generator(device)}
+        return func(*args, **kwargs)
+
+    def _dropout(self, channels: bool, input: Tensor, p: float = 0.5, training: bool = True,
+                 inplace: bool = False) -> Tensor:
+        if not training or p == 0:
+            return input
+        shape = input.shape[:2] + (1,) * (input.dim() - 2) if channels else input.shape
+        mask = torch.empty(shape, device=input.device, dtype=input.dtype)
+        mask.bernoulli_(1.0 - p, generator=self.generator(input.device)).div_(1.0 - p)
+        return input.mul_(mask) if inplace else input * mask
+
+
+# --------------------------------------------------------------------------------- units
+class UserUnit(Unit):
+    """One child of a user's network as a unit: the child itself (``body``, the same object),
+    its head, its loss and its optimizer. The last child is the output layer."""
+
+    def __init__(self, index: int, cfg: Config, body: nn.Module, head: nn.Module | None,
+                 loss, optimizer: Optimizer | None, output_scale: float | None) -> None:
+        """``loss``: a registered loss's function (returning the loss and its records) or the
+        user's callable (returning the loss); ``output_scale`` set makes this the output layer,
+        trained by that multiple of the cross-entropy."""
+        super().__init__(index, cfg)
+        self.body, self.head, self.loss_fn, self.optimizer = body, head, loss, optimizer
+        self.is_output, self.scale = output_scale is not None, output_scale
+
+    def make_optimizer(self) -> None:
+        params = [p for p in self.parameters() if p.requires_grad]
+        self.optimizers = [self.optimizer(params) if self.optimizer is not None
+                           else make_optimizer(params, self.cfg)]
+
+    def set_lr(self, lr: float) -> None:
+        if self.optimizer is None:  # the user's own optimizer keeps its own learning rate
+            super().set_lr(lr)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.body(x)
+
+    def run(self, x: Tensor, skips: Skips, losses: bool) -> tuple[Tensor, Tensor, Tensor]:
+        """As ``LocalBlock.run``, for ``Stage.logits``: the output is the block's own."""
+        out = self.body(x)
+        return out, out, x
+
+    def local_loss(self, out: Tensor, y: Tensor) -> Tensor:
+        """This unit's loss of a batch, recorded in the current meter."""
+        if self.is_output:
+            loss = self.scale * losses.pred_loss(out, y)
+            stats = {"errors": losses.errors(out, y)}
+        else:
+            got = self.loss_fn(out, y, self.head)
+            loss, stats = got if isinstance(got, tuple) else (got, {})
+        self.meter.add(y.size(0), loss=loss, **stats)
+        self.last_loss = loss.detach()
+        return loss
+
+    def train_step(self, x: Tensor, y: Tensor,
+                   skips: Skips | None = None) -> tuple[Tensor, Update]:
+        kept = keep_buffers(self, self.cfg)
+        replica = ("replica", self.replica) if self.replica else ()
+        with KeyedRandom(derive_seed(self.cfg.seed, "dropout", self.index, *self.position,
+                                     *replica)):
+            out = self.body(x)
+        return out.detach(), self.step_closure(self.local_loss(out, y), kept)
+
+    @torch.no_grad()
+    def eval_step(self, x: Tensor, y: Tensor, skips: Skips | None = None) -> Tensor:
+        out = self.body(x)
+        if self.is_output or not self.cfg.no_print_stats:
+            self.local_loss(out, y)
+        return out
+
+
+# ------------------------------------------------------------------------------- network
+class LocalNet(nn.Module):
+    """A user's ``nn.Sequential`` trained with local losses: ``net.module`` is that very
+    network (trained in place), ``net.heads`` the local heads beside it, one per block.
+
+    ``loss``: a registered name (``"pred"``, ``"sim"``, ``"predsim"`` with ``beta``) or a
+    callable ``loss(h, y, head) -> Tensor`` of a block's output, the labels and that block's
+    head. ``heads(index, out_shape) -> nn.Module`` replaces the default ``LocalHead``.
+    ``optimizer(params) -> Optimizer`` replaces each unit's default (Adam, lr from
+    ``fit``, 5e-4 by default, as the paper). ``seed`` draws the default heads' weights.
+    """
+
+    def __init__(self, module: nn.Sequential, *, num_classes: int,
+                 input_shape: tuple[int, ...], loss: str | LossFn = "predsim",
+                 beta: float = 0.99, heads: Heads | None = None,
+                 optimizer: Optimizer | None = None, dim_in_decoder: int = 4096,
+                 seed: int = 1) -> None:
+        super().__init__()
+        if not isinstance(module, nn.Sequential) or len(module) < 2:
+            raise ValueError("LocalNet needs an nn.Sequential of at least two children: "
+                             "local blocks, then the output layer")
+        if isinstance(loss, str) and loss not in LOSSES:
+            raise ValueError(f"unknown local loss {loss!r}; choose from {', '.join(LOSSES)} "
+                             f"or pass a callable loss(h, y, head)")
+        if not 0.0 <= beta <= 1.0:
+            raise ValueError(f"beta must lie in [0, 1], got {beta}")
+        self.module, self.num_classes = module, num_classes
+        self.shape, self.loss, self.beta, self.optimizer = tuple(input_shape), loss, beta, \
+            optimizer
+        self.out_shapes = probe(module, self.shape)
+        if self.out_shapes[-1] != (num_classes,):
+            raise ValueError(f"the last child must give {num_classes} logits a sample, "
+                             f"not {self.out_shapes[-1]}")
+        pred = loss != "sim"
+        sim = loss != "pred"
+        built = []
+        for i, shape in enumerate(self.out_shapes[:-1]):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(derive_seed(seed, "head", i))
+                built.append(heads(i, shape) if heads is not None else
+                             LocalHead(shape, num_classes, pred, sim, dim_in_decoder))
+        self.heads = nn.ModuleList(built)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.module(x)
+
+    # the network as the runners see it (stages/network.py)
+    @property
+    def loss_name(self) -> str:
+        return self.loss if isinstance(self.loss, str) else "callable"
+
+    def names(self) -> list[str]:
+        shapes = ["x".join(map(str, s)) for s in self.out_shapes]
+        return [f"{type(child).__name__} -> {shape}"
+                for child, shape in zip(self.module, shapes)]
+
+    def parameter_counts(self) -> list[int]:
+        heads = [*self.heads, None]
+        return [sum(p.numel() for m in (child, head) if m is not None for p in m.parameters())
+                for child, head in zip(self.module, heads)]
+
+    def build(self, cfg: Config, indices: list[int] | None, device: torch.device | str,
+              throwaway: bool = False) -> Stage:
+        indices = list(range(len(self.module))) if indices is None else indices
+        units = [self.unit(i, cfg) for i in indices]
+        return Stage(copy.deepcopy(units) if throwaway else units, cfg, torch.device(device))
+
+    def unit(self, index: int, cfg: Config) -> UserUnit:
+        last = index == len(self.module) - 1
+        loss = {"pred": pred_loss, "sim": sim_loss}.get(self.loss) if isinstance(
+            self.loss, str) else self.loss
+        if self.loss == "predsim":
+            loss = predsim_loss(self.beta)
+        scale = (1.0 - self.beta if self.loss == "predsim" else 1.0) if last else None
+        return UserUnit(index, cfg, self.module[index], None if last else self.heads[index],
+                        loss, self.optimizer, scale)
+
+    def load_stage_state(self, state: dict[str, Tensor]) -> None:
+        """Take every unit's weights from stage state dicts (``blocks.{i}.body.*``,
+        ``blocks.{i}.head.*``, ``output.body.*``: a gathered run or a ``model.pt``)."""
+        self.load_state_dict(own_keys(state, len(self.module)))
+
+
+def module_state(state: dict[str, Tensor], units: int) -> dict[str, Tensor]:
+    """A stage state dict's weights of the user's network alone, under its own keys
+    (``{i}.*``): what a fresh copy of the ``nn.Sequential`` loads."""
+    return {k[len("module."):]: v for k, v in own_keys(state, units).items()
+            if k.startswith("module.")}
+
+
+def own_keys(state: dict[str, Tensor], units: int) -> dict[str, Tensor]:
+    """A stage state dict's keys as a ``LocalNet``'s (``module.{i}.*``, ``heads.{i}.*``)."""
+    out = {}
+    for key, value in state.items():
+        if key.startswith("output.body."):
+            out[f"module.{units - 1}.{key[len('output.body.'):]}"] = value
+            continue
+        _, index, part, rest = key.split(".", 3)
+        out[f"{'module' if part == 'body' else 'heads'}.{index}.{rest}"] = value
+    return out
+
+
+def probe(module: nn.Sequential, shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """Each child's output shape for one sample: a batch of 2 zeros through the network in
+    eval mode with no gradients (no running statistic moves), the training flags put back."""
+    flags = [(m, m.training) for m in module.modules()]
+    param = next(module.parameters(), None)
+    x = torch.zeros((2, *shape), device=None if param is None else param.device)
+    shapes = []
+    try:
+        module.eval()
+        with torch.no_grad():
+            for child in module:
+                x = child(x)
+                shapes.append(tuple(x.shape[1:]))
+    finally:
+        for m, training in flags:
+            m.training = training
+    return shapes

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from localpipe.pipeline.files import atomic_write
-from localpipe.stages.config import ConfigError, global_batch
+from localpipe.stages.config import ConfigError, global_batch, resumed_fields
 
 # 2: no dropout generator states (masks are keyed by position), weights_only files;
 # 3: a list of optimizers per unit (a residual block's last unit also steps its shortcut's)
@@ -183,16 +183,6 @@ def write_manifest(save_dir: str, steps: int, position: tuple[int, int, bool], a
     return folder
 
 
-# Options that change the network or its training, so a checkpoint made with other values
-# cannot be continued (and the global batch, checked apart: --batch-size may change with
-# --per-replica-batch and --replicas so long as it stays). The rest (epochs, stages, replicas,
-# balance, paths, devices, logging) may change.
-MODEL_ARGS = ("model", "dataset", "num_layers", "num_hidden", "dim_in_decoder", "feat_mult",
-              "loss_sup", "loss_unsup", "bio", "backprop", "no_detach", "no_batch_norm", "pre_act",
-              "target_proj_size", "optim", "nonlin", "seed", "dropout", "alpha",
-              "beta", "lr", "lr_decay_milestones", "lr_decay_fact", "momentum", "weight_decay",
-              "no_similarity_std", "cutout", "n_holes", "length", "classes_per_batch",
-              "classes_per_batch_until_epoch", "limit_train", "val_split")
 
 
 def find_checkpoint(resume: str, save_dir: str) -> str | None:
@@ -228,7 +218,7 @@ def read_manifest(folder: str, args: dict) -> dict:
     problem = _manifest_problem(manifest)
     if problem:
         raise ValueError(f"{path} is not a localpipe manifest: {problem}")
-    for key in MODEL_ARGS:
+    for key in resumed_fields():
         if manifest["args"].get(key) != args.get(key):
             raise ValueError(f"checkpoint {folder} was made with --{key.replace('_', '-')} "
                              f"{manifest['args'].get(key)}, this run has {args.get(key)}")

@@ -10,6 +10,7 @@ import hashlib
 import math
 import os
 from dataclasses import dataclass, field
+from typing import Callable
 
 
 INT_MAX = 2**31 - 1  # every count must fit the C int of the kernels and libraries below
@@ -50,74 +51,172 @@ DATASETS = ("MNIST", "FashionMNIST", "KuzushijiMNIST", "CIFAR10", "CIFAR100", "S
 # what a run's args.json says when lp.fit trained it: a network and datasets given in Python,
 # which a command line cannot rebuild (the runners refuse them without the objects)
 PYTHON_MODEL, PYTHON_DATASET = "localnet", "custom"
+PYTHON_ONLY = (PYTHON_MODEL, PYTHON_DATASET)
+
+
+def option(default, help: str, *, metavar: str | None = None, choices: tuple = (),
+           check: str | None = None, within: tuple[str, Callable[[float], bool]] | None = None,
+           part: str = "run", resume: bool | None = None, flag: str | None = None,
+           aliases: tuple[str, ...] = (), noun: str | None = None):
+    """One option, described once: its default and ``help`` (the command line's), and what
+    validation, the command line and the resume check read from it. ``choices``: the values
+    allowed (argparse offers them, unless a ``metavar`` stands in for them in ``help``);
+    ``check``: "positive" or "nonneg"; ``within``: (the interval as said, its test). ``part``:
+    what the option defines, "model", "training" or "run"; ``resume``: whether a checkpoint
+    must have been made with the same value (by default: model and training options do).
+    ``flag``: the command line's spelling where it is not --the-name (``--no-download`` sets
+    ``download`` False); ``noun``: how an unknown value is named ("model" for --model)."""
+    meta = {"help": help, "metavar": metavar, "choices": tuple(choices), "check": check,
+            "within": within, "part": part, "flag": flag, "aliases": aliases, "noun": noun,
+            "resume": part in ("model", "training") if resume is None else resume}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+UNIT = ("[0, 1]", lambda v: 0.0 <= v <= 1.0)
+SECONDS = (f"(0, {MAX_SECONDS:g}] seconds", lambda v: 0 < v <= MAX_SECONDS)
 
 
 @dataclass
 class Config:
-    """Every option of a run. Defaults are the paper's, except ``save_dir``."""
+    """Every option of a run, each described once (``option``): the command line, validation
+    and the resume check are read off these fields. Defaults are the paper's, except
+    ``save_dir``. The paper's options come first, then localpipe's own (from ``recipe``)."""
 
-    model: str = "vgg8b"
-    dataset: str = "CIFAR10"
-    batch_size: int = 128
-    num_layers: int = 1
-    num_hidden: int = 1024
-    dim_in_decoder: int = 4096
-    feat_mult: float = 1.0
-    epochs: int = 400
-    classes_per_batch: int = 0
-    classes_per_batch_until_epoch: int = 0
-    lr: float = 5e-4
-    lr_decay_milestones: list[int] = field(default_factory=lambda: [200, 300, 350, 375])
-    lr_decay_fact: float = 0.25
-    optim: str = "adam"
-    momentum: float = 0.0
-    weight_decay: float = 0.0
-    alpha: float = 0.0
-    beta: float = 0.99
-    dropout: float = 0.0
-    loss_sup: str = "predsim"
-    loss_unsup: str = "none"
-    nonlin: str = "relu"
-    no_similarity_std: bool = False
-    no_cuda: bool = False
-    backprop: bool = False
-    no_batch_norm: bool = False
-    no_detach: bool = False
-    pre_act: bool = False
-    seed: int = 1
-    save_dir: str | None = None  # None: a folder of its own under runs/
-    resume: str = ""
-    progress_bar: bool = False
-    no_print_stats: bool = False
-    bio: bool = False
-    target_proj_size: int = 128
-    cutout: bool = False
-    n_holes: int = 1
-    length: int = 16
+    model: str = option("vgg8b", f"network: {', '.join(MODELS)}", metavar="NAME",
+                        choices=(*MODELS, PYTHON_MODEL), part="model", noun="model")
+    dataset: str = option("CIFAR10", f"dataset: {', '.join(DATASETS)}", metavar="NAME",
+                          choices=(*DATASETS, PYTHON_DATASET), part="model", noun="dataset")
+    batch_size: int = option(128, "training and test batch size", metavar="N",
+                             check="positive", part="training", resume=False)
+    num_layers: int = option(1, "hidden FC layers: the whole mlp; after a VGG's convs (0: one "
+                             "plain Linear); none in the residual networks", metavar="N",
+                             check="nonneg", part="model")
+    num_hidden: int = option(1024, "width of every hidden FC layer", metavar="N",
+                             check="positive", part="model")
+    dim_in_decoder: int = option(4096, "largest input of a conv block's pred head (average "
+                                 "pooling brings it down)", metavar="N", check="positive",
+                                 part="model")
+    feat_mult: float = option(1.0, "multiplies every conv width (not the Wide ResNets', as in "
+                              "the paper's code)", metavar="X", check="positive", part="model")
+    epochs: int = option(400, "epochs to train", metavar="N", check="positive",
+                         part="training", resume=False)
+    classes_per_batch: int = option(0, "if > 0, batches hold this many classes (§6.3)",
+                                    metavar="N", check="nonneg", part="training")
+    classes_per_batch_until_epoch: int = option(0, "plain shuffling after epoch E (0: never)",
+                                                metavar="E", check="nonneg", part="training")
+    lr: float = option(5e-4, "initial learning rate of every optimizer", check="positive",
+                       part="training")
+    lr_decay_milestones: list[int] = option([200, 300, 350, 375], "epochs after which the "
+                                            "learning rate is multiplied by --lr-decay-fact",
+                                            metavar="E", part="training")
+    lr_decay_fact: float = option(0.25, "learning rate factor at each milestone", metavar="X",
+                                  check="positive", part="training")
+    optim: str = option("adam", "optimizer", choices=("adam", "amsgrad", "sgd"),
+                        part="training")
+    momentum: float = option(0.0, "SGD momentum", metavar="X", check="nonneg", part="training")
+    weight_decay: float = option(0.0, "L2 weight decay of every optimizer", metavar="X",
+                                 check="nonneg", part="training")
+    alpha: float = option(0.0, "weight of the unsupervised local loss (α·unsup + (1−α)·sup)",
+                          metavar="X", within=UNIT, part="model")
+    beta: float = option(0.99, "weight of sim in predsim ((1−β)·pred + β·sim)", metavar="X",
+                         within=UNIT, part="model")
+    dropout: float = option(0.0, "dropout after every hidden nonlinearity", metavar="P",
+                            within=("[0, 1)", lambda v: 0.0 <= v < 1.0), part="model")
+    loss_sup: str = option("predsim", "supervised local loss", choices=("pred", "sim",
+                                                                        "predsim"),
+                           part="model")
+    loss_unsup: str = option("none", "unsupervised local loss", choices=("none", "sim",
+                                                                         "recon"),
+                             part="model")
+    nonlin: str = option("relu", "nonlinearity", choices=("relu", "leakyrelu"), part="model")
+    no_similarity_std: bool = option(False, "flatten conv maps in S(X) instead of taking "
+                                     "per-channel spatial std", part="model")
+    no_cuda: bool = option(False, "train on the CPU (the same as --device cpu)")
+    backprop: bool = option(False, "global backprop: no local heads", part="model")
+    no_batch_norm: bool = option(False, "blocks without batch norm", part="model")
+    no_detach: bool = option(False, "local losses plus the end-to-end gradient (cannot be "
+                             "pipelined)", part="model")
+    pre_act: bool = option(False, "pre-activation Basic blocks and a bare stem (ResNet only; "
+                           "Bottleneck blocks keep post-activation, as in the paper's code)",
+                           part="model")
+    seed: int = option(1, "seed of every random stream", check="nonneg", part="training")
+    save_dir: str | None = option(None, "the run's folder; none: a new one under runs/ ('' "
+                                  "saves nothing)", metavar="DIR")
+    resume: str = option("", "continue from a checkpoint folder, a run folder's newest "
+                         "checkpoint, or 'auto': --save-dir's newest (under torchrun "
+                         "--max-restarts without --save-dir, the job's own folder), or a fresh "
+                         "start if there is none", metavar="PATH")
+    progress_bar: bool = option(False, "a progress bar with the overall ETA even when stderr "
+                                "is not a terminal (on a terminal it is always shown)")
+    no_print_stats: bool = option(False, "skip the local heads at test time (no per-block "
+                                  "test figures)")
+    bio: bool = option(False, "backprop-free local heads (§5)", part="model")
+    target_proj_size: int = option(128, "size of the random label code in --bio", metavar="N",
+                                   check="positive", part="model")
+    cutout: bool = option(False, "Cutout augmentation (§6.2)", part="training")
+    n_holes: int = option(1, "Cutout holes per image", metavar="N", check="positive",
+                          part="training", aliases=("--n_holes",))
+    length: int = option(16, "Cutout square side", metavar="PX", check="positive",
+                         part="training")
     # localpipe
-    recipe: str = ""
-    stages: int = 1
-    replicas: int = 1
-    per_replica_batch: bool = False
-    balance: list[int] | None = None
-    queue_depth: int = 2
-    data_root: str = "data"
-    download: bool = True
-    val_split: int = 0
-    max_steps: int = 0
-    limit_train: int = 0
-    limit_test: int = 0
-    describe: bool = False
-    device: str = "auto"
-    threads: int = 0
-    comm_timeout: float = 300.0
-    heartbeat_timeout: float = 10.0
-    deterministic: bool = False
-    log_every: int = 50
-    no_curves: bool = False
-    checkpoint_every: int = 0
-    keep_checkpoints: int = 3
-    on_nan: str = "stop"
+    recipe: str = option("", "set the options of one of the paper's 86 recipes ('list' prints "
+                         "them); options given beside it win", metavar="NAME")
+    stages: int = option(1, "pipeline stages: threads of this process, or processes under "
+                         "torchrun", metavar="K", check="positive")
+    replicas: int = option(1, "data-parallel replicas of every stage (torchrun with K·R "
+                           "processes): each trains on its shard of every batch, and each "
+                           "unit's gradients are averaged over them", metavar="R",
+                           check="positive")
+    per_replica_batch: bool = option(False, "--batch-size is each replica's batch (the global "
+                                     "batch is R times it), so that each similarity matrix "
+                                     "spans the paper's batch; off: --batch-size is split")
+    balance: list[int] | None = option(None, "units per stage, e.g. 2,3,2; none: the cut whose "
+                                       "slowest stage is fastest, from each unit's measured "
+                                       "step time", metavar="N,N,...")
+    queue_depth: int = option(2, "batches in flight between two neighbouring stages",
+                              metavar="Q", check="positive")
+    data_root: str = option("data", "where the datasets are (torchvision's layout), or are "
+                            "downloaded to", metavar="DIR")
+    download: bool = option(True, "stop at once when a dataset is missing instead of "
+                            "downloading it", flag="--no-download")
+    val_split: int = option(0, "hold N training samples out (seeded) and report their error "
+                            "every epoch; 0 keeps the paper's protocol", metavar="N",
+                            check="nonneg", part="training")
+    max_steps: int = option(0, "stop training after N batches (0: no limit)", metavar="N",
+                            check="nonneg")
+    limit_train: int = option(0, "use the first N training samples (0: all)", metavar="N",
+                              check="nonneg", part="training")
+    limit_test: int = option(0, "use the first N test samples (0: all)", metavar="N",
+                             check="nonneg")
+    describe: bool = option(False, "print the network, its parameter counts and its stages, "
+                            "then exit")
+    device: str = option("auto", "auto: a GPU when one is visible", choices=("auto", "cpu",
+                                                                             "cuda"))
+    threads: int = option(0, "torch threads per process (0: the cores shared out between the "
+                          "stages)", metavar="N", check="nonneg")
+    deterministic: bool = option(False, "deterministic kernels, so that a GPU run repeats bit "
+                                 "for bit")
+    log_every: int = option(50, "a record of every unit's loss every N training batches, in "
+                            "steps.jsonl and TensorBoard (0: none)", metavar="N",
+                            check="nonneg")
+    no_curves: bool = option(False, "no curves.png and no TensorBoard files (a process beside "
+                             "the run draws and writes them; leave it out of many short "
+                             "runs)")
+    checkpoint_every: int = option(0, "checkpoint every N training batches too (0: at epoch "
+                                   "ends only)", metavar="N", check="nonneg")
+    keep_checkpoints: int = option(3, "keep the newest N checkpoints (0: all)", metavar="N",
+                                   check="nonneg")
+    on_nan: str = option("stop", "a NaN or infinite loss stops the run, or that batch's update "
+                         "is skipped", choices=("stop", "skip"))
+    comm_timeout: float = option(300.0, "seconds a stage may wait for a neighbour, or spend "
+                                 "on one batch, before the run stops (the last resort: dead "
+                                 "and frozen ranks are named sooner)", metavar="S",
+                                 within=SECONDS)
+    heartbeat_timeout: float = option(10.0, "under torchrun, seconds without a heartbeat after "
+                                      "which a rank counts as frozen", metavar="S",
+                                      within=SECONDS)
 
     @property
     def local(self) -> bool:
@@ -154,49 +253,31 @@ class Config:
             if value and value != "auto":  # None, '' and --resume auto are no paths
                 setattr(self, name, user_path(value))
 
-        need(self.model in (*MODELS, PYTHON_MODEL),
-             f"unknown model {self.model!r}; choose from {', '.join(MODELS)}")
-        need(self.dataset in (*DATASETS, PYTHON_DATASET),
-             f"unknown dataset {self.dataset!r}; choose from {', '.join(DATASETS)}")
-        for name, value in self.to_dict().items():  # before any comparison below
-            flag = f"--{name.replace('_', '-')}"
-            if isinstance(value, float):
+        for f in dataclasses.fields(self):  # what each option's own description says
+            value, meta, flag = getattr(self, f.name), f.metadata, cli_flag(f)
+            if meta["choices"]:
+                need(value in meta["choices"],
+                     f"unknown {meta['noun'] or flag} {value!r}; choose from "
+                     f"{', '.join(c for c in meta['choices'] if c not in PYTHON_ONLY)}")
+            if isinstance(value, float):  # before any comparison below
                 need(math.isfinite(value), f"{flag} must be a finite number, got {value}")
             elif isinstance(value, int) and not isinstance(value, bool):
-                need(abs(value) <= INT_MAX or name == "seed",
+                need(abs(value) <= INT_MAX or f.name == "seed",
                      f"{flag} must be at most {INT_MAX:,}, got {value}")
-        for name in ("batch_size", "num_hidden", "dim_in_decoder", "epochs", "target_proj_size",
-                     "n_holes", "length", "stages", "replicas", "queue_depth"):
-            need(getattr(self, name) > 0, f"--{name.replace('_', '-')} must be positive, "
-                                          f"got {getattr(self, name)}")
-        for name in ("num_layers", "classes_per_batch", "classes_per_batch_until_epoch",
-                     "max_steps", "limit_train", "limit_test", "threads", "momentum",
-                     "weight_decay", "checkpoint_every", "keep_checkpoints", "seed",
-                     "log_every", "val_split"):
-            need(getattr(self, name) >= 0, f"--{name.replace('_', '-')} must not be negative, "
-                                           f"got {getattr(self, name)}")
+        for f in dataclasses.fields(self):
+            value, meta, flag = getattr(self, f.name), f.metadata, cli_flag(f)
+            if meta["check"] == "positive":
+                need(value > 0, f"{flag} must be positive, got {value}")
+            elif meta["check"] == "nonneg":
+                need(value >= 0, f"{flag} must not be negative, got {value}")
+            if meta["within"] is not None:
+                said, ok = meta["within"]
+                need(ok(value), f"{flag} must lie in {said}, got {value}")
         need(self.seed < 2**63, f"--seed must be below 2**63, got {self.seed}")
         need(all(0 <= m <= INT_MAX for m in self.lr_decay_milestones),
              "--lr-decay-milestones must be epochs (whole numbers from 0)")
-        need(self.feat_mult > 0, f"--feat-mult must be positive, got {self.feat_mult}")
-        need(self.lr > 0, f"--lr must be positive, got {self.lr}")
-        need(self.lr_decay_fact > 0, f"--lr-decay-fact must be positive, got {self.lr_decay_fact}")
-        need(0.0 <= self.beta <= 1.0, f"--beta must lie in [0, 1], got {self.beta}")
-        need(0.0 <= self.alpha <= 1.0, f"--alpha must lie in [0, 1], got {self.alpha}")
-        need(0.0 <= self.dropout < 1.0, f"--dropout must lie in [0, 1), got {self.dropout}")
-        for name in ("comm_timeout", "heartbeat_timeout"):
-            value = getattr(self, name)
-            need(0 < value <= MAX_SECONDS, f"--{name.replace('_', '-')} must lie in "
-                                           f"(0, {MAX_SECONDS:g}] seconds, got {value}")
         need(self.model == "mlp" or int(64 * self.feat_mult) >= 1,
              f"--feat-mult {self.feat_mult} leaves a conv layer with no channels")
-        need(self.optim in ("adam", "amsgrad", "sgd"), f"unknown --optim {self.optim!r}")
-        need(self.loss_sup in ("pred", "sim", "predsim"), f"unknown --loss-sup {self.loss_sup!r}")
-        need(self.loss_unsup in ("none", "sim", "recon"),
-             f"unknown --loss-unsup {self.loss_unsup!r}")
-        need(self.nonlin in ("relu", "leakyrelu"), f"unknown --nonlin {self.nonlin!r}")
-        need(self.device in ("auto", "cpu", "cuda"), f"unknown --device {self.device!r}")
-        need(self.on_nan in ("stop", "skip"), f"unknown --on-nan {self.on_nan!r}")
         need(not (self.backprop and self.no_detach),
              "--backprop and --no-detach exclude each other")
         need(not (self.bio and self.backprop), "--bio has no meaning with --backprop")
@@ -215,6 +296,18 @@ class Config:
                  f"--balance has {len(self.balance)} entries but --stages is {self.stages}")
             need(all(b > 0 for b in self.balance), "--balance entries must be positive")
         return self
+
+
+def cli_flag(f: dataclasses.Field) -> str:
+    """The command line's spelling of an option (what messages about it say)."""
+    return f.metadata.get("flag") or f"--{f.name.replace('_', '-')}"
+
+
+def resumed_fields() -> tuple[str, ...]:
+    """The options a checkpoint must have been made with to be continued: what defines the
+    model and its training (a position counts global batches: --batch-size is checked as
+    that, with --per-replica-batch and --replicas); the rest may change."""
+    return tuple(f.name for f in dataclasses.fields(Config) if f.metadata["resume"])
 
 
 def user_path(path: str) -> str:

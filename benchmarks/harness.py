@@ -192,7 +192,7 @@ class BackpropPart(nn.Module):
         self.stage = stage
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.stage.logits(x)
+        return self.stage(x)
 
 
 def backprop_unit_costs(setup: Setup, threads: int, repeats: int = 3) -> list[float]:

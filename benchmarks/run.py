@@ -32,7 +32,8 @@ import torch
 
 from localpipe.benchmarks import harness
 from localpipe.stages import partition
-from localpipe.stages.config import RESIDUAL_MODELS, Config, ConfigError
+from localpipe.stages.config import Config, ConfigError
+from localpipe.stages.residual import RESIDUAL_MODELS
 
 MiB = 2 ** 20
 REPLICAS_MODE = "local_pipelined_replicas"

@@ -2,7 +2,8 @@
 
     from localpipe.launch.evaluate import load
     model, cfg, transform = load("runs/latest")        # a run folder, or a checkpoint folder
-    logits = model(transform(images))                  # uint8 N×C×H×W images, as the dataset
+    with torch.no_grad():
+        logits = model(transform(images))              # uint8 N×C×H×W images, as the dataset
 
     python launch/evaluate.py runs/latest              # prints, and writes evaluation.json
 

@@ -49,7 +49,7 @@ def fit(net: LocalNet, train_set, test_set=None, *, epochs: int, batch_size: int
                  seed=seed, lr=lr, lr_decay_milestones=[], save_dir=save_dir, resume=resume,
                  threads=threads, device=device, checkpoint_every=checkpoint_every,
                  progress_bar=progress_bar, no_curves=not curves,
-                 loss_sup=net.loss if isinstance(net.loss, str) else "predsim",
+                 loss_sup=net.loss if net.loss in ("pred", "sim") else "predsim",
                  beta=net.beta).validate()
     stop = StopRequest()
     history: list[dict] = []

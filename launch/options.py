@@ -13,7 +13,7 @@ import os
 import sys
 
 from localpipe.launch.recipes import RECIPES, listing
-from localpipe.stages.config import PYTHON_ONLY, Config, cli_flag
+from localpipe.stages.config import Config, cli_flag, offered
 
 EXAMPLES = """examples:
   %(prog)s --recipe mnist-mlp-predsim --data-root ../shared/data
@@ -82,7 +82,8 @@ def build_parser() -> Parser:
         if f.name == "recipe":
             group = p.add_argument_group("localpipe's options")
         group.add_argument(cli_flag(f), *f.metadata["aliases"], dest=f.name,
-                           help=f.metadata["help"], **_kind(f))
+                           help=f.metadata["help"].replace("{choices}", ", ".join(offered(f))),
+                           **_kind(f))
     return p
 
 
@@ -95,7 +96,7 @@ def _kind(f: dataclasses.Field) -> dict:
         return {"action": "store_false" if default else "store_true"}
     kind = {"default": default, "metavar": meta["metavar"]}
     if meta["choices"] and meta["metavar"] is None:  # else its help lists them
-        kind["choices"] = [c for c in meta["choices"] if c not in PYTHON_ONLY]
+        kind["choices"] = list(offered(f))
     if f.type == "list[int]":
         return {**kind, "type": int, "nargs": "*"}
     if f.type == "list[int] | None":

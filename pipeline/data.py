@@ -14,13 +14,15 @@ import struct
 import zlib
 from collections import deque
 from dataclasses import dataclass
-from typing import Iterator
+from collections.abc import Mapping
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from localpipe.stages.config import Config, derive_seed
+from localpipe.stages.registry import DATASETS, register_dataset
 
 
 class DataError(RuntimeError):
@@ -37,28 +39,37 @@ class DatasetInfo:
     flip: bool = False
 
 
-INFO: dict[str, DatasetInfo] = {
-    "MNIST": DatasetInfo((1, 28, 28), 10, (0.1307,), (0.3081,), crop_padding=2),
-    "FashionMNIST": DatasetInfo((1, 28, 28), 10, (0.286,), (0.353,), crop_padding=2, flip=True),
-    "KuzushijiMNIST": DatasetInfo((1, 28, 28), 10, (0.1904,), (0.3475,)),
-    "CIFAR10": DatasetInfo((3, 32, 32), 10, (0.424, 0.415, 0.384), (0.283, 0.278, 0.284),
-                           crop_padding=4, flip=True),
-    "CIFAR100": DatasetInfo((3, 32, 32), 100, (0.438, 0.418, 0.377), (0.300, 0.287, 0.294),
-                            crop_padding=4, flip=True),
-    "SVHN": DatasetInfo((3, 32, 32), 10, (0.431, 0.430, 0.446), (0.197, 0.198, 0.199)),
-    "STL10": DatasetInfo((3, 96, 96), 10, (0.447, 0.440, 0.407), (0.260, 0.257, 0.271)),
-    "synthetic": DatasetInfo((1, 28, 28), 10, (0.5,), (0.25,)),
-}
+@dataclass(frozen=True)
+class Dataset:
+    """A registered dataset: its shape, classes and §6 preprocessing, and its loader
+    ``load(name, root, train, download) -> (uint8 images N×C×H×W, int64 labels N)``."""
+
+    info: DatasetInfo
+    load: Callable[[str, str, bool, bool], tuple[Tensor, Tensor]]
+
+
+class _Infos(Mapping):
+    """Each registered dataset's ``DatasetInfo``, by name."""
+
+    def __getitem__(self, name: str) -> DatasetInfo:
+        return DATASETS[name].info
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(DATASETS)
+
+    def __len__(self) -> int:
+        return len(DATASETS.names())
+
+
+INFO: Mapping[str, DatasetInfo] = _Infos()
 
 
 # ---------------------------------------------------------------------------------- loading
 def load_split(cfg: Config, train: bool) -> tuple[Tensor, Tensor]:
     """(uint8 images N×C×H×W, int64 labels N) of one split, limited by --limit-train/test;
     a split whose images and labels disagree (counts, shapes, classes) is a DataError."""
-    if cfg.dataset == "synthetic":
-        images, labels = synthetic(train)
-    else:
-        images, labels = _torchvision_split(cfg.dataset, cfg.data_root, train, cfg.download)
+    images, labels = DATASETS[cfg.dataset].load(cfg.dataset, cfg.data_root, train,
+                                                cfg.download)
     split = f"{cfg.dataset}'s {'training' if train else 'test'} split"
     info = INFO[cfg.dataset]
     if len(images) != len(labels):
@@ -75,52 +86,59 @@ def load_split(cfg: Config, train: bool) -> tuple[Tensor, Tensor]:
     return images, labels
 
 
-def _torchvision_split(name: str, root: str, train: bool,
-                       download: bool) -> tuple[Tensor, Tensor]:
+def _open(cls, name: str, root: str, expected: str, download: bool, **kwargs):
+    """Open a torchvision dataset, fetching it if absent; one clear line if that fails."""
+    try:
+        return cls(root, download=download, **kwargs)
+    except Exception as exc:  # URLError, RuntimeError, OSError: "not here, not fetched"
+        why = (str(exc).splitlines() or [type(exc).__name__])[0] if download \
+            else "--no-download is set"
+        raise DataError(f"{name} is not in {os.path.abspath(root)} (expected {expected}) "
+                        f"and could not be downloaded: {why}") from None
+
+
+def _mnist_like(name: str, root: str, train: bool, download: bool) -> tuple[Tensor, Tensor]:
+    """MNIST and its kin, read in place from the .gz files where they are (a read-only copy
+    is enough), else through torchvision."""
     import torchvision.datasets as tvd
+    cls = {"MNIST": tvd.MNIST, "FashionMNIST": tvd.FashionMNIST,
+           "KuzushijiMNIST": tvd.KMNIST}[name]
+    prefix = "train" if train else "t10k"
+    files = [_idx_path(os.path.join(root, cls.__name__, "raw"), f"{prefix}-{kind}")
+             for kind in ("images-idx3-ubyte", "labels-idx1-ubyte")]
+    if all(files):
+        images, labels = (torch.from_numpy(read_idx(f)) for f in files)
+        return images.unsqueeze(1).contiguous(), labels.long()
+    ds = _open(cls, name, root, f"{root}/{cls.__name__}/raw: "
+               + ", ".join(f for f, _ in cls.resources), download, train=train)
+    return ds.data.unsqueeze(1).contiguous(), ds.targets.long()
 
-    def _open(cls, name: str, root: str, expected: str, **kwargs):
-        """Open a torchvision dataset, fetching it if absent; one clear line if that fails."""
-        try:
-            return cls(root, download=download, **kwargs)
-        except Exception as exc:  # URLError, RuntimeError, OSError: "not here, not fetched"
-            why = (str(exc).splitlines() or [type(exc).__name__])[0] if download \
-                else "--no-download is set"
-            raise DataError(f"{name} is not in {os.path.abspath(root)} (expected {expected}) "
-                            f"and could not be downloaded: {why}") from None
 
-    if name in ("MNIST", "FashionMNIST", "KuzushijiMNIST"):
-        cls = {"MNIST": tvd.MNIST, "FashionMNIST": tvd.FashionMNIST,
-               "KuzushijiMNIST": tvd.KMNIST}[name]
-        prefix = "train" if train else "t10k"
-        files = [_idx_path(os.path.join(root, cls.__name__, "raw"), f"{prefix}-{kind}")
-                 for kind in ("images-idx3-ubyte", "labels-idx1-ubyte")]
-        if all(files):  # read in place: a read-only copy of the .gz files is enough
-            images, labels = (torch.from_numpy(read_idx(f)) for f in files)
-            return images.unsqueeze(1).contiguous(), labels.long()
-        ds = _open(cls, name, root, f"{root}/{cls.__name__}/raw: "
-                   + ", ".join(f for f, _ in cls.resources), train=train)
-        images, labels = [ds.data.unsqueeze(1)], [ds.targets]
-    elif name in ("CIFAR10", "CIFAR100"):
-        cls = tvd.CIFAR10 if name == "CIFAR10" else tvd.CIFAR100
-        ds = _open(cls, name, root, f"{root}/{cls.base_folder}", train=train)
-        images = [torch.from_numpy(ds.data).permute(0, 3, 1, 2)]
-        labels = [torch.tensor(ds.targets)]
-    elif name == "SVHN":
-        folder = os.path.join(root, "SVHN")
-        splits = ["train", "extra"] if train else ["test"]  # train = train + extra (§6.1)
-        sets = [_open(tvd.SVHN, name, folder,
-                      f"{folder}/{tvd.SVHN.split_list[s][1]}", split=s) for s in splits]
-        images = [torch.from_numpy(s.data) for s in sets]
-        labels = [torch.from_numpy(s.labels.astype(np.int64)) for s in sets]
-    elif name == "STL10":
-        folder = os.path.join(root, "STL10")
-        ds = _open(tvd.STL10, name, folder, f"{folder}/{tvd.STL10.base_folder}",
-                   split="train" if train else "test")
-        images, labels = [torch.from_numpy(ds.data)], [torch.from_numpy(ds.labels.astype(np.int64))]
-    else:
-        raise DataError(f"unknown dataset {name!r}")
-    return torch.cat(images).contiguous(), torch.cat(labels).long()
+def _cifar(name: str, root: str, train: bool, download: bool) -> tuple[Tensor, Tensor]:
+    import torchvision.datasets as tvd
+    cls = tvd.CIFAR10 if name == "CIFAR10" else tvd.CIFAR100
+    ds = _open(cls, name, root, f"{root}/{cls.base_folder}", download, train=train)
+    return (torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(),
+            torch.tensor(ds.targets).long())
+
+
+def _svhn(name: str, root: str, train: bool, download: bool) -> tuple[Tensor, Tensor]:
+    """SVHN's training split is train + extra (§6.1)."""
+    import torchvision.datasets as tvd
+    folder = os.path.join(root, "SVHN")
+    sets = [_open(tvd.SVHN, name, folder, f"{folder}/{tvd.SVHN.split_list[s][1]}", download,
+                  split=s) for s in (["train", "extra"] if train else ["test"])]
+    return (torch.cat([torch.from_numpy(s.data) for s in sets]).contiguous(),
+            torch.cat([torch.from_numpy(s.labels.astype(np.int64)) for s in sets]).long())
+
+
+def _stl10(name: str, root: str, train: bool, download: bool) -> tuple[Tensor, Tensor]:
+    import torchvision.datasets as tvd
+    folder = os.path.join(root, "STL10")
+    ds = _open(tvd.STL10, name, folder, f"{folder}/{tvd.STL10.base_folder}", download,
+               split="train" if train else "test")
+    return (torch.from_numpy(ds.data).contiguous(),
+            torch.from_numpy(ds.labels.astype(np.int64)).long())
 
 
 def _idx_path(folder: str, stem: str) -> str | None:
@@ -149,7 +167,7 @@ def read_idx(path: str) -> np.ndarray:
                         f"{(str(exc).splitlines() or [type(exc).__name__])[0]}") from None
 
 
-def synthetic(train: bool) -> tuple[Tensor, Tensor]:
+def synthetic(name: str, root: str, train: bool, download: bool) -> tuple[Tensor, Tensor]:
     """A small learnable task that needs no files: 10 classes of smooth random 28×28 patterns
     with pixel noise and a random shift. Fixed (seed 0): the same task in every run."""
     gen = torch.Generator().manual_seed(0)
@@ -164,6 +182,26 @@ def synthetic(train: bool) -> tuple[Tensor, Tensor]:
     for i, (dy, dx) in enumerate(shifts.tolist()):
         images[i] = images[i].roll((dy, dx), dims=(1, 2))
     return (images.clamp(0, 1) * 255).round().to(torch.uint8), labels
+
+
+register_dataset("MNIST", entry=Dataset(
+    DatasetInfo((1, 28, 28), 10, (0.1307,), (0.3081,), crop_padding=2), _mnist_like))
+register_dataset("FashionMNIST", entry=Dataset(
+    DatasetInfo((1, 28, 28), 10, (0.286,), (0.353,), crop_padding=2, flip=True), _mnist_like))
+register_dataset("KuzushijiMNIST", entry=Dataset(
+    DatasetInfo((1, 28, 28), 10, (0.1904,), (0.3475,)), _mnist_like))
+register_dataset("CIFAR10", entry=Dataset(
+    DatasetInfo((3, 32, 32), 10, (0.424, 0.415, 0.384), (0.283, 0.278, 0.284), crop_padding=4,
+                flip=True), _cifar))
+register_dataset("CIFAR100", entry=Dataset(
+    DatasetInfo((3, 32, 32), 100, (0.438, 0.418, 0.377), (0.300, 0.287, 0.294),
+                crop_padding=4, flip=True), _cifar))
+register_dataset("SVHN", entry=Dataset(
+    DatasetInfo((3, 32, 32), 10, (0.431, 0.430, 0.446), (0.197, 0.198, 0.199)), _svhn))
+register_dataset("STL10", entry=Dataset(
+    DatasetInfo((3, 96, 96), 10, (0.447, 0.440, 0.407), (0.260, 0.257, 0.271)), _stl10))
+register_dataset("synthetic", entry=Dataset(DatasetInfo((1, 28, 28), 10, (0.5,), (0.25,)),
+                                            synthetic))
 
 
 def load_batches(cfg: Config) -> tuple["Batches", "Batches", "Batches | None"]:

@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable
 
+from localpipe.stages.registry import DATASETS, MODELS
+
 
 INT_MAX = 2**31 - 1  # every count must fit the C int of the kernels and libraries below
 MAX_SECONDS = 1e9  # timeouts beyond ~30 years overflow the backends' clocks
@@ -21,33 +23,6 @@ class ConfigError(ValueError):
     """An invalid option or combination of options; reported as one line with exit code 2."""
 
 
-VGG_CONFIGS: dict[str, list[int | str]] = {
-    "vgg6a": [128, "M", 256, "M", 512, "M", 512],
-    "vgg6b": [128, "M", 256, "M", 512, "M", 512, "M"],
-    "vgg8": [64, "M", 128, "M", 256, "M", 512, "M", 512, "M"],
-    "vgg8a": [128, 256, "M", 256, 512, "M", 512, "M", 512],
-    "vgg8b": [128, 256, "M", 256, 512, "M", 512, "M", 512, "M"],
-    "vgg11": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
-    "vgg11b": [128, 128, 128, 256, "M", 256, 512, "M", 512, 512, "M", 512, "M"],
-    "vgg13": [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
-    "vgg16": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M",
-              512, 512, 512, "M"],
-    "vgg19": [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M",
-              512, 512, 512, 512, "M"],
-}
-# block type and blocks per stage of the paper code's ResNets; the Wide ResNets are
-# wresnet<depth>-<widen factor>[a] (residual-spec.md §1.1)
-RESNET_CONFIGS: dict[str, tuple[str, tuple[int, ...]]] = {
-    "resnet18": ("basic", (2, 2, 2, 2)), "resnet34": ("basic", (3, 4, 6, 3)),
-    "resnet50": ("bottleneck", (3, 4, 6, 3)), "resnet101": ("bottleneck", (3, 4, 23, 3)),
-    "resnet152": ("bottleneck", (3, 8, 36, 3)),
-}
-WRN_MODELS = tuple(f"wresnet{d}-{k}{a}" for d, k in ((10, 8), (16, 4), (16, 8), (28, 10),
-                                                     (40, 10)) for a in ("", "a"))
-RESIDUAL_MODELS = (*RESNET_CONFIGS, *WRN_MODELS)
-MODELS = ("mlp", *VGG_CONFIGS, *RESIDUAL_MODELS)
-DATASETS = ("MNIST", "FashionMNIST", "KuzushijiMNIST", "CIFAR10", "CIFAR100", "SVHN", "STL10",
-            "synthetic")
 # what a run's args.json says when lp.fit trained it: a network and datasets given in Python,
 # which a command line cannot rebuild (the runners refuse them without the objects)
 PYTHON_MODEL, PYTHON_DATASET = "localnet", "custom"
@@ -60,13 +35,14 @@ def option(default, help: str, *, metavar: str | None = None, choices: tuple = (
            aliases: tuple[str, ...] = (), noun: str | None = None):
     """One option, described once: its default and ``help`` (the command line's), and what
     validation, the command line and the resume check read from it. ``choices``: the values
-    allowed (argparse offers them, unless a ``metavar`` stands in for them in ``help``);
+    allowed, or a function giving them (a registry's names, looked up when asked); argparse
+    offers them, unless a ``metavar`` stands in for them in ``help`` ("{choices}" there);
     ``check``: "positive" or "nonneg"; ``within``: (the interval as said, its test). ``part``:
     what the option defines, "model", "training" or "run"; ``resume``: whether a checkpoint
     must have been made with the same value (by default: model and training options do).
     ``flag``: the command line's spelling where it is not --the-name (``--no-download`` sets
     ``download`` False); ``noun``: how an unknown value is named ("model" for --model)."""
-    meta = {"help": help, "metavar": metavar, "choices": tuple(choices), "check": check,
+    meta = {"help": help, "metavar": metavar, "choices": choices, "check": check,
             "within": within, "part": part, "flag": flag, "aliases": aliases, "noun": noun,
             "resume": part in ("model", "training") if resume is None else resume}
     if isinstance(default, list):
@@ -84,10 +60,11 @@ class Config:
     and the resume check are read off these fields. Defaults are the paper's, except
     ``save_dir``. The paper's options come first, then localpipe's own (from ``recipe``)."""
 
-    model: str = option("vgg8b", f"network: {', '.join(MODELS)}", metavar="NAME",
-                        choices=(*MODELS, PYTHON_MODEL), part="model", noun="model")
-    dataset: str = option("CIFAR10", f"dataset: {', '.join(DATASETS)}", metavar="NAME",
-                          choices=(*DATASETS, PYTHON_DATASET), part="model", noun="dataset")
+    model: str = option("vgg8b", "network: {choices}", metavar="NAME",
+                        choices=lambda: (*MODELS, PYTHON_MODEL), part="model", noun="model")
+    dataset: str = option("CIFAR10", "dataset: {choices}", metavar="NAME",
+                          choices=lambda: (*DATASETS, PYTHON_DATASET), part="model",
+                          noun="dataset")
     batch_size: int = option(128, "training and test batch size", metavar="N",
                              check="positive", part="training", resume=False)
     num_layers: int = option(1, "hidden FC layers: the whole mlp; after a VGG's convs (0: one "
@@ -256,9 +233,8 @@ class Config:
         for f in dataclasses.fields(self):  # what each option's own description says
             value, meta, flag = getattr(self, f.name), f.metadata, cli_flag(f)
             if meta["choices"]:
-                need(value in meta["choices"],
-                     f"unknown {meta['noun'] or flag} {value!r}; choose from "
-                     f"{', '.join(c for c in meta['choices'] if c not in PYTHON_ONLY)}")
+                need(value in choices_of(f), f"unknown {meta['noun'] or flag} {value!r}; "
+                                             f"choose from {', '.join(offered(f))}")
             if isinstance(value, float):  # before any comparison below
                 need(math.isfinite(value), f"{flag} must be a finite number, got {value}")
             elif isinstance(value, int) and not isinstance(value, bool):
@@ -301,6 +277,17 @@ class Config:
 def cli_flag(f: dataclasses.Field) -> str:
     """The command line's spelling of an option (what messages about it say)."""
     return f.metadata.get("flag") or f"--{f.name.replace('_', '-')}"
+
+
+def choices_of(f: dataclasses.Field) -> tuple:
+    """The values an option allows (none: any)."""
+    choices = f.metadata["choices"]
+    return tuple(choices() if callable(choices) else choices)
+
+
+def offered(f: dataclasses.Field) -> tuple:
+    """The values a command line offers: a network or dataset given in Python is no name."""
+    return tuple(c for c in choices_of(f) if c not in PYTHON_ONLY)
 
 
 def resumed_fields() -> tuple[str, ...]:

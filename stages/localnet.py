@@ -23,6 +23,7 @@ and make runners differ.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from typing import Callable
 
@@ -35,6 +36,7 @@ from localpipe.stages import losses
 from localpipe.stages.blocks import Skips, Unit, Update, keep_buffers, make_optimizer, \
     pred_pooling
 from localpipe.stages.config import Config, derive_seed
+from localpipe.stages.registry import LOSSES, register_loss
 from localpipe.stages.stage import Stage
 
 LossFn = Callable[[Tensor, Tensor, nn.Module], Tensor]  # (block output, labels, head) -> loss
@@ -86,27 +88,26 @@ class LocalHead(nn.Module):
         return self.sim(h if self.is_map else self._flat(h))
 
 
-def pred_loss(h: Tensor, y: Tensor, head: LocalHead) -> tuple[Tensor, dict]:
+# the registered local losses: (block output, labels, head, beta) -> (loss, its records)
+@register_loss("pred")
+def pred_loss(h: Tensor, y: Tensor, head: LocalHead, beta: float) -> tuple[Tensor, dict]:
     logits = head.predict(h)
     return losses.pred_loss(logits, y), {"errors": losses.errors(logits, y)}
 
 
-def sim_loss(h: Tensor, y: Tensor, head: LocalHead) -> tuple[Tensor, dict]:
+@register_loss("sim")
+def sim_loss(h: Tensor, y: Tensor, head: LocalHead, beta: float) -> tuple[Tensor, dict]:
     return losses.sim_loss(head.similar(h), losses.label_similarity(y, head.num_classes)), {}
 
 
-def predsim_loss(beta: float) -> Callable[[Tensor, Tensor, LocalHead], tuple[Tensor, dict]]:
+@register_loss("predsim")
+def predsim_loss(h: Tensor, y: Tensor, head: LocalHead, beta: float) -> tuple[Tensor, dict]:
     """(1 − β)·pred + β·sim (§3.3), each term recorded apart."""
-    def loss(h: Tensor, y: Tensor, head: LocalHead) -> tuple[Tensor, dict]:
-        pred, stats = pred_loss(h, y, head)
-        sim = sim_loss(h, y, head)[0]
-        w_pred, w_sim = losses.sup_weights("predsim", beta)
-        return w_pred * pred + w_sim * sim, {**stats, "loss_pred": w_pred * pred,
-                                             "loss_sim": w_sim * sim}
-    return loss
-
-
-LOSSES = ("pred", "sim", "predsim")  # the registered local losses, by name
+    pred, stats = pred_loss(h, y, head, beta)
+    sim = sim_loss(h, y, head, beta)[0]
+    w_pred, w_sim = losses.sup_weights("predsim", beta)
+    return w_pred * pred + w_sim * sim, {**stats, "loss_pred": w_pred * pred,
+                                         "loss_sim": w_sim * sim}
 
 
 # ---------------------------------------------------------------------------- randomness
@@ -218,7 +219,8 @@ class LocalNet(nn.Module):
     """A user's ``nn.Sequential`` trained with local losses: ``net.module`` is that very
     network (trained in place), ``net.heads`` the local heads beside it, one per block.
 
-    ``loss``: a registered name (``"pred"``, ``"sim"``, ``"predsim"`` with ``beta``) or a
+    ``loss``: a registered name (``"pred"``, ``"sim"``, ``"predsim"`` with ``beta``; more
+    with ``stages.registry.register_loss``) or a
     callable ``loss(h, y, head) -> Tensor`` of a block's output, the labels and that block's
     head. ``heads(index, out_shape) -> nn.Module`` replaces the default ``LocalHead``.
     ``optimizer(params) -> Optimizer`` replaces each unit's default (Adam, lr from
@@ -235,8 +237,9 @@ class LocalNet(nn.Module):
             raise ValueError("LocalNet needs an nn.Sequential of at least two children: "
                              "local blocks, then the output layer")
         if isinstance(loss, str) and loss not in LOSSES:
-            raise ValueError(f"unknown local loss {loss!r}; choose from {', '.join(LOSSES)} "
-                             f"or pass a callable loss(h, y, head)")
+            raise ValueError(f"unknown local loss {loss!r}; choose from "
+                             f"{', '.join(LOSSES.names())}, or pass a callable "
+                             f"loss(h, y, head)")
         if not 0.0 <= beta <= 1.0:
             raise ValueError(f"beta must lie in [0, 1], got {beta}")
         self.module, self.num_classes = module, num_classes
@@ -246,8 +249,7 @@ class LocalNet(nn.Module):
         if self.out_shapes[-1] != (num_classes,):
             raise ValueError(f"the last child must give {num_classes} logits a sample, "
                              f"not {self.out_shapes[-1]}")
-        pred = loss != "sim"
-        sim = loss != "pred"
+        pred, sim = loss != "sim", loss != "pred"  # a callable may use either
         built = []
         for i, shape in enumerate(self.out_shapes[:-1]):
             with torch.random.fork_rng(devices=[]):
@@ -260,10 +262,6 @@ class LocalNet(nn.Module):
         return self.module(x)
 
     # the network as the runners see it (stages/network.py)
-    @property
-    def loss_name(self) -> str:
-        return self.loss if isinstance(self.loss, str) else "callable"
-
     def names(self) -> list[str]:
         shapes = ["x".join(map(str, s)) for s in self.out_shapes]
         return [f"{type(child).__name__} -> {shape}"
@@ -282,10 +280,8 @@ class LocalNet(nn.Module):
 
     def unit(self, index: int, cfg: Config) -> UserUnit:
         last = index == len(self.module) - 1
-        loss = {"pred": pred_loss, "sim": sim_loss}.get(self.loss) if isinstance(
-            self.loss, str) else self.loss
-        if self.loss == "predsim":
-            loss = predsim_loss(self.beta)
+        loss = (functools.partial(LOSSES[self.loss], beta=self.beta)
+                if isinstance(self.loss, str) else self.loss)
         scale = (1.0 - self.beta if self.loss == "predsim" else 1.0) if last else None
         return UserUnit(index, cfg, self.module[index], None if last else self.heads[index],
                         loss, self.optimizer, scale)

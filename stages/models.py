@@ -7,13 +7,29 @@ builds only its own stage, and the weights never depend on which process built w
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
-from localpipe.stages import residual
 from localpipe.stages.blocks import LocalBlock, OutputLayer, Unit
-from localpipe.stages.config import RESIDUAL_MODELS, VGG_CONFIGS, Config, derive_seed
+from localpipe.stages.config import Config, derive_seed
+from localpipe.stages.registry import MODELS, register_model
 from localpipe.stages.stage import Stage
+
+VGG_CONFIGS: dict[str, list[int | str]] = {
+    "vgg6a": [128, "M", 256, "M", 512, "M", 512],
+    "vgg6b": [128, "M", 256, "M", 512, "M", 512, "M"],
+    "vgg8": [64, "M", 128, "M", 256, "M", 512, "M", 512, "M"],
+    "vgg8a": [128, 256, "M", 256, 512, "M", 512, "M", 512],
+    "vgg8b": [128, 256, "M", 256, 512, "M", 512, "M", 512, "M"],
+    "vgg11": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    "vgg11b": [128, 128, 128, 256, "M", 256, 512, "M", 512, 512, "M", 512, "M"],
+    "vgg13": [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    "vgg16": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M",
+              512, 512, 512, "M"],
+    "vgg19": [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M",
+              512, 512, 512, 512, "M"],
+}
 
 
 @dataclass(frozen=True)
@@ -29,6 +45,12 @@ class UnitSpec:
     max_pool: bool = False
     zero_init: bool = False
 
+    def build(self, cfg: Config, num_classes: int) -> Unit:
+        if self.kind == "output":
+            return OutputLayer(self.index, cfg, self.n_in, self.n_out, self.zero_init)
+        return LocalBlock(self.index, cfg, num_classes, self.n_in, self.n_out, self.conv,
+                          self.size, self.max_pool)
+
     def describe(self) -> str:
         if self.kind == "conv":
             k, s, p = self.conv
@@ -37,13 +59,26 @@ class UnitSpec:
         return f"{self.kind} {self.n_in}->{self.n_out}"
 
 
-Spec = UnitSpec | residual.ResidualSpec | residual.HeadSpec  # one unit of any network
+class Spec(Protocol):
+    """One unit of a network, planned: what builds it, and a line that says what it is."""
+
+    index: int
+
+    def build(self, cfg: Config, num_classes: int) -> Unit: ...
+
+    def describe(self) -> str: ...
 
 
 def plan(cfg: Config, in_shape: tuple[int, int, int], num_classes: int) -> list[Spec]:
-    """The units of ``cfg.model`` for inputs of shape (C, H, W), in forward order."""
-    if cfg.model in RESIDUAL_MODELS:
-        return residual.plan(cfg, in_shape, num_classes)
+    """The units of ``cfg.model`` (a registered network) for inputs of shape (C, H, W), in
+    forward order."""
+    return MODELS[cfg.model](cfg, in_shape, num_classes)
+
+
+@register_model("mlp", *VGG_CONFIGS)
+def plan_vgg(cfg: Config, in_shape: tuple[int, int, int], num_classes: int) -> list[UnitSpec]:
+    """The MLP (no convs) and the VGG family: conv units, then --num-layers linear ones, then
+    the output layer (§2.3)."""
     channels, size, _ = in_shape
     specs: list[UnitSpec] = []
     if cfg.model == "mlp":
@@ -77,12 +112,7 @@ def build_unit(spec: Spec, cfg: Config, num_classes: int) -> Unit:
     """Build one unit with its weights drawn from its own seed, leaving the global RNG as it was."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(cfg.seed, "init", spec.index))
-        if not isinstance(spec, UnitSpec):
-            return residual.build(spec, cfg, num_classes)
-        if spec.kind == "output":
-            return OutputLayer(spec.index, cfg, spec.n_in, spec.n_out, spec.zero_init)
-        return LocalBlock(spec.index, cfg, num_classes, spec.n_in, spec.n_out, spec.conv,
-                          spec.size, spec.max_pool)
+        return spec.build(cfg, num_classes)
 
 
 def build_stage(cfg: Config, in_shape: tuple[int, int, int], num_classes: int,

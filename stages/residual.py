@@ -21,8 +21,19 @@ import torch
 from torch import Tensor, nn
 
 from localpipe.stages.blocks import LocalBlock, OutputLayer, Skips, make_optimizer
-from localpipe.stages.config import RESNET_CONFIGS as RESNETS
 from localpipe.stages.config import Config
+from localpipe.stages.registry import register_model
+
+# block type and blocks per stage of the paper code's ResNets; the Wide ResNets are
+# wresnet<depth>-<widen factor>[a] (residual-spec.md §1.1)
+RESNETS: dict[str, tuple[str, tuple[int, ...]]] = {
+    "resnet18": ("basic", (2, 2, 2, 2)), "resnet34": ("basic", (3, 4, 6, 3)),
+    "resnet50": ("bottleneck", (3, 4, 6, 3)), "resnet101": ("bottleneck", (3, 4, 23, 3)),
+    "resnet152": ("bottleneck", (3, 8, 36, 3)),
+}
+WRN_MODELS = tuple(f"wresnet{d}-{k}{a}" for d, k in ((10, 8), (16, 4), (16, 8), (28, 10),
+                                                     (40, 10)) for a in ("", "a"))
+RESIDUAL_MODELS = (*RESNETS, *WRN_MODELS)
 
 
 @dataclass(frozen=True)
@@ -57,6 +68,9 @@ class ResidualSpec:
     def conv(self) -> tuple[int, int, int]:
         return self.kernel, self.stride, self.kernel // 2
 
+    def build(self, cfg: Config, num_classes: int) -> "ResidualUnit":
+        return ResidualUnit(self, cfg, num_classes)
+
     def describe(self) -> str:
         k, s = self.kernel, self.stride
         text = (f"{self.name} {self.mode} {k}x{k}/{s} {self.n_in}->{self.n_out} "
@@ -82,20 +96,17 @@ class HeadSpec:
     zero_init: bool
     kind: str = "output"
 
+    def build(self, cfg: Config, num_classes: int) -> "ResidualHead":
+        return ResidualHead(self, cfg)
+
     def describe(self) -> str:
         bn = "bn, relu, " if self.final_bn else ""
         return (f"head {bn}{self.pool}pool {self.side}->{self.pool_out}, "
                 f"linear {self.n_in * self.pool_out ** 2}->{self.n_out}")
 
 
-def plan(cfg: Config, in_shape: tuple[int, int, int], num_classes: int) -> list:
-    """The units of a residual ``cfg.model`` for inputs (C, S, S), in forward order (§1)."""
-    if cfg.model in RESNETS:
-        return _resnet(cfg, in_shape, num_classes)
-    return _wide_resnet(cfg, in_shape, num_classes)
-
-
-def _resnet(cfg: Config, in_shape: tuple[int, int, int], num_classes: int) -> list:
+@register_model(*RESNETS)
+def plan_resnet(cfg: Config, in_shape: tuple[int, int, int], num_classes: int) -> list:
     block, counts = RESNETS[cfg.model]
     channels, side, _ = in_shape
     width = lambda c: int(cfg.feat_mult * c)  # noqa: E731
@@ -137,7 +148,8 @@ def _resnet(cfg: Config, in_shape: tuple[int, int, int], num_classes: int) -> li
     return specs
 
 
-def _wide_resnet(cfg: Config, in_shape: tuple[int, int, int], num_classes: int) -> list:
+@register_model(*WRN_MODELS)
+def plan_wide_resnet(cfg: Config, in_shape: tuple[int, int, int], num_classes: int) -> list:
     depth, k, adapted = _wrn_shape(cfg.model)
     n = (depth - 4) // 6
     channels, side, _ = in_shape
@@ -293,9 +305,3 @@ class ResidualHead(OutputLayer):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.linear(self.head(x).flatten(1))
-
-
-def build(spec, cfg: Config, num_classes: int) -> nn.Module:
-    if spec.kind == "output":
-        return ResidualHead(spec, cfg)
-    return ResidualUnit(spec, cfg, num_classes)

@@ -113,13 +113,9 @@ class Stage(nn.Module):
             x = unit.eval_step(x, y, skips)
         return x
 
-    @torch.no_grad()
     def forward(self, x: Tensor) -> Tensor:
-        """Plain inference (logits when the stage ends with the output layer)."""
-        return self.logits(x)
-
-    def logits(self, x: Tensor) -> Tensor:
-        """``forward`` on the autograd graph: the stage as one differentiable function."""
+        """The stage as one differentiable function (logits when it ends with the output
+        layer); as any module, under ``torch.no_grad()`` for plain inference."""
         skips: Skips = {}
         # as in evaluation: with --no-batch-norm a residual unit's output depends on whether
         # it forms its local-loss input (quirk 14)

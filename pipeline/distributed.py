@@ -11,6 +11,7 @@ refuses two ranks on one GPU, so payloads then travel through pinned host memory
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import queue
@@ -25,22 +26,21 @@ import torch.distributed as dist
 from localpipe.pipeline import device as dev
 from localpipe.pipeline import process, runs, topology
 from localpipe.pipeline.channel import Abort, Channel
-from localpipe.pipeline.checkpoint import resume_from, start_point
+from localpipe.pipeline.checkpoint import resume_from
 from localpipe.pipeline.control import LONG, ControlPlane, Failure, ReportReceiver, ReportSender
 from localpipe.pipeline.console import say
 from localpipe.pipeline.coordinator import Coordinator
 from localpipe.pipeline.data import DataError, load_batches
 from localpipe.pipeline.feed import feed
 from localpipe.pipeline.message import Message
-from localpipe.pipeline.plan import Plan, make_plan, network_of, static_plan
+from localpipe.pipeline.lifecycle import Data, Prepared, build, prepare
+from localpipe.pipeline.plan import Plan, network_of, static_plan
 from localpipe.pipeline.signals import StopRequest
 from localpipe.pipeline.transport import HostPayload, Receiver, Sender
 from localpipe.pipeline.worker import Fault, Watchdog, run_stage, watched
 from localpipe.stages.config import Config, ConfigError
 from localpipe.stages.network import Network
 from localpipe.stages.stage import Stage
-
-Data = Callable[[Config], tuple]  # cfg -> the (train, test, val) batches, as load_batches
 
 
 @dataclass
@@ -95,14 +95,16 @@ def run_distributed(cfg: Config, stop: StopRequest, fault: Fault | None = None,
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     network = network or network_of(cfg)
-    static = static_plan(cfg, network)  # bad options fail here, on every rank
+    static_plan(cfg, network)  # bad options fail here, on every rank
     process.configure(cfg)
     device, shared = dev.rank_device(kind, int(os.environ.get("LOCAL_RANK", 0)),
                                      int(os.environ.get("LOCAL_WORLD_SIZE", world)))
     store = rendezvous_store(cfg)
     number = attempt_number(store, rank)
     topo = topology.Topology(rank, cfg.stages, cfg.replicas)
-    cfg, start, batches = verdict(cfg, store, topo, len(static.names), number, data)
+    ready = verdict(cfg, store, topo, number, network, data, device,
+                    own_devices=dev.is_cuda(device) and not shared)  # a GPU for every stage
+    cfg, start, run_plan, batches = ready.cfg, ready.start, ready.plan, ready.batches
     fault = fault and fault.for_rank(topo.replica, number)
     me = join(cfg, store, topo, device, shared, number, stop)
     # from here on a signal is a stop request only if the control plane confirms it (torchrun
@@ -110,18 +112,12 @@ def run_distributed(cfg: Config, stop: StopRequest, fault: Fault | None = None,
     with stop.installed(confirm_at_once=False):
         try:
             with dev.use(device):
-                own = dev.is_cuda(device) and not shared  # a GPU for every stage
-                shared_plan = [make_plan(cfg, device, own, static, network) if rank == 0
-                               else None]
-                dist.broadcast_object_list(shared_plan, src=0)
-                run_plan: Plan = shared_plan[0]
                 devices = [None] * world
                 dist.all_gather_object(devices, str(device))
                 if rank == 0:
                     runs.write_provenance(cfg.save_dir, devices, run_plan.parts)
-                stage = network.build(cfg, run_plan.parts[topo.stage], device)
+                stage = build(ready, network, topo.stage, device)
                 stage.replicate(topo.replica, me.links.replicas)
-                start.restore(stage)
             coordinator = Coordinator(cfg, run_plan, batches[0]) if rank == 0 else None
             messages = None if topo.stage else feed(
                 cfg, *batches, device, start, stop, fault, (topo.replica, topo.replicas),
@@ -152,37 +148,34 @@ def gathered(me: Rank, stage: Stage, history: list[dict]) -> tuple[dict, list[di
     return {k: v for state, _ in got for k, v in state.items()}, got[0][1]
 
 
-def verdict(cfg: Config, store: dist.Store, topo: topology.Topology, units: int,
-            number: int, data: Data = load_batches):
-    """Rank 0 checks the checkpoint to resume, the data and the save folder, then claims the
-    folder; the other ranks learn its verdict through the store, so bad input stops every rank
-    at once with the same line and exit code 2, before any process group. The folder is kept in
-    the store for the whole job: a restarted attempt writes where the first one did. Returns
-    (cfg with its folder, start, (train, test, val) batches on each replica's stage 0, which
-    feeds it, None elsewhere)."""
+def verdict(cfg: Config, store: dist.Store, topo: topology.Topology, number: int,
+            network: Network, data: Data, device: torch.device,
+            own_devices: bool) -> Prepared:
+    """Rank 0 prepares the run (pipeline/lifecycle.py: the checks, the data, the cut and the
+    run folder); the other ranks learn its verdict through the store, so bad input stops
+    every rank at once with the same line and exit code 2, before any process group, and
+    every rank trains the same cut. The folder is kept in the store for the whole job: a
+    restarted attempt writes where the first one did. The batches are loaded on each
+    replica's stage 0, which feeds it (None elsewhere)."""
     ours = attempt(store, number)  # the verdict of this attempt, under "verdict"
     if topo.rank == 0:
         try:
-            earlier = runs.job_folder(store)
-            new = cfg.save_dir is None and earlier is None
-            cfg = replace(cfg, save_dir=runs.choose(cfg, earlier))
-            start = start_point(cfg, units)
-            train, test, val = data(cfg)
-            if not new:
-                runs.check(cfg.save_dir, bool(cfg.resume))
-            cfg = replace(cfg, save_dir=runs.claim(cfg.save_dir, cfg, start, new))
+            with dev.use(device):
+                ready = prepare(cfg, network, data, device, own_devices, store)
         except (ConfigError, DataError) as exc:
             ours.set("verdict", json.dumps({"error": str(exc), "kind": type(exc).__name__}))
             raise
-        runs.remember(store, cfg.save_dir)
-        ours.set("verdict", json.dumps({"resume": start.folder, "save_dir": cfg.save_dir}))
-        return cfg, start, (train, test, val)
-    ours.wait(["verdict"], LONG)  # rank 0 may be downloading a dataset
+        ours.set("verdict", json.dumps({"resume": ready.start.folder,
+                                        "save_dir": ready.cfg.save_dir,
+                                        "plan": dataclasses.asdict(ready.plan)}))
+        return ready
+    ours.wait(["verdict"], LONG)  # rank 0 may be downloading a dataset, or timing units
     said = json.loads(ours.get("verdict"))
     if "error" in said:
         raise (DataError if said["kind"] == "DataError" else ConfigError)(said["error"])
     cfg = replace(cfg, save_dir=said["save_dir"])
-    return cfg, resume_from(said["resume"]), None if topo.stage else data(cfg)
+    return Prepared(cfg, resume_from(said["resume"]), Plan(**said["plan"]),
+                    None if topo.stage else data(cfg))
 
 
 def rendezvous_store(cfg: Config) -> dist.Store:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import queue
 import threading
-from dataclasses import replace
 from typing import Callable, Iterator
 
 import torch
@@ -18,7 +17,6 @@ import torch
 from localpipe.pipeline import device as dev
 from localpipe.pipeline import process
 from localpipe.pipeline.channel import Abort, Channel, StageFailed
-from localpipe.pipeline.checkpoint import start_point
 from localpipe.pipeline import runs
 from localpipe.pipeline.coordinator import Coordinator
 from localpipe.pipeline.data import load_batches
@@ -26,13 +24,12 @@ from localpipe.pipeline.distributed import rendezvous_store
 from localpipe.pipeline.feed import feed
 from localpipe.pipeline.memory import DeviceMemory
 from localpipe.pipeline.message import Message
-from localpipe.pipeline.plan import make_plan, network_of, static_plan
+from localpipe.pipeline.lifecycle import Data, build, prepare
+from localpipe.pipeline.plan import network_of, static_plan
 from localpipe.pipeline.signals import StopRequest
 from localpipe.pipeline.worker import Fault, Watchdog, run_stage, watched
 from localpipe.stages.config import Config, ConfigError
 from localpipe.stages.network import Network
-
-Data = Callable[[Config], tuple]  # cfg -> the (train, test, val) batches, as load_batches
 
 
 def run_inprocess(cfg: Config, stop: StopRequest, fault: Fault | None = None,
@@ -49,28 +46,17 @@ def run_inprocess(cfg: Config, stop: StopRequest, fault: Fault | None = None,
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     network = network or network_of(cfg)
-    static = static_plan(cfg, network)
+    static_plan(cfg, network)  # bad options fail before any setup
     store = rendezvous_store(cfg) if "TORCHELASTIC_RUN_ID" in os.environ else None
-    earlier = runs.job_folder(store)  # a torchrun restart writes where it wrote before
-    new = cfg.save_dir is None and earlier is None
-    cfg = replace(cfg, save_dir=runs.choose(cfg, earlier))
     process.configure(cfg, 0 if dev.is_cuda(first) else
                       max(1, (os.cpu_count() or 1) // cfg.stages))  # OpenMP team per thread
-    start = start_point(cfg, len(static.names))
-    train, test, val = data(cfg)
-    if not new:
-        runs.check(cfg.save_dir, bool(cfg.resume))
     devices = dev.stage_devices(cfg.stages, first)
-    run_plan = make_plan(cfg, first, own_devices=dev.is_cuda(first)
-                         and len(set(map(str, devices))) == cfg.stages, static=static,
-                         network=network)
-    cfg = replace(cfg, save_dir=runs.claim(cfg.save_dir, cfg, start, new))
-    runs.remember(store, cfg.save_dir)
+    own = dev.is_cuda(first) and len(set(map(str, devices))) == cfg.stages
+    ready = prepare(cfg, network, data, first, own, store)
+    cfg, start, run_plan, (train, test, val) = ready.cfg, ready.start, ready.plan, ready.batches
     try:
         runs.write_provenance(cfg.save_dir, [str(d) for d in devices], run_plan.parts)
-        stages = [network.build(cfg, part, d) for part, d in zip(run_plan.parts, devices)]
-        for stage in stages:
-            start.restore(stage)
+        stages = [build(ready, network, k, d) for k, d in enumerate(devices)]
         coordinator = Coordinator(cfg, run_plan, train)
         try:
             run_threads(cfg, stages, devices,

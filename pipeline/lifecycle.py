@@ -1,0 +1,55 @@
+"""A run's life, the same under both runners: ``prepare`` it (every check, the data, the cut
+into stages and the run folder: nothing is written before all of them pass), ``build`` a
+process's stages (restored from the checkpoint, if any), then serve them; serving is what the
+runners do differently (``inprocess.run_threads``: threads joined by channels;
+``distributed.serve``: torchrun processes joined by a transport)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import torch
+
+from localpipe.pipeline import runs
+from localpipe.pipeline.checkpoint import Start, start_point
+from localpipe.pipeline.plan import Plan, make_plan, static_plan
+from localpipe.stages.config import Config
+from localpipe.stages.network import Network
+from localpipe.stages.stage import Stage
+
+Data = Callable[[Config], tuple]  # cfg -> the (train, test, val) batches, as load_batches
+
+
+@dataclass
+class Prepared:
+    cfg: Config  # with the run's folder
+    start: Start  # where training begins
+    plan: Plan  # the units and their cut
+    batches: tuple | None  # (train, test, val), where this process feeds stage 0
+
+
+def prepare(cfg: Config, network: Network, data: Data, device: torch.device,
+            own_devices: bool, store=None) -> Prepared:
+    """Check the options against the network, the checkpoint to resume, the data and the run
+    folder; cut the network into stages (timing its units on ``device`` unless --balance
+    says); only then claim the folder. Raises ConfigError or DataError before any write.
+    ``store``: torchrun's, where a restarted job must write where it wrote before."""
+    static = static_plan(cfg, network)
+    earlier = runs.job_folder(store)
+    new = cfg.save_dir is None and earlier is None
+    cfg = replace(cfg, save_dir=runs.choose(cfg, earlier))
+    start = start_point(cfg, len(static.names))
+    batches = data(cfg)
+    if not new:
+        runs.check(cfg.save_dir, bool(cfg.resume))
+    plan = make_plan(cfg, device, own_devices, static, network)
+    cfg = replace(cfg, save_dir=runs.claim(cfg.save_dir, cfg, start, new))
+    runs.remember(store, cfg.save_dir)
+    return Prepared(cfg, start, plan, batches)
+
+
+def build(ready: Prepared, network: Network, stage: int, device: torch.device) -> Stage:
+    """Stage ``stage`` of the prepared run on ``device``, as the checkpoint left it."""
+    built = network.build(ready.cfg, ready.plan.parts[stage], device)
+    ready.start.restore(built)
+    return built

@@ -60,10 +60,10 @@ def fit(net: LocalNet, train_set, test_set=None, *, epochs: int, batch_size: int
 
     data = lambda cfg: dataset_batches(train_set, test_set, cfg)  # noqa: E731
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        coordinator = run_distributed(cfg, stop, None, net, data, take)
+        coordinator = run_distributed(cfg, stop, net, data, take)
     else:
         with stop.installed():
-            coordinator = run_inprocess(cfg, stop, None, net, data)
+            coordinator = run_inprocess(cfg, stop, net, data)
         history = coordinator.records.history
     net.cpu()
     run_dir = coordinator.cfg.save_dir if coordinator else None  # rank 0 knows it

@@ -21,12 +21,10 @@ from localpipe.pipeline.distributed import run_distributed
 from localpipe.pipeline.inprocess import run_inprocess
 from localpipe.pipeline.plan import footprints, make_plan, network_of, stage_memory
 from localpipe.pipeline.signals import StopRequest
-from localpipe.pipeline.worker import Fault
 from localpipe.launch.options import parse_config, program
 from localpipe.stages.config import Config, ConfigError
 from localpipe.stages.models import backprop_parameters
 
-FAULT_ENV = "LOCALPIPE_INJECT_FAULT"  # a test hook: see pipeline.worker.Fault
 
 
 def resume_command(argv: list[str] | None, folder: str) -> str:
@@ -106,13 +104,12 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.describe:
             describe(cfg)
             return 0
-        fault = Fault.parse(os.environ.get(FAULT_ENV))
         stop = StopRequest()
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            coordinator = run_distributed(cfg, stop, fault)  # handles signals once joined
+            coordinator = run_distributed(cfg, stop)  # handles signals once joined
         else:
             with stop.installed():
-                coordinator = run_inprocess(cfg, stop, fault)
+                coordinator = run_inprocess(cfg, stop)
         if stop.signum is None:
             return 0
         if coordinator is not None and coordinator.manifest:

@@ -33,11 +33,12 @@ from localpipe.pipeline.coordinator import Coordinator
 from localpipe.pipeline.data import DataError, load_batches
 from localpipe.pipeline.feed import feed
 from localpipe.pipeline.message import Message
-from localpipe.pipeline.lifecycle import Data, Prepared, build, prepare
+from localpipe.pipeline import faults
+from localpipe.pipeline.lifecycle import Data, Prepared, build, hooked, prepare
 from localpipe.pipeline.plan import Plan, network_of, static_plan
 from localpipe.pipeline.signals import StopRequest
 from localpipe.pipeline.transport import HostPayload, Receiver, Sender
-from localpipe.pipeline.worker import Fault, Watchdog, run_stage, watched
+from localpipe.pipeline.worker import Watchdog, run_stage, watched
 from localpipe.stages.config import Config, ConfigError
 from localpipe.stages.network import Network
 from localpipe.stages.stage import Stage
@@ -71,8 +72,8 @@ class Rank:
         self.exit(self.control.blame_link(peer, exc))
 
 
-def run_distributed(cfg: Config, stop: StopRequest, fault: Fault | None = None,
-                    network: Network | None = None, data: Data = load_batches,
+def run_distributed(cfg: Config, stop: StopRequest, network: Network | None = None,
+                    data: Data = load_batches,
                     gather: Callable[[dict, list[dict]], None] | None = None
                     ) -> Coordinator | None:
     """Train as rank RANK of WORLD_SIZE == --stages × --replicas processes started by
@@ -105,7 +106,7 @@ def run_distributed(cfg: Config, stop: StopRequest, fault: Fault | None = None,
     ready = verdict(cfg, store, topo, number, network, data, device,
                     own_devices=dev.is_cuda(device) and not shared)  # a GPU for every stage
     cfg, start, run_plan, batches = ready.cfg, ready.start, ready.plan, ready.batches
-    fault = fault and fault.for_rank(topo.replica, number)
+    fault = faults.injected(topo.replica, number)
     me = join(cfg, store, topo, device, shared, number, stop)
     # from here on a signal is a stop request only if the control plane confirms it (torchrun
     # signals the survivors when a worker dies); before, the default action ends the process
@@ -116,16 +117,15 @@ def run_distributed(cfg: Config, stop: StopRequest, fault: Fault | None = None,
                 dist.all_gather_object(devices, str(device))
                 if rank == 0:
                     runs.write_provenance(cfg.save_dir, devices, run_plan.parts)
-                stage = build(ready, network, topo.stage, device)
+                stage = build(ready, network, topo.stage, device, fault)
                 stage.replicate(topo.replica, me.links.replicas)
             coordinator = Coordinator(cfg, run_plan, batches[0]) if rank == 0 else None
-            messages = None if topo.stage else feed(
-                cfg, *batches, device, start, stop, fault, (topo.replica, topo.replicas),
-                me.links.agreement)
+            messages = None if topo.stage else hooked(feed(
+                cfg, *batches, device, start, stop, (topo.replica, topo.replicas),
+                me.links.agreement), ready, fault, stop)
         except Exception as exc:
             me.fail(f"{type(exc).__name__}: {exc}")
-        serve(me, stage, messages, coordinator.handle if coordinator else None, fault,
-              start.steps)
+        serve(me, stage, messages, coordinator.handle if coordinator else None, start.steps)
         if gather is not None:
             gather(*gathered(me, stage, coordinator.records.history if coordinator else []))
     me.control.finish()
@@ -232,8 +232,7 @@ def store_host(topo: topology.Topology) -> str:
 
 
 def serve(me: Rank, stage: Stage, messages: Iterator[Message] | None,
-          on_report: Callable[[dict], None] | None, fault: Fault | None = None,
-          steps: int = 0) -> None:
+          on_report: Callable[[dict], None] | None, steps: int = 0) -> None:
     """Run this rank's stage until STOP has passed it: a stage 0 serves ``messages`` (its
     replica's feed), the others receive from the rank before. Rank 0 hands every rank's
     reports to ``on_report``; the others send theirs to it. Ends with a barrier once rank 0 has
@@ -274,7 +273,7 @@ def serve(me: Rank, stage: Stage, messages: Iterator[Message] | None,
     if links.outbound is not None:
         threads.append(Sender(outbox, links.outbound, device, me.lost_link))
     worker = guarded("", lambda: run_stage(stage, me.topo.stage, inbox, outbox, send_report,
-                                           device, cfg, fault, steps, watchdog=watchdog))
+                                           device, cfg, steps, watchdog=watchdog))
     for thread in threads:
         thread.start()
 

@@ -32,7 +32,7 @@ from localpipe.stages.config import Config
 
 
 def feed(cfg: Config, train: Batches, test: Batches, val: Batches | None,
-         device: torch.device, start: Start, stop: StopRequest, fault=None,
+         device: torch.device, start: Start, stop: StopRequest,
          replica: tuple[int, int] = (0, 1),
          agreement: Callable[[bool], bool] | None = None) -> Iterator[Message]:
     """The messages of the whole run from ``start`` on: each epoch's training batches, then its
@@ -40,7 +40,7 @@ def feed(cfg: Config, train: Batches, test: Batches, val: Batches | None,
     ends training after that many batches, still closing with an evaluation. A confirmed stop
     request ends it after the batch in hand, with a checkpoint where training is to go on (none
     where the newest checkpoint already is). A progress bar follows the training batches of
-    the whole run. ``fault`` is the test hook of the feed itself. ``replica`` is (r, R): this
+    the whole run. ``replica`` is (r, R): this
     feed keeps shard r of R of every batch (an evaluation shard may be empty: it is not sent),
     shows progress only for r = 0, and asks ``agreement`` whether any feed has seen a stop."""
     r, replicas = replica
@@ -69,8 +69,6 @@ def feed(cfg: Config, train: Batches, test: Batches, val: Batches | None,
                     if stopping():
                         yield from _stopped(Message(Kind.CHECKPOINT, epoch, fed), saved)
                         return
-                    if fault is not None:
-                        fault.in_feed("feed", steps + 1, stop)
                     yield batch(Kind.TRAIN, epoch, step, *mine(x, y), device)
                     progress.advance()
                     steps += 1
@@ -89,8 +87,6 @@ def feed(cfg: Config, train: Batches, test: Batches, val: Batches | None,
                 if stopping():  # the evaluation starts over on resume
                     yield from _stopped(Message(Kind.CHECKPOINT, epoch, fed, flag=True), saved)
                     return
-                if fault is not None:
-                    fault.in_feed("eval", step + 1, stop)
                 x, y = mine(x, y)
                 if len(y):
                     yield batch(kind, epoch, step, x, y, device)

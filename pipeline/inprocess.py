@@ -24,16 +24,17 @@ from localpipe.pipeline.distributed import rendezvous_store
 from localpipe.pipeline.feed import feed
 from localpipe.pipeline.memory import DeviceMemory
 from localpipe.pipeline.message import Message
-from localpipe.pipeline.lifecycle import Data, build, prepare
+from localpipe.pipeline import faults
+from localpipe.pipeline.lifecycle import Data, build, hooked, prepare
 from localpipe.pipeline.plan import network_of, static_plan
 from localpipe.pipeline.signals import StopRequest
-from localpipe.pipeline.worker import Fault, Watchdog, run_stage, watched
+from localpipe.pipeline.worker import Watchdog, run_stage, watched
 from localpipe.stages.config import Config, ConfigError
 from localpipe.stages.network import Network
 
 
-def run_inprocess(cfg: Config, stop: StopRequest, fault: Fault | None = None,
-                  network: Network | None = None, data: Data = load_batches) -> Coordinator:
+def run_inprocess(cfg: Config, stop: StopRequest, network: Network | None = None,
+                  data: Data = load_batches) -> Coordinator:
     """Train with every stage as a thread of this process; raise StageFailed if one fails.
     Every check (options, checkpoint, data, the save folder) passes before the first write.
     ``network`` and ``data``: the paper's ``cfg.model`` and ``cfg.dataset`` unless given."""
@@ -53,15 +54,16 @@ def run_inprocess(cfg: Config, stop: StopRequest, fault: Fault | None = None,
     devices = dev.stage_devices(cfg.stages, first)
     own = dev.is_cuda(first) and len(set(map(str, devices))) == cfg.stages
     ready = prepare(cfg, network, data, first, own, store)
+    fault = faults.injected()
     cfg, start, run_plan, (train, test, val) = ready.cfg, ready.start, ready.plan, ready.batches
     try:
         runs.write_provenance(cfg.save_dir, [str(d) for d in devices], run_plan.parts)
-        stages = [build(ready, network, k, d) for k, d in enumerate(devices)]
+        stages = [build(ready, network, k, d, fault) for k, d in enumerate(devices)]
         coordinator = Coordinator(cfg, run_plan, train)
         try:
-            run_threads(cfg, stages, devices,
-                        feed(cfg, train, test, val, devices[0], start, stop, fault),
-                        coordinator.handle, fault, start.steps)
+            messages = feed(cfg, train, test, val, devices[0], start, stop)
+            run_threads(cfg, stages, devices, hooked(messages, ready, fault, stop),
+                        coordinator.handle, start.steps)
         finally:
             coordinator.records.close()
     finally:
@@ -71,7 +73,7 @@ def run_inprocess(cfg: Config, stop: StopRequest, fault: Fault | None = None,
 
 def run_threads(cfg: Config, stages: list, devices: list[torch.device],
                 messages: Iterator[Message], on_report: Callable[[dict], None],
-                fault: Fault | None = None, steps: int = 0) -> None:
+                steps: int = 0) -> None:
     """Serve ``messages`` through the stages, one thread each, until STOP has passed every
     stage. ``on_report`` gets every stage report, in this thread; StageFailed is raised here
     when any stage (or ``on_report``) fails, or when a stage spends more than --comm-timeout
@@ -99,7 +101,7 @@ def run_threads(cfg: Config, stages: list, devices: list[torch.device],
 
     def worker(k: int) -> None:
         outbox = channels[k + 1] if k + 1 < len(stages) else None
-        run_stage(stages[k], k, channels[k], outbox, reports.put, devices[k], cfg, fault,
+        run_stage(stages[k], k, channels[k], outbox, reports.put, devices[k], cfg,
                   steps, memory, watchdog)
 
     threads = [threading.Thread(target=guarded, args=(0, feeder, "the data feed: "), name="feed",

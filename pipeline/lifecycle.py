@@ -2,16 +2,19 @@
 into stages and the run folder: nothing is written before all of them pass), ``build`` a
 process's stages (restored from the checkpoint, if any), then serve them; serving is what the
 runners do differently (``inprocess.run_threads``: threads joined by channels;
-``distributed.serve``: torchrun processes joined by a transport)."""
+``distributed.serve``: torchrun processes joined by a transport). The test hook
+(pipeline/faults.py) is applied here, and nowhere else."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
 from localpipe.pipeline import runs
 from localpipe.pipeline.checkpoint import Start, start_point
+from localpipe.pipeline.faults import Fault
+from localpipe.pipeline.message import Message
 from localpipe.pipeline.plan import Plan, make_plan, static_plan
 from localpipe.stages.config import Config
 from localpipe.stages.network import Network
@@ -48,8 +51,20 @@ def prepare(cfg: Config, network: Network, data: Data, device: torch.device,
     return Prepared(cfg, start, plan, batches)
 
 
-def build(ready: Prepared, network: Network, stage: int, device: torch.device) -> Stage:
-    """Stage ``stage`` of the prepared run on ``device``, as the checkpoint left it."""
+def build(ready: Prepared, network: Network, stage: int, device: torch.device,
+          fault: Fault | None = None) -> Stage:
+    """Stage ``stage`` of the prepared run on ``device``, as the checkpoint left it, with the
+    test hook ``fault`` where it acts in this stage."""
     built = network.build(ready.cfg, ready.plan.parts[stage], device)
     ready.start.restore(built)
+    if fault is not None and fault.stage == stage:
+        built.inject = fault.stage_hook(stage, ready.start.steps)
     return built
+
+
+def hooked(messages: Iterator[Message], ready: Prepared, fault: Fault | None,
+           stop) -> Iterator[Message]:
+    """The feed's ``messages`` with the test hook ``fault`` where it acts in the feed."""
+    if fault is None or fault.stage not in ("feed", "eval"):
+        return messages
+    return fault.feed(messages, ready.start.steps, stop)

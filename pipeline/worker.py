@@ -10,10 +10,7 @@ FIFO, each stage saves after exactly the same batches: a consistent cut, without
 from __future__ import annotations
 
 import hashlib
-import os
-import signal
 import time
-from dataclasses import dataclass, replace
 from typing import Callable, Iterator
 
 import torch
@@ -27,72 +24,6 @@ from localpipe.pipeline.metrics import StageTimer
 from localpipe.stages.blocks import NonFiniteLoss
 from localpipe.stages.config import Config
 from localpipe.stages.stage import Stage
-
-
-@dataclass(frozen=True)
-class Fault:
-    """A test hook, from LOCALPIPE_INJECT_FAULT="WHERE[/REPLICA]:STEP[:ACTION[:DELAY]]".
-
-    It acts in replica REPLICA (0 by default) only. WHERE is a stage index: at its STEP-th
-    training batch (1-based, over the whole run) that stage raises ("raise"), kills its own
-    process with SIGKILL in the first attempt of a torchrun job ("kill"), stops it with SIGSTOP
-    ("freeze"), hangs in the batch for a minute ("stall"), or feeds NaN into its units ("nan").
-    WHERE "feed" acts in the data feed before its STEP-th training batch, "eval" before the
-    STEP-th test batch of any epoch; there "sigint" and "sigterm" send that signal to the feed's
-    own process. DELAY seconds pass first (while the other stages and the checkpoint writers go
-    on), so that a test can know the checkpoints taken a few batches before are complete."""
-
-    stage: int | str
-    step: int
-    action: str = "raise"
-    delay: float = 0.0
-    replica: int = 0
-    first_attempt: bool = True  # kill and freeze act in the first attempt only
-
-    @classmethod
-    def parse(cls, text: str | None) -> "Fault | None":
-        if not text:
-            return None
-        where, step, *rest = text.split(":")
-        where, _, replica = where.partition("/")
-        action = rest[0] if rest else "raise"
-        delay = float(rest[1]) if len(rest) > 1 else 0.0
-        return cls(where if where in ("feed", "eval") else int(where), int(step), action, delay,
-                   int(replica or 0),
-                   os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0")
-
-    def for_rank(self, replica: int, attempt: int) -> "Fault | None":
-        """This hook in a process of replica ``replica`` in attempt ``attempt`` (from 1) of a
-        torchrun job: None unless it acts there."""
-        return replace(self, first_attempt=attempt == 1) if replica == self.replica else None
-
-    def apply(self, index: int, steps: int, x: torch.Tensor) -> torch.Tensor:
-        if (index, steps) != (self.stage, self.step):
-            return x
-        time.sleep(self.delay)
-        if self.action == "nan":
-            return x * float("nan")
-        if self.action == "stall":
-            time.sleep(60)
-            return x
-        if self.action in ("kill", "freeze"):
-            if self.first_attempt:
-                os.kill(os.getpid(), signal.SIGKILL if self.action == "kill" else signal.SIGSTOP)
-            return x
-        raise RuntimeError(f"injected fault at training step {steps}")
-
-    def in_feed(self, where: str, step: int, stop) -> None:
-        """The feed's hook; a signal is followed by a wait (up to 10 s) until ``stop`` has
-        confirmed it, so that the feed's next check sees it wherever the handler runs."""
-        if (where, step) != (self.stage, self.step):
-            return
-        if self.action in ("sigint", "sigterm"):
-            os.kill(os.getpid(), signal.SIGINT if self.action == "sigint" else signal.SIGTERM)
-            deadline = time.monotonic() + 10
-            while stop.signum is None and time.monotonic() < deadline:
-                time.sleep(0.01)
-            return
-        raise RuntimeError(f"injected fault in the data feed at {where} batch {step}")
 
 
 class StepLog:
@@ -179,7 +110,7 @@ def digest(state: dict[str, torch.Tensor]) -> str:
 
 def run_stage(stage: Stage, index: int, inbox: Channel, outbox: Channel | None,
               report: Callable[[dict], None], device: torch.device, cfg: Config,
-              fault: Fault | None = None, steps: int = 0,
+              steps: int = 0,
               devices: DeviceMemory | None = None, watchdog: Watchdog | None = None) -> None:
     """Serve messages until STOP. ``outbox`` is None for the last stage, whose output is the
     logits. ``report`` receives, in order, a dict for every END_EPOCH and CHECKPOINT marker
@@ -201,13 +132,12 @@ def run_stage(stage: Stage, index: int, inbox: Channel, outbox: Channel | None,
             timer.send_wait_s += outbox.put(msg.depart())
 
     def train(msg: Message) -> None:
-        x = msg.x if fault is None else fault.apply(index, steps, msg.x)
         stage.train()
         stage.set_position(msg.epoch, msg.step)
         started = timer.clock.start()
         skips = msg.skips()
         with memory.watching():
-            out, update = stage.train_step(x, msg.y, skips)
+            out, update = stage.train_step(msg.x, msg.y, skips)
         timer.clock.stop(started)
         send(msg.handing_on(out, skips))
         started = timer.clock.start()

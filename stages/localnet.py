@@ -33,8 +33,8 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from localpipe.stages import losses
-from localpipe.stages.blocks import Skips, Unit, Update, keep_buffers, make_optimizer, \
-    pred_pooling
+from localpipe.stages.blocks import (FALinear, Skips, Unit, Update, keep_buffers,
+                                     make_optimizer, pred_pooling)
 from localpipe.stages.config import Config, derive_seed
 from localpipe.stages.registry import LOSSES, register_loss
 from localpipe.stages.stage import Stage
@@ -49,10 +49,13 @@ class LocalHead(nn.Module):
     """The paper's local heads for a block's output of any shape: ``predict`` (pooled to at
     most ``dim_in_decoder`` features, then a zero-initialised linear layer) and ``similar``
     (a 3×3 convolution for a C×H×W map, a linear layer otherwise), each where asked for.
-    A T×D output (tokens) is averaged over its T positions first."""
+    A T×D output (tokens) is averaged over its T positions first. ``bio`` makes the §5 heads:
+    ``predict`` through feedback alignment onto a ``code_size`` random code of the labels
+    (``label_proj``, fixed), and ``similar`` the pooled output itself (no learned head)."""
 
     def __init__(self, shape: tuple[int, ...], num_classes: int, pred: bool = True,
-                 sim: bool = True, dim_in_decoder: int = 4096) -> None:
+                 sim: bool = True, dim_in_decoder: int = 4096, bio: bool = False,
+                 code_size: int = 128) -> None:
         super().__init__()
         self.num_classes, self.is_map = num_classes, len(shape) == 3
         self.tokens = len(shape) == 2
@@ -67,24 +70,37 @@ class LocalHead(nn.Module):
                 width = pooling.dim
             else:
                 self.pool, width = nn.AdaptiveAvgPool2d(1), channels
-        self.pred = nn.Linear(width, num_classes) if pred else None
-        if self.pred is not None:
+        self.pred: nn.Module | None = None
+        if pred and bio:
+            self.pred = FALinear(width, code_size)
+        elif pred:
+            self.pred = nn.Linear(width, num_classes)
             nn.init.zeros_(self.pred.weight)
+        if bio:
+            bound = 1.0 / math.sqrt(num_classes)
+            self.register_buffer("label_proj", torch.empty(code_size, num_classes)
+                                 .uniform_(-bound, bound))
         features = shape[0] if self.is_map else shape[-1] if self.tokens else math.prod(shape)
         self.sim = None
-        if sim:
+        if sim and not bio:
             self.sim = (nn.Conv2d(features, features, 3, 1, 1, bias=False) if self.is_map
                         else nn.Linear(features, features, bias=False))
 
     def _flat(self, h: Tensor) -> Tensor:
         return h.mean(dim=1) if self.tokens else h.flatten(1)
 
+    def pooled(self, h: Tensor) -> Tensor:
+        """A block's output as the pred head takes it (pooled maps, averaged tokens)."""
+        return self.pool(h) if self.is_map else self._flat(h)
+
     def predict(self, h: Tensor) -> Tensor:
-        """Class logits from a block's output."""
-        return self.pred((self.pool(h) if self.is_map else self._flat(h)).flatten(1))
+        """Class logits (a code's logits for ``bio``) from a block's output."""
+        return self.pred(self.pooled(h).flatten(1))
 
     def similar(self, h: Tensor) -> Tensor:
         """What the similarity-matching loss compares, from a block's output."""
+        if self.sim is None:  # bio: the pooled output itself
+            return self.pooled(h)
         return self.sim(h if self.is_map else self._flat(h))
 
 
@@ -108,6 +124,27 @@ def predsim_loss(h: Tensor, y: Tensor, head: LocalHead, beta: float) -> tuple[Te
     w_pred, w_sim = losses.sup_weights("predsim", beta)
     return w_pred * pred + w_sim * sim, {**stats, "loss_pred": w_pred * pred,
                                          "loss_sim": w_sim * sim}
+
+
+@register_loss("bio-pred")
+def bio_pred_loss(h: Tensor, y: Tensor, head: LocalHead, beta: float) -> tuple[Tensor, dict]:
+    """§5: the label's fixed random code, predicted through feedback alignment."""
+    return losses.bio_pred_loss(head.predict(h), losses.bio_target(head.label_proj, y)), {}
+
+
+@register_loss("bio-sim")
+def bio_sim_loss(h: Tensor, y: Tensor, head: LocalHead, beta: float) -> tuple[Tensor, dict]:
+    """§5: the pooled output's similarities against those of the labels' codes."""
+    code = losses.bio_target(head.label_proj, y)
+    return losses.sim_loss(head.similar(h), losses.similarity_matrix(code).detach()), {}
+
+
+@register_loss("bio-predsim")
+def bio_predsim_loss(h: Tensor, y: Tensor, head: LocalHead,
+                     beta: float) -> tuple[Tensor, dict]:
+    pred, sim = bio_pred_loss(h, y, head, beta)[0], bio_sim_loss(h, y, head, beta)[0]
+    w_pred, w_sim = losses.sup_weights("predsim", beta)
+    return w_pred * pred + w_sim * sim, {"loss_pred": w_pred * pred, "loss_sim": w_sim * sim}
 
 
 # ---------------------------------------------------------------------------- randomness
@@ -160,13 +197,15 @@ class UserUnit(Unit):
     its head, its loss and its optimizer. The last child is the output layer."""
 
     def __init__(self, index: int, cfg: Config, body: nn.Module, head: nn.Module | None,
-                 loss, optimizer: Optimizer | None, output_scale: float | None) -> None:
+                 loss, optimizer: Optimizer | None, output_scale: float | None,
+                 alpha: float = 0.0) -> None:
         """``loss``: a registered loss's function (returning the loss and its records) or the
         user's callable (returning the loss); ``output_scale`` set makes this the output layer,
-        trained by that multiple of the cross-entropy."""
+        trained by that multiple of the cross-entropy. ``alpha`` > 0 mixes in the
+        unsupervised similarity matching of output and input (§3.4)."""
         super().__init__(index, cfg)
         self.body, self.head, self.loss_fn, self.optimizer = body, head, loss, optimizer
-        self.is_output, self.scale = output_scale is not None, output_scale
+        self.is_output, self.scale, self.alpha = output_scale is not None, output_scale, alpha
 
     def make_optimizer(self) -> None:
         params = [p for p in self.parameters() if p.requires_grad]
@@ -185,14 +224,18 @@ class UserUnit(Unit):
         out = self.body(x)
         return out, out, x
 
-    def local_loss(self, out: Tensor, y: Tensor) -> Tensor:
-        """This unit's loss of a batch, recorded in the current meter."""
+    def local_loss(self, out: Tensor, y: Tensor, x: Tensor) -> Tensor:
+        """This unit's loss of a batch (``x`` its input), recorded in the current meter."""
         if self.is_output:
             loss = self.scale * losses.pred_loss(out, y)
             stats = {"errors": losses.errors(out, y)}
         else:
             got = self.loss_fn(out, y, self.head)
             loss, stats = got if isinstance(got, tuple) else (got, {})
+            if self.alpha:
+                unsup = losses.sim_loss(self.head.similar(out),
+                                        losses.similarity_matrix(x).detach())
+                loss = losses.mix_unsup(loss, unsup, self.alpha)
         self.meter.add(y.size(0), loss=loss, **stats)
         self.last_loss = loss.detach()
         return loss
@@ -204,13 +247,13 @@ class UserUnit(Unit):
         with KeyedRandom(derive_seed(self.cfg.seed, "dropout", self.index, *self.position,
                                      *replica)):
             out = self.body(x)
-        return out.detach(), self.step_closure(self.local_loss(out, y), kept)
+        return out.detach(), self.step_closure(self.local_loss(out, y, x), kept)
 
     @torch.no_grad()
     def eval_step(self, x: Tensor, y: Tensor, skips: Skips | None = None) -> Tensor:
         out = self.body(x)
         if self.is_output or not self.cfg.no_print_stats:
-            self.local_loss(out, y)
+            self.local_loss(out, y, x)
         return out
 
 
@@ -219,19 +262,22 @@ class LocalNet(nn.Module):
     """A user's ``nn.Sequential`` trained with local losses: ``net.module`` is that very
     network (trained in place), ``net.heads`` the local heads beside it, one per block.
 
-    ``loss``: a registered name (``"pred"``, ``"sim"``, ``"predsim"`` with ``beta``; more
+    ``loss``: a registered name (``"pred"``, ``"sim"``, ``"predsim"`` with ``beta``, §5's
+    ``"bio-pred"``, ``"bio-sim"``, ``"bio-predsim"`` with feedback-alignment heads; more
     with ``stages.registry.register_loss``) or a
     callable ``loss(h, y, head) -> Tensor`` of a block's output, the labels and that block's
     head. ``heads(index, out_shape) -> nn.Module`` replaces the default ``LocalHead``.
     ``optimizer(params) -> Optimizer`` replaces each unit's default (Adam, lr from
-    ``fit``, 5e-4 by default, as the paper). ``seed`` draws the default heads' weights.
+    ``fit``, 5e-4 by default, as the paper). ``alpha`` > 0 mixes the unsupervised
+    similarity matching of each block's output with its input into its loss
+    (α·unsup + (1 − α)·loss, §3.4). ``seed`` draws the default heads' weights.
     """
 
     def __init__(self, module: nn.Sequential, *, num_classes: int,
                  input_shape: tuple[int, ...], loss: str | LossFn = "predsim",
                  beta: float = 0.99, heads: Heads | None = None,
                  optimizer: Optimizer | None = None, dim_in_decoder: int = 4096,
-                 seed: int = 1) -> None:
+                 alpha: float = 0.0, seed: int = 1) -> None:
         super().__init__()
         if not isinstance(module, nn.Sequential) or len(module) < 2:
             raise ValueError("LocalNet needs an nn.Sequential of at least two children: "
@@ -240,22 +286,26 @@ class LocalNet(nn.Module):
             raise ValueError(f"unknown local loss {loss!r}; choose from "
                              f"{', '.join(LOSSES.names())}, or pass a callable "
                              f"loss(h, y, head)")
-        if not 0.0 <= beta <= 1.0:
-            raise ValueError(f"beta must lie in [0, 1], got {beta}")
+        for name, value in (("beta", beta), ("alpha", alpha)):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must lie in [0, 1], got {value}")
         self.module, self.num_classes = module, num_classes
-        self.shape, self.loss, self.beta, self.optimizer = tuple(input_shape), loss, beta, \
-            optimizer
+        self.shape, self.loss, self.beta, self.alpha = tuple(input_shape), loss, beta, alpha
+        self.optimizer = optimizer
         self.out_shapes = probe(module, self.shape)
         if self.out_shapes[-1] != (num_classes,):
             raise ValueError(f"the last child must give {num_classes} logits a sample, "
                              f"not {self.out_shapes[-1]}")
-        pred, sim = loss != "sim", loss != "pred"  # a callable may use either
+        name = loss if isinstance(loss, str) else ""
+        bio = name.startswith("bio-")
+        pred = not name.endswith("-sim") and name != "sim"  # a callable may use either
+        sim = not name.endswith("pred") or alpha > 0
         built = []
         for i, shape in enumerate(self.out_shapes[:-1]):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(derive_seed(seed, "head", i))
                 built.append(heads(i, shape) if heads is not None else
-                             LocalHead(shape, num_classes, pred, sim, dim_in_decoder))
+                             LocalHead(shape, num_classes, pred, sim, dim_in_decoder, bio))
         self.heads = nn.ModuleList(built)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -282,9 +332,10 @@ class LocalNet(nn.Module):
         last = index == len(self.module) - 1
         loss = (functools.partial(LOSSES[self.loss], beta=self.beta)
                 if isinstance(self.loss, str) else self.loss)
-        scale = (1.0 - self.beta if self.loss == "predsim" else 1.0) if last else None
+        predsim = self.loss in ("predsim", "bio-predsim")  # the output's CE scaled, §3.5
+        scale = (1.0 - self.beta if predsim else 1.0) if last else None
         return UserUnit(index, cfg, self.module[index], None if last else self.heads[index],
-                        loss, self.optimizer, scale)
+                        loss, self.optimizer, scale, self.alpha)
 
     def load_stage_state(self, state: dict[str, Tensor]) -> None:
         """Take every unit's weights from stage state dicts (``blocks.{i}.body.*``,

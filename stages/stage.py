@@ -8,6 +8,8 @@ one global step instead (§4.4, §4.5) and are only valid for that single stage.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -31,6 +33,8 @@ class Stage(nn.Module):
         for unit in units:
             unit.make_optimizer()
         self.optimizer = make_optimizer(self.parameters(), cfg) if cfg.backprop else None
+        # what a test hook does to each training batch's input (pipeline/faults.py)
+        self.inject: Callable[[Tensor], Tensor] | None = None
 
     def replicate(self, replica: int, replicas: Replicas | None) -> None:
         """Make this stage replica ``replica`` of ``replicas``: its dropout masks are its own,
@@ -73,6 +77,8 @@ class Stage(nn.Module):
         unit's update is finished only after the next unit's forward, so that its exchange
         with the other replicas overlaps that forward (it changes nothing that forward reads)."""
         skips = {} if skips is None else skips
+        if self.inject is not None:
+            x = self.inject(x)
         if not self.cfg.local:
             return self._global_step(x, y, skips)
         pending: Update | None = None

@@ -14,6 +14,7 @@ from torch.utils.data import TensorDataset
 
 import fit_script
 import localpipe as lp
+from localpipe.stages.blocks import FALinear
 from conftest import ROOT, cli_env
 
 
@@ -135,6 +136,22 @@ def test_a_callable_local_loss_trains(data):
     assert result.test_error < 50 and result.run_dir is None  # chance: 90
     blocks = result.history[0]["blocks"]  # each block's own CE, below chance's ln 10 = 2.30
     assert all(b["test_error"] is None and b["train_loss"] < 2.0 for b in blocks), blocks
+
+
+@pytest.mark.parametrize("loss,alpha", [("bio-predsim", 0.0), ("pred", 0.5), ("sim", 0.0)])
+def test_the_other_variants_train(data, loss, alpha):
+    """§5's feedback-alignment heads, the unsupervised similarity term mixed in (§3.4), and
+    sim alone: each block's own error or loss falls below chance in one epoch."""
+    _, train, test = data
+    net = lp.LocalNet(fit_script.network(), num_classes=10, input_shape=(1, 28, 28),
+                      loss=loss, alpha=alpha)
+    if loss.startswith("bio"):
+        assert all(isinstance(h.pred, FALinear) and h.sim is None for h in net.heads)
+    result = lp.fit(net, train, test, epochs=1, batch_size=fit_script.BATCH, threads=1,
+                    save_dir="", curves=False)
+    assert result.test_error < 60, result.test_error  # chance: 90
+    if loss == "pred":
+        assert all(b["test_error"] < 60 for b in result.history[0]["blocks"])
 
 
 def _toy(fail_at: int = 0) -> tuple[lp.LocalNet, TensorDataset]:

@@ -116,6 +116,9 @@ def parse_config(argv: list[str] | None = None) -> Config | None:
     only asked for the recipe list, which it has printed."""
     parser = build_parser()
     args = vars(parser.parse_args(argv))
+    if args["recipe"] == "" and any(a == "--recipe" or a.startswith("--recipe=")
+                                    for a in (sys.argv[1:] if argv is None else argv)):
+        parser.error("--recipe needs a name; --recipe list shows all 86")
     if args["recipe"] == "list":
         print(listing())
         return None

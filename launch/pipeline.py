@@ -19,7 +19,8 @@ from localpipe.pipeline.console import say
 from localpipe.pipeline.data import INFO, DataError
 from localpipe.pipeline.distributed import run_distributed
 from localpipe.pipeline.inprocess import run_inprocess
-from localpipe.pipeline.plan import footprints, make_plan, network_of, stage_memory
+from localpipe.pipeline.plan import (check_trains, footprints, make_plan, network_of,
+                                     stage_memory)
 from localpipe.pipeline.signals import StopRequest
 from localpipe.launch.options import parse_config, program
 from localpipe.stages.config import Config, ConfigError
@@ -57,6 +58,7 @@ def describe(cfg: Config) -> None:
     from localpipe.stages.residual import deviations
 
     network = network_of(cfg)
+    check_trains(cfg, network)
     info = INFO[cfg.dataset]
     try:
         run_plan = make_plan(cfg, device.choose(cfg.device), network=network)

@@ -81,7 +81,13 @@ def run_distributed(cfg: Config, stop: StopRequest, network: Network | None = No
     given. ``gather``, where given, gets the whole trained network's state (every stage's
     ``state_dict``, on the CPU) and the epoch records in every process before the job's
     process group ends."""
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    world = int(os.environ["WORLD_SIZE"])
+    missing = [v for v in ("RANK", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
+    if missing:
+        raise ConfigError(f"WORLD_SIZE={world} is set but {', '.join(missing)} "
+                          f"{'is' if len(missing) == 1 else 'are'} not: start the run with "
+                          f"torchrun, or unset WORLD_SIZE for one process")
+    rank = int(os.environ["RANK"])
     needed = cfg.stages * cfg.replicas
     if world != needed and cfg.replicas == 1:
         raise ConfigError(f"torchrun started {world} processes but --stages is {cfg.stages}; "

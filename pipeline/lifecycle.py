@@ -15,7 +15,7 @@ from localpipe.pipeline import runs
 from localpipe.pipeline.checkpoint import Start, start_point
 from localpipe.pipeline.faults import Fault
 from localpipe.pipeline.message import Message
-from localpipe.pipeline.plan import Plan, make_plan, static_plan
+from localpipe.pipeline.plan import Plan, check_trains, make_plan, static_plan
 from localpipe.stages.config import Config
 from localpipe.stages.network import Network
 from localpipe.stages.stage import Stage
@@ -38,6 +38,7 @@ def prepare(cfg: Config, network: Network, data: Data, device: torch.device,
     says); only then claim the folder. Raises ConfigError or DataError before any write.
     ``store``: torchrun's, where a restarted job must write where it wrote before."""
     static = static_plan(cfg, network)
+    check_trains(cfg, network)
     earlier = runs.job_folder(store)
     new = cfg.save_dir is None and earlier is None
     cfg = replace(cfg, save_dir=runs.choose(cfg, earlier))

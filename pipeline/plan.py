@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import resource
 import time
+import warnings
 from dataclasses import dataclass, replace
 
 import torch
@@ -84,6 +85,53 @@ def check_feasible(cfg: Config, network: Network) -> list[int]:
                           f"and optimizer state, more than the {memory / 2**30:,.1f} GiB of "
                           f"{where}")
     return sizes
+
+
+def check_trains(cfg: Config, network: Network) -> None:
+    """One training forward of every unit of the paper's network on the meta device (shapes
+    only) at one replica's batch: an input that its poolings shrink to nothing, or a batch too
+    small for batch norm, is one line here rather than a failed stage later."""
+    if not isinstance(network, Zoo):
+        return  # a network given in Python was probed when it was wrapped
+
+    def forward(shape: tuple[int, ...]) -> None:
+        est = replace(cfg, dropout=0.0)  # no masks on the meta device
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a layer of no features, on the way to the error
+            x = torch.empty((cfg.replica_batch, *shape))
+            y = torch.zeros(cfg.replica_batch, dtype=torch.long)
+            skips: dict = {}
+            for spec in plan(est, shape, network.num_classes):
+                unit = build_unit(spec, est, network.num_classes)
+                unit.make_optimizer()
+                unit.train()
+                x, _ = unit.train_step(x, y, skips)
+
+    try:
+        forward(network.shape)
+    except ValueError as exc:
+        if "more than 1 value per channel" not in str(exc):
+            raise
+        raise ConfigError(f"--batch-size {cfg.batch_size} leaves batch norm "
+                          f"{cfg.replica_batch} sample a batch; it needs at least 2 (or "
+                          f"--no-batch-norm)") from None
+    except RuntimeError as exc:
+        if "too small" not in str(exc):
+            raise
+        channels, side = network.shape[0], network.shape[-1]
+        smallest = next((s for s in (2 ** k for k in range(12)) if s > side
+                         and _trains(forward, (channels, s, s))), None)
+        need = f"; it takes inputs of at least {smallest}×{smallest}" if smallest else ""
+        raise ConfigError(f"--model {cfg.model} shrinks {cfg.dataset}'s {side}×{side} inputs "
+                          f"to nothing{need}") from None
+
+
+def _trains(forward, shape: tuple[int, ...]) -> bool:
+    try:
+        forward(shape)
+    except (RuntimeError, ValueError):
+        return False
+    return True
 
 
 def thread_limit() -> int:

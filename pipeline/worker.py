@@ -99,6 +99,17 @@ def watched(messages: Iterator[Message], watchdog: Watchdog) -> Iterator[Message
         yield msg
 
 
+def check_evaluation(meters: dict[int, dict[str, dict]], epoch: int) -> None:
+    """--on-nan stop holds at evaluation too: the first unit whose test (or validation) loss
+    was NaN or infinite on some batch of ``epoch`` stops the run, named."""
+    for index, phases in sorted(meters.items()):
+        for phase in ("val", "test"):
+            if phases[phase]["nonfinite"]:
+                raise NonFiniteLoss(f"unit {index}: {phases[phase]['nonfinite']} {phase} "
+                                    f"batch(es) gave a non-finite loss in the evaluation of "
+                                    f"epoch {epoch}")
+
+
 def digest(state: dict[str, torch.Tensor]) -> str:
     """A fingerprint of a stage's final state: replicas that kept one model agree on it."""
     sha = hashlib.sha256()
@@ -195,6 +206,8 @@ def run_stage(stage: Stage, index: int, inbox: Channel, outbox: Channel | None,
                 r.update(meters=stage.take_meters(), timing=timer.take(), memory=own,
                          device_memory=devices.epoch_end(device, msg.epoch, index,
                                                          own["current_bytes"]))
+                if cfg.on_nan == "stop":  # before this epoch's checkpoint or record is written
+                    check_evaluation(r["meters"], msg.epoch)
             r["evaluate"] = msg.kind == Kind.CHECKPOINT and msg.flag
             state = stage.checkpoint_state() if cfg.save_dir else None  # every replica sums
             writer.submit(steps, r["evaluate"], state if stage.replica == 0 else None, r)

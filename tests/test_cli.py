@@ -97,6 +97,13 @@ BAD = [
                                   "optimizer state, more than the"),
     (["--cutout", "--n_holes", "100000000"], "--n-holes 100000000 is more than the 784 pixels"),
     (["--classes-per-batch", "20"], "--classes-per-batch 20 is more than the 10 classes"),
+    # what the network cannot train on, found before any stage is built
+    (["--batch-size", "1"], "--batch-size 1 leaves batch norm 1 sample a batch; it needs at "
+                            "least 2 (or --no-batch-norm)"),
+    (["--model", "vgg8"], "--model vgg8 shrinks synthetic's 28×28 inputs to nothing; it takes "
+                          "inputs of at least 32×32"),
+    (["--model", "vgg16", "--describe"], "--model vgg16 shrinks synthetic's 28×28 inputs to "
+                                         "nothing; it takes inputs of at least 32×32"),
     *([(["--device", "cuda"], "--device cuda was asked for but no CUDA device is available")]
       if not torch.cuda.is_available() else []),
     # data
@@ -286,6 +293,26 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(capsys, finished, bad_d
 
 def _listing(folder: Path) -> list[str] | None:
     return sorted(os.listdir(folder)) if folder.exists() else None
+
+
+def test_a_leftover_world_size_is_one_line(monkeypatch, capsys, tmp_path):
+    """WORLD_SIZE left in the environment, without torchrun's other variables."""
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    for name in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    assert main(BASE + ["--save-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["localpipe: error: WORLD_SIZE=4 is set but RANK, MASTER_ADDR, MASTER_PORT "
+                   "are not: start the run with torchrun, or unset WORLD_SIZE for one process"]
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_empty_recipe_name_is_refused(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(BASE + ["--recipe", ""])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == ("localpipe: error: --recipe needs a name; "
+                                               "--recipe list shows all 86")
 
 
 @pytest.mark.slow  # starts processes

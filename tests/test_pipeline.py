@@ -241,3 +241,32 @@ def test_a_new_thread_computes_with_the_process_thread_count():
     if torch.equal(got[False], one):
         pytest.skip("a new thread's BLAS default is one thread here (OMP_NUM_THREADS=1?)")
     assert torch.equal(got[True], one)
+
+
+@pytest.mark.parametrize("on_nan", ["stop", "skip"])
+def test_a_non_finite_loss_at_evaluation_obeys_on_nan(on_nan):
+    """A NaN test batch stops the run under --on-nan stop, naming the unit and the epoch,
+    before the epoch's record; under skip it is counted apart and the run goes on."""
+    from localpipe.pipeline.channel import StageFailed
+    from localpipe.pipeline.inprocess import run_threads
+    from localpipe.pipeline.message import Message
+    from localpipe.stages.config import Config
+    from localpipe.stages.models import build_stage
+
+    cfg = Config(model="mlp", num_layers=1, num_hidden=16, dataset="synthetic", save_dir="",
+                 on_nan=on_nan).validate()
+    stage = build_stage(cfg, (1, 28, 28), 10)
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(10, (8,))
+    messages = [Message(Kind.EVAL, 1, 0, tensors={"x": x, "y": y}),
+                Message(Kind.EVAL, 1, 1, tensors={"x": x * float("nan"), "y": y}),
+                Message(Kind.END_EPOCH, 1, 0), Message(Kind.STOP, 0, 0)]
+    reports = []
+    if on_nan == "stop":
+        with pytest.raises(StageFailed, match="unit 0: 1 test batch\\(es\\) gave a non-finite "
+                                              "loss in the evaluation of epoch 1"):
+            run_threads(cfg, [stage], [torch.device("cpu")], iter(messages), reports.append)
+        assert not [r for r in reports if r["kind"] == "end_epoch"]
+        return
+    run_threads(cfg, [stage], [torch.device("cpu")], iter(messages), reports.append)
+    meters = next(r for r in reports if r["kind"] == "end_epoch")["meters"]
+    assert meters[1]["test"]["nonfinite"] == 1 and meters[1]["test"]["n"] == 8

@@ -30,7 +30,7 @@ from localpipe.pipeline.data import (INFO, Batches, DataError, DatasetInfo, load
                                      load_split)
 from localpipe.pipeline.files import atomic_write
 from localpipe.stages.config import PYTHON_MODEL, Config, ConfigError
-from localpipe.stages.localnet import module_state
+from localpipe.stages.localnet import LocalNet, module_state
 from localpipe.stages.models import build_model, plan
 from localpipe.stages.stage import Stage
 
@@ -53,12 +53,14 @@ class Normalize:
         return (x - self.mean.to(x.device)) / self.std.to(x.device)
 
 
-def load(path: str, device: str | torch.device = "cpu", into: nn.Sequential | None = None):
+def load(path: str, device: str | torch.device = "cpu",
+         into: nn.Sequential | LocalNet | None = None):
     """The model of a finished run (its ``model.pt``), or of a checkpoint folder (or, for a
     run without ``model.pt``, of its newest checkpoint), with its config and input transform.
 
-    ``into``: a fresh copy of the ``nn.Sequential`` a run of ``lp.fit`` trained (a checkpoint
-    holds weights, not code); its weights are loaded and it is returned, in eval mode."""
+    ``into``: for a run of ``lp.fit``, a fresh copy of the ``nn.Sequential`` it trained (a
+    checkpoint holds weights, not code), or a ``LocalNet`` around one (its heads are loaded
+    too); its weights are loaded and it is returned, in eval mode."""
     folder = checkpoint.find_checkpoint(path, path) \
         if not os.path.exists(os.path.join(path, "model.pt")) else None
     if folder is not None:
@@ -76,12 +78,16 @@ def load(path: str, device: str | torch.device = "cpu", into: nn.Sequential | No
                           f"{path} holds the paper's {cfg.model}, not a network of yours: "
                           f"load it without into=")
     if into is not None:
+        module = into.module if isinstance(into, LocalNet) else into
         if state is None:
             manifest = checkpoint.read_manifest(folder, cfg.to_dict())
-            units = checkpoint.load_units(folder, manifest, list(range(len(into))))["units"]
-            state = {f"{'output' if i == len(into) - 1 else f'blocks.{i}'}.{k}": v
+            units = checkpoint.load_units(folder, manifest, list(range(len(module))))["units"]
+            state = {f"{'output' if i == len(module) - 1 else f'blocks.{i}'}.{k}": v
                      for i, unit in units.items() for k, v in unit["state"].items()}
-        into.load_state_dict(module_state(state, len(into)))
+        if isinstance(into, LocalNet):
+            into.load_stage_state(state)
+        else:
+            into.load_state_dict(module_state(state, into))
         return into.to(device).eval()
     info = INFO[cfg.dataset]
     model = build_model(cfg, info.shape, info.num_classes)

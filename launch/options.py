@@ -81,6 +81,8 @@ def build_parser() -> Parser:
     for f in dataclasses.fields(Config):
         if f.name == "recipe":
             group = p.add_argument_group("localpipe's options")
+        if not f.metadata["cli"]:
+            continue
         group.add_argument(cli_flag(f), *f.metadata["aliases"], dest=f.name,
                            help=f.metadata["help"].replace("{choices}", ", ".join(offered(f))),
                            **_kind(f))

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from localpipe.pipeline.files import atomic_write
-from localpipe.stages.config import ConfigError, global_batch, resumed_fields
+from localpipe.stages.config import ConfigError, defaults, global_batch, resumed_fields
 
 # 2: no dropout generator states (masks are keyed by position), weights_only files;
 # 3: a list of optimizers per unit (a residual block's last unit also steps its shortcut's)
@@ -218,10 +218,15 @@ def read_manifest(folder: str, args: dict) -> dict:
     problem = _manifest_problem(manifest)
     if problem:
         raise ValueError(f"{path} is not a localpipe manifest: {problem}")
-    for key in resumed_fields():
-        if manifest["args"].get(key) != args.get(key):
+    made = {**defaults(), **manifest["args"]}  # an option added since: its default
+    for key in sorted(resumed_fields(), key=lambda k: k != "network"):  # the network first
+        if made[key] != args.get(key) and key == "network":
+            raise ValueError(f"checkpoint {folder} was made for another network: "
+                             f"{made[key] or 'one of the paper'}; this run trains "
+                             f"{args.get(key) or 'one of the paper'}")
+        if made[key] != args.get(key):
             raise ValueError(f"checkpoint {folder} was made with --{key.replace('_', '-')} "
-                             f"{manifest['args'].get(key)}, this run has {args.get(key)}")
+                             f"{made[key]}, this run has {args.get(key)}")
     then, now = (global_batch(a["batch_size"], a.get("replicas", 1),
                               a.get("per_replica_batch", False)) for a in (manifest["args"], args))
     if then != now:  # a position counts global batches: --replicas may change, not that

@@ -292,27 +292,44 @@ class Batches:
 
 class DatasetBatches(Batches):
     """The batches of a map-style dataset of (tensor, int label) given in Python (``lp.fit``),
-    in the same seeded order as ``Batches``; samples are taken as they are (no preprocessing),
-    and read batch by batch, never all at once."""
+    in the same seeded order as ``Batches``; samples are taken as they are (floating point
+    ones as float32, no other preprocessing), and read batch by batch, never all at once."""
 
-    def __init__(self, dataset, cfg: Config, train: bool) -> None:
-        self.dataset = dataset
+    def __init__(self, dataset, cfg: Config, train: bool, num_classes: int) -> None:
+        self.dataset, self.num_classes = dataset, num_classes
+        self.split = "training" if train else "test"
         self._count(len(dataset), cfg, train)
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
-        for idx in self.order(epoch)[start:]:
-            samples = [self.dataset[i] for i in idx.tolist()]
-            yield (torch.stack([torch.as_tensor(x) for x, _ in samples]),
-                   torch.tensor([int(y) for _, y in samples]))
+        for step, idx in enumerate(self.order(epoch)[start:], start):
+            yield self.collate([self.dataset[i] for i in idx.tolist()], epoch, step)
+
+    def collate(self, samples: list, epoch: int, step: int) -> tuple[Tensor, Tensor]:
+        """One batch, or a DataError saying which sample of which batch is wrong: a label
+        outside 0..classes - 1 would train silently on nothing (its one-hot row is empty)."""
+        where = f"the {self.split} set's batch {step + 1} of epoch {epoch}"
+        x = torch.stack([torch.as_tensor(s[0]) for s in samples])
+        if not x.is_floating_point():
+            raise DataError(f"{where} holds {x.dtype} samples; LocalNet trains on floating "
+                            f"point ones (scale them, e.g. with transforms.ToTensor())")
+        y = torch.as_tensor([s[1] for s in samples])
+        if y.is_floating_point() or y.dtype == torch.bool:
+            raise DataError(f"{where} holds {y.dtype} labels; labels are class indices")
+        if int(y.min()) < 0 or int(y.max()) >= self.num_classes:
+            raise DataError(f"{where} has labels outside 0..{self.num_classes - 1} "
+                            f"({int(y.min())}..{int(y.max())})")
+        return x.float(), y.long()
 
 
-def dataset_batches(train_set, test_set, cfg: Config) -> tuple[Batches, Batches, None]:
+def dataset_batches(train_set, test_set, cfg: Config,
+                    num_classes: int) -> tuple[Batches, Batches, None]:
     """``load_batches`` for datasets given in Python: no test set tests on nothing."""
-    train = DatasetBatches(train_set, cfg, train=True)
+    train = DatasetBatches(train_set, cfg, True, num_classes)
     if len(train) == 0:
         raise DataError(f"the training set has {len(train_set)} sample(s); training needs at "
                         f"least {MIN_TRAIN_BATCH * cfg.replicas}")
-    return train, DatasetBatches(() if test_set is None else test_set, cfg, train=False), None
+    return train, DatasetBatches(() if test_set is None else test_set, cfg, False,
+                                 num_classes), None
 
 
 def random_crop(x: Tensor, padding: int, gen: torch.Generator) -> Tensor:

@@ -1,6 +1,7 @@
 """The global state of one process, set once at its start: seeds, threads, determinism."""
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 
@@ -34,3 +35,21 @@ def pin_thread() -> None:
     default, every core: a GEMM's sums depend on its thread count, so --threads would not pin
     the arithmetic of a thread's first GEMMs."""
     torch.set_num_threads(torch.get_num_threads())
+
+
+@contextlib.contextmanager
+def kept():
+    """What ``configure`` changes (the global generators, the torch thread count and
+    deterministic mode) put back as it was after the block: a run started from a user's
+    own program (``lp.fit``) leaves the program's state alone."""
+    torch_rng, numpy_rng, python_rng = torch.get_rng_state(), np.random.get_state(), \
+        random.getstate()
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    try:
+        yield
+    finally:
+        torch.set_rng_state(torch_rng)
+        np.random.set_state(numpy_rng)
+        random.setstate(python_rng)
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)

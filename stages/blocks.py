@@ -244,10 +244,14 @@ class Unit(nn.Module):
         beyond the first, its replica. Reseeded at each call: a unit draws one mask per batch."""
         if self._dropout_gen is None or self._dropout_gen.device != device:
             self._dropout_gen = torch.Generator(device=device)
-        replica = ("replica", self.replica) if self.replica else ()
-        self._dropout_gen.manual_seed(derive_seed(self.cfg.seed, "dropout", self.index,
-                                                  *self.position, *replica))
+        self._dropout_gen.manual_seed(self.mask_seed())
         return self._dropout_gen
+
+    def mask_seed(self) -> int:
+        """The seed of this unit's random draws for the current batch: (seed, unit, epoch,
+        step) and, beyond the first, its replica."""
+        replica = ("replica", self.replica) if self.replica else ()
+        return derive_seed(self.cfg.seed, "dropout", self.index, *self.position, *replica)
 
     def step_closure(self, loss: Tensor, kept: list[tuple[Tensor, Tensor]]) -> Update:
         """The update of this batch; ``kept`` are the buffers to put back if it is skipped."""

@@ -32,7 +32,7 @@ PYTHON_ONLY = (PYTHON_MODEL, PYTHON_DATASET)
 def option(default, help: str, *, metavar: str | None = None, choices: tuple = (),
            check: str | None = None, within: tuple[str, Callable[[float], bool]] | None = None,
            part: str = "run", resume: bool | None = None, flag: str | None = None,
-           aliases: tuple[str, ...] = (), noun: str | None = None):
+           aliases: tuple[str, ...] = (), noun: str | None = None, cli: bool = True):
     """One option, described once: its default and ``help`` (the command line's), and what
     validation, the command line and the resume check read from it. ``choices``: the values
     allowed, or a function giving them (a registry's names, looked up when asked); argparse
@@ -41,9 +41,11 @@ def option(default, help: str, *, metavar: str | None = None, choices: tuple = (
     what the option defines, "model", "training" or "run"; ``resume``: whether a checkpoint
     must have been made with the same value (by default: model and training options do).
     ``flag``: the command line's spelling where it is not --the-name (``--no-download`` sets
-    ``download`` False); ``noun``: how an unknown value is named ("model" for --model)."""
+    ``download`` False); ``noun``: how an unknown value is named ("model" for --model);
+    ``cli`` False keeps it off the command line (set by ``lp.fit`` alone)."""
     meta = {"help": help, "metavar": metavar, "choices": choices, "check": check,
             "within": within, "part": part, "flag": flag, "aliases": aliases, "noun": noun,
+            "cli": cli,
             "resume": part in ("model", "training") if resume is None else resume}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
@@ -185,6 +187,9 @@ class Config:
                                    "ends only)", metavar="N", check="nonneg")
     keep_checkpoints: int = option(3, "keep the newest N checkpoints (0: all)", metavar="N",
                                    check="nonneg")
+    network: str = option("", "a network given in Python, as lp.fit describes it (its "
+                          "children, output shapes, loss and heads), so that a checkpoint "
+                          "resumes only into the same one", part="model", cli=False)
     on_nan: str = option("stop", "a NaN or infinite loss stops the run, or that batch's update "
                          "is skipped", choices=("stop", "skip"))
     comm_timeout: float = option(300.0, "seconds a stage may wait for a neighbour, or spend "
@@ -288,6 +293,12 @@ def choices_of(f: dataclasses.Field) -> tuple:
 def offered(f: dataclasses.Field) -> tuple:
     """The values a command line offers: a network or dataset given in Python is no name."""
     return tuple(c for c in choices_of(f) if c not in PYTHON_ONLY)
+
+
+def defaults() -> dict:
+    """Every option's default (what an older checkpoint, made before an option existed,
+    was made with)."""
+    return Config().to_dict()
 
 
 def resumed_fields() -> tuple[str, ...]:

@@ -16,9 +16,12 @@ replica), handed to them by ``KeyedRandom``, so every runner draws the same mask
 ``nn.Dropout``/``Dropout1d``/``Dropout2d``/``Dropout3d`` (``F.dropout*``) and the torch calls
 that take a ``generator`` (``torch.rand``, ``randn``, ``randint``, ``randperm``,
 ``bernoulli``, ``multinomial``, ``normal`` and the in-place ``Tensor.bernoulli_``,
-``uniform_``, ``normal_``, ``random_``, ``exponential_``). Not covered: random ops inside
-other C++ kernels (``F.rrelu``, ``F.alpha_dropout``), which draw from torch's global generator
-and make runners differ.
+``uniform_``, ``normal_``, ``random_``, ``exponential_``, ...: ``_RANDOM`` below). Not covered,
+drawing from torch's global generator (so that runners differ): random ops inside C++ kernels
+(``F.rrelu``, ``F.alpha_dropout``, the ``dropout_p`` of ``F.scaled_dot_product_attention``),
+and covered ops called from inside another function torch lets modes override, such as the
+attention dropout of ``nn.MultiheadAttention`` and ``nn.TransformerEncoderLayer`` (a mode
+sees the outer call only). Give such blocks ``dropout=0`` and put ``nn.Dropout`` beside them.
 """
 from __future__ import annotations
 
@@ -41,7 +44,7 @@ from localpipe.stages.stage import Stage
 
 LossFn = Callable[[Tensor, Tensor, nn.Module], Tensor]  # (block output, labels, head) -> loss
 Heads = Callable[[int, tuple[int, ...]], nn.Module]  # (block index, output shape) -> head
-Optimizer = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
+OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 
 
 # --------------------------------------------------------------------------------- heads
@@ -150,10 +153,13 @@ def bio_predsim_loss(h: Tensor, y: Tensor, head: LocalHead,
 # ---------------------------------------------------------------------------- randomness
 # torch calls that draw random numbers and take a ``generator``
 _RANDOM = {torch.rand, torch.randn, torch.randint, torch.randperm, torch.bernoulli,
-           torch.multinomial, torch.normal, torch.rand_like, torch.randn_like,
-           torch.randint_like, Tensor.bernoulli_, Tensor.uniform_, Tensor.normal_,
-           Tensor.random_, Tensor.exponential_}
-_DROPOUT = {F.dropout: False, F.dropout1d: True, F.dropout2d: True, F.dropout3d: True}
+           torch.multinomial, torch.normal, torch.poisson, torch.rand_like, torch.randn_like,
+           torch.randint_like, Tensor.bernoulli, Tensor.bernoulli_, Tensor.multinomial,
+           Tensor.uniform_, Tensor.normal_, Tensor.random_, Tensor.exponential_,
+           Tensor.cauchy_, Tensor.log_normal_, Tensor.geometric_}
+# dropout, by whether it drops whole channels
+_DROPOUT = {F.dropout: False, torch.dropout: False, F.dropout1d: True, F.dropout2d: True,
+            F.dropout3d: True}
 
 
 class KeyedRandom(TorchFunctionMode):
@@ -182,10 +188,19 @@ class KeyedRandom(TorchFunctionMode):
         return func(*args, **kwargs)
 
     def _dropout(self, channels: bool, input: Tensor, p: float = 0.5, training: bool = True,
-                 inplace: bool = False) -> Tensor:
+                 inplace: bool = False, train: bool | None = None) -> Tensor:
+        """As torch's: p = 1 zeroes everything; channel dropout of an unbatched input (one
+        dimension fewer than its batched form, as torch guesses it) drops its rows."""
+        training = training if train is None else train  # torch.dropout's name for it
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
         if not training or p == 0:
             return input
-        shape = input.shape[:2] + (1,) * (input.dim() - 2) if channels else input.shape
+        if p == 1:
+            return input.mul_(0) if inplace else input * 0
+        batched = input.dim() > 2 or not channels  # torch takes a 2-D input as (C, L)
+        keep = (2 if batched else 1) if channels else input.dim()
+        shape = input.shape[:keep] + (1,) * (input.dim() - keep)
         mask = torch.empty(shape, device=input.device, dtype=input.dtype)
         mask.bernoulli_(1.0 - p, generator=self.generator(input.device)).div_(1.0 - p)
         return input.mul_(mask) if inplace else input * mask
@@ -197,7 +212,7 @@ class UserUnit(Unit):
     its head, its loss and its optimizer. The last child is the output layer."""
 
     def __init__(self, index: int, cfg: Config, body: nn.Module, head: nn.Module | None,
-                 loss, optimizer: Optimizer | None, output_scale: float | None,
+                 loss, optimizer: OptimizerFactory | None, output_scale: float | None,
                  alpha: float = 0.0) -> None:
         """``loss``: a registered loss's function (returning the loss and its records) or the
         user's callable (returning the loss); ``output_scale`` set makes this the output layer,
@@ -243,9 +258,7 @@ class UserUnit(Unit):
     def train_step(self, x: Tensor, y: Tensor,
                    skips: Skips | None = None) -> tuple[Tensor, Update]:
         kept = keep_buffers(self, self.cfg)
-        replica = ("replica", self.replica) if self.replica else ()
-        with KeyedRandom(derive_seed(self.cfg.seed, "dropout", self.index, *self.position,
-                                     *replica)):
+        with KeyedRandom(self.mask_seed()):
             out = self.body(x)
         return out.detach(), self.step_closure(self.local_loss(out, y, x), kept)
 
@@ -276,12 +289,18 @@ class LocalNet(nn.Module):
     def __init__(self, module: nn.Sequential, *, num_classes: int,
                  input_shape: tuple[int, ...], loss: str | LossFn = "predsim",
                  beta: float = 0.99, heads: Heads | None = None,
-                 optimizer: Optimizer | None = None, dim_in_decoder: int = 4096,
+                 optimizer: OptimizerFactory | None = None, dim_in_decoder: int = 4096,
                  alpha: float = 0.0, seed: int = 1) -> None:
         super().__init__()
         if not isinstance(module, nn.Sequential) or len(module) < 2:
             raise ValueError("LocalNet needs an nn.Sequential of at least two children: "
                              "local blocks, then the output layer")
+        if not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(f"num_classes must be an int of at least 2, got {num_classes!r}")
+        if not isinstance(input_shape, (tuple, list)) or not all(
+                isinstance(d, int) and d > 0 for d in input_shape):
+            raise ValueError(f"input_shape is one sample's shape, a tuple of positive ints "
+                             f"such as (1, 28, 28), got {input_shape!r}")
         if isinstance(loss, str) and loss not in LOSSES:
             raise ValueError(f"unknown local loss {loss!r}; choose from "
                              f"{', '.join(LOSSES.names())}, or pass a callable "
@@ -292,7 +311,12 @@ class LocalNet(nn.Module):
         self.module, self.num_classes = module, num_classes
         self.shape, self.loss, self.beta, self.alpha = tuple(input_shape), loss, beta, alpha
         self.optimizer = optimizer
-        self.out_shapes = probe(module, self.shape)
+        try:
+            self.out_shapes = probe(module, self.shape)
+        except Exception as exc:
+            raise ValueError(f"the network cannot take a sample of input_shape {self.shape} "
+                             f"(one sample's shape, no batch dimension): "
+                             f"{type(exc).__name__}: {exc}") from None
         if self.out_shapes[-1] != (num_classes,):
             raise ValueError(f"the last child must give {num_classes} logits a sample, "
                              f"not {self.out_shapes[-1]}")
@@ -307,15 +331,38 @@ class LocalNet(nn.Module):
                 built.append(heads(i, shape) if heads is not None else
                              LocalHead(shape, num_classes, pred, sim, dim_in_decoder, bio))
         self.heads = nn.ModuleList(built)
+        need = ("predict", "similar") if isinstance(loss, str) else ()
+        for i, head in enumerate(self.heads):
+            missing = [m for m in need if not callable(getattr(head, m, None))]
+            if missing:
+                raise ValueError(f"head {i} has no {' or '.join(m + '(h)' for m in missing)}, "
+                                 f"which the registered loss {loss!r} calls; derive it from "
+                                 f"lp.LocalHead, or pass a callable loss")
+        last = list(module)[-1]
+        if not any(p.requires_grad for p in last.parameters()):
+            raise ValueError("the last child, the output layer, has no parameters to train; "
+                             "end the network with its classifier (its logits, no softmax)")
+        self._described = (heads, optimizer, dim_in_decoder)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.module(x)
 
+    def signature(self) -> str:
+        """What a checkpoint must have been made for: the children, their output shapes and
+        every choice of loss, heads and optimizer (a callable by its qualified name)."""
+        heads, optimizer, dim = self._described
+        name = lambda f: "default" if f is None else getattr(f, "__qualname__",  # noqa: E731
+                                                               type(f).__name__)
+        loss = self.loss if isinstance(self.loss, str) else name(self.loss)
+        return (f"LocalNet[{'; '.join(self.names())}] loss={loss} beta={self.beta} "
+                f"alpha={self.alpha} dim_in_decoder={dim} heads={name(heads)} "
+                f"optimizer={name(optimizer)}")
+
     # the network as the runners see it (stages/network.py)
     def names(self) -> list[str]:
         shapes = ["x".join(map(str, s)) for s in self.out_shapes]
-        return [f"{type(child).__name__} -> {shape}"
-                for child, shape in zip(self.module, shapes)]
+        return [f"{name} {type(child).__name__} -> {shape}"
+                for (name, child), shape in zip(self.module._modules.items(), shapes)]
 
     def parameter_counts(self) -> list[int]:
         heads = [*self.heads, None]
@@ -340,25 +387,29 @@ class LocalNet(nn.Module):
     def load_stage_state(self, state: dict[str, Tensor]) -> None:
         """Take every unit's weights from stage state dicts (``blocks.{i}.body.*``,
         ``blocks.{i}.head.*``, ``output.body.*``: a gathered run or a ``model.pt``)."""
-        self.load_state_dict(own_keys(state, len(self.module)))
+        self.load_state_dict(own_keys(state, self.module))
 
 
-def module_state(state: dict[str, Tensor], units: int) -> dict[str, Tensor]:
-    """A stage state dict's weights of the user's network alone, under its own keys
-    (``{i}.*``): what a fresh copy of the ``nn.Sequential`` loads."""
-    return {k[len("module."):]: v for k, v in own_keys(state, units).items()
+def module_state(state: dict[str, Tensor], module: nn.Sequential) -> dict[str, Tensor]:
+    """A stage state dict's weights of the user's network alone, under its own keys (each
+    child's name, ``0`` … or the names an ``OrderedDict`` gave): what a fresh copy of
+    ``module`` loads."""
+    return {k[len("module."):]: v for k, v in own_keys(state, module).items()
             if k.startswith("module.")}
 
 
-def own_keys(state: dict[str, Tensor], units: int) -> dict[str, Tensor]:
-    """A stage state dict's keys as a ``LocalNet``'s (``module.{i}.*``, ``heads.{i}.*``)."""
+def own_keys(state: dict[str, Tensor], module: nn.Sequential) -> dict[str, Tensor]:
+    """A stage state dict's keys (by unit index) as a ``LocalNet`` around ``module`` has them
+    (``module.{child name}.*``, ``heads.{i}.*``)."""
+    names = list(module._modules)
     out = {}
     for key, value in state.items():
         if key.startswith("output.body."):
-            out[f"module.{units - 1}.{key[len('output.body.'):]}"] = value
+            out[f"module.{names[-1]}.{key[len('output.body.'):]}"] = value
             continue
         _, index, part, rest = key.split(".", 3)
-        out[f"{'module' if part == 'body' else 'heads'}.{index}.{rest}"] = value
+        out[f"module.{names[int(index)]}.{rest}" if part == "body"
+            else f"heads.{index}.{rest}"] = value
     return out
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections import OrderedDict
 
 import torch
 from torch import nn
@@ -21,16 +22,17 @@ TRAIN, TEST, BATCH = 3000, 1000, 64
 
 
 def network() -> nn.Sequential:
-    """Convolutions with batch norm, pooling, dropout, a linear output: three local blocks."""
+    """Convolutions with batch norm, pooling, dropout, a linear output: three local blocks,
+    named as a user names them (an OrderedDict), so that every key is the user's own."""
     torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-                      nn.MaxPool2d(2)),
-        nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-                      nn.Dropout2d(0.1), nn.MaxPool2d(2)),
-        nn.Sequential(nn.Flatten(), nn.Linear(32 * 7 * 7, 128), nn.BatchNorm1d(128), nn.ReLU(),
-                      nn.Dropout(0.2)),
-        nn.Linear(128, 10))
+    return nn.Sequential(OrderedDict(
+        conv1=nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                            nn.MaxPool2d(2)),
+        conv2=nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                            nn.Dropout2d(0.1), nn.MaxPool2d(2)),
+        fc=nn.Sequential(nn.Flatten(), nn.Linear(32 * 7 * 7, 128), nn.BatchNorm1d(128),
+                         nn.ReLU(), nn.Dropout(0.2)),
+        out=nn.Linear(128, 10)))
 
 
 def mnist(root: str) -> tuple[Subset, Subset]:

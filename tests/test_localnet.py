@@ -97,6 +97,10 @@ def test_the_weights_reproduce_the_test_error_in_plain_pytorch(data, trained):
     assert lp.evaluate(net.module, test, fit_script.BATCH) == result.test_error
     loaded = lp.load(result.run_dir, into=fit_script.network())
     assert _equal(loaded.state_dict(), net.module.state_dict()) and not loaded.training
+    assert "conv1.0.weight" in loaded.state_dict()  # the user's own names
+    wrapped = lp.load(result.run_dir, into=lp.LocalNet(fit_script.network(), num_classes=10,
+                                                       input_shape=(1, 28, 28), seed=7))
+    assert _equal(wrapped.state_dict(), net.state_dict())  # the heads too
     with pytest.raises(lp.ConfigError, match="into="):
         lp.load(result.run_dir)
 
@@ -194,6 +198,54 @@ def test_bad_input_and_a_failing_block_are_named():
     net, data = _toy(fail_at=5)
     with pytest.raises(lp.StageFailed, match="stage 1 failed.*the user's block broke"):
         lp.fit(net, data, epochs=1, batch_size=8, stages=2, balance=[1, 2], save_dir="")
+    net, data = _toy()
+    x, y = data.tensors
+    for bad, message in (((x, y + 1), "has labels outside 0..2 \\(1..3\\)"),
+                         (((x * 255).to(torch.uint8), y), "holds torch.uint8 samples"),
+                         ((x, y.float()), "holds torch.float32 labels")):
+        with pytest.raises(lp.StageFailed, match="the data feed: DataError: the training "
+                                                 "set's batch 1 of epoch 1 " + message):
+            lp.fit(net, TensorDataset(*bad), epochs=1, batch_size=8, save_dir="")
+    with pytest.raises(TypeError, match="fit trains a LocalNet"):
+        lp.fit(net.module, data, epochs=1, batch_size=8, save_dir="")
+    with pytest.raises(ValueError, match="at least one sample"):
+        lp.evaluate(net.module, [])
+    module = net.module
+    for kwargs, message in (
+            ({"input_shape": (1, 5, 5)}, "cannot take a sample of input_shape \\(1, 5, 5\\)"),
+            ({"input_shape": 16}, "input_shape is one sample's shape"),
+            ({"num_classes": 0}, "num_classes must be an int of at least 2"),
+            ({"heads": lambda i, shape: nn.Identity()}, "head 0 has no predict\\(h\\) or "
+                                                        "similar\\(h\\)")):
+        with pytest.raises(ValueError, match=message):
+            lp.LocalNet(module, **{"num_classes": 3, "input_shape": (1, 4, 4), **kwargs})
+    with pytest.raises(ValueError, match="the output layer, has no parameters"):
+        lp.LocalNet(nn.Sequential(*module, nn.LogSoftmax(1)), num_classes=3,
+                    input_shape=(1, 4, 4))
+
+
+def test_fit_leaves_the_programs_global_state_alone(tmp_path):
+    """Seeds, thread count and deterministic mode are the run's while it runs and the
+    program's again after; a checkpoint resumes only into the network it was made for."""
+    net, data = _toy()
+    torch.manual_seed(777)
+    expected = torch.rand(3)
+    torch.manual_seed(777)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads - 1))
+    try:
+        lp.fit(net, data, epochs=1, batch_size=8, threads=1, deterministic=True,
+               save_dir=str(tmp_path / "run"), curves=False)
+        assert torch.equal(torch.rand(3), expected)
+        assert torch.get_num_threads() == max(1, threads - 1)
+        assert not torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.set_num_threads(threads)
+    other = lp.LocalNet(net.module, num_classes=3, input_shape=(1, 4, 4), loss="pred")
+    with pytest.raises(lp.ConfigError, match="was made for another network: LocalNet.* "
+                                             "loss=predsim.*; this run trains .*loss=pred "):
+        lp.fit(other, data, epochs=2, batch_size=8, save_dir=str(tmp_path / "run"),
+               resume="auto")
 
 
 def test_the_readmes_python_example_runs_as_written(mnist_root, tmp_path):
@@ -208,3 +260,25 @@ def test_the_readmes_python_example_runs_as_written(mnist_root, tmp_path):
     errors = re.search(r"test error ([\d.]+) %, plain PyTorch ([\d.]+) %", run.stdout)
     assert errors and errors.group(1) == errors.group(2) and float(errors.group(1)) < 20, \
         run.stdout[-2000:]
+
+
+def test_keyed_dropout_draws_torchs_masks_from_its_own_generator():
+    """The same key, the same masks; torch's semantics at the edges (p = 1 zeroes; a 2-D input
+    to Dropout1d is one unbatched (C, L) sample whose rows drop whole)."""
+    from localpipe.stages.localnet import KeyedRandom
+    x = torch.ones(6, 8)
+    with KeyedRandom(3):
+        first, rows, gone = F.dropout(x, 0.5), nn.Dropout1d(0.5)(x), F.dropout(x, 1.0)
+        drawn = torch.rand(2)
+    with KeyedRandom(3):
+        again = F.dropout(x, 0.5)
+    with KeyedRandom(4):
+        other = F.dropout(x, 0.5)
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    assert set(first.unique().tolist()) == {0.0, 2.0} and torch.equal(gone, torch.zeros_like(x))
+    assert all(len(set(row.tolist())) == 1 for row in rows)
+    with KeyedRandom(3):
+        F.dropout(x, 0.5)
+        nn.Dropout1d(0.5)(x)
+        F.dropout(x, 1.0)
+        assert torch.equal(torch.rand(2), drawn)  # the generator's own sequence, not torch's

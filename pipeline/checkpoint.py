@@ -55,27 +55,41 @@ def age(name: str) -> tuple[int, int]:
 
 
 class _Hashing:
-    """A file that counts and hashes what goes through it, so that nothing is held twice."""
+    """A file that counts and hashes what goes through it, so that nothing is held twice,
+    and keeps the OS's error of a failed write: torch's writer hides it behind its own
+    ("unexpected pos"), and the user needs the reason (no space, a read-only disk)."""
 
     def __init__(self, f: BinaryIO) -> None:
         self.f, self.sha, self.bytes = f, hashlib.sha256(), 0
+        self.error: OSError | None = None
 
     def write(self, data) -> int:
+        try:
+            written = self.f.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
         self.sha.update(data)
         self.bytes += len(data)
-        return self.f.write(data)
+        return written
 
     def flush(self) -> None:
         self.f.flush()
 
 
 def save_torch(obj, path: str, pause: float = 0.0) -> dict:
-    """Atomically save ``obj``, streamed to disk; return its size and SHA-256."""
+    """Atomically save ``obj``, streamed to disk; return its size and SHA-256. A failed write
+    is a WriteError naming ``path`` and the OS's reason."""
     hashed: list[_Hashing] = []
 
     def write(f: BinaryIO) -> None:
         hashed.append(_Hashing(f))
-        torch.save(obj, hashed[0])
+        try:
+            torch.save(obj, hashed[0])
+        except RuntimeError:
+            if hashed[0].error is not None:
+                raise hashed[0].error from None
+            raise
     atomic_write(path, write, pause)
     return {"bytes": hashed[0].bytes, "sha256": hashed[0].sha.hexdigest()}
 

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import localpipe
 from localpipe.pipeline import console
@@ -29,10 +30,11 @@ class Records:
                 [IMPORT_ROOT, *filter(None, [os.environ.get("PYTHONPATH")])])}
             # a session of its own: a Ctrl-C or a scheduler's signal to the run's process group
             # must not cut the last drawing short; it ends when the run closes its stdin
+            self.errors = tempfile.TemporaryFile()  # what it says, for the run to report
             self.sidecar = subprocess.Popen([sys.executable, "-m", "localpipe.pipeline.sidecar",
                                              self.folder], stdin=subprocess.PIPE, env=env,
-                                            stdout=subprocess.DEVNULL, text=True,
-                                            start_new_session=True)
+                                            stdout=subprocess.DEVNULL, stderr=self.errors,
+                                            text=True, start_new_session=True)
 
     def epoch(self, record: dict) -> None:
         self.history.append(record)
@@ -56,8 +58,13 @@ class Records:
         except subprocess.TimeoutExpired:
             self.sidecar.kill()
         if self.sidecar.returncode:
-            console.say(f"the curves and TensorBoard files in {self.folder} may be out of date "
-                        f"(their sidecar process ended with {self.sidecar.returncode})")
+            self.errors.seek(0)
+            said = [line for line in self.errors.read().decode(errors="replace").splitlines()
+                    if line.strip()]
+            why = said[-1] if said else f"their process ended with {self.sidecar.returncode}"
+            console.say(f"the curves and TensorBoard files in {self.folder} may be out of "
+                        f"date: {why}")
+        self.errors.close()
         self.sidecar = None
 
     def _tell(self, command: str) -> None:

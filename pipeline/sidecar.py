@@ -122,5 +122,16 @@ def main(folder: str) -> int:
             return 0
 
 
+def run(folder: str) -> int:
+    """``main``, with a failure (a curves.png that cannot be written, say) as one line on
+    stderr, which the run reports as its own (pipeline/records.py): never a traceback in the
+    user's terminal."""
+    try:
+        return main(folder)
+    except Exception as exc:
+        print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+
+
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    sys.exit(run(sys.argv[1]))

@@ -16,11 +16,13 @@ import torch
 from torch import nn
 
 from localpipe.pipeline import process
+from localpipe.pipeline.checkpoint import Finished
 from localpipe.pipeline.data import dataset_batches
 from localpipe.pipeline.distributed import run_distributed
 from localpipe.pipeline.inprocess import run_inprocess
 from localpipe.pipeline.signals import StopRequest
 from localpipe.stages.config import PYTHON_DATASET, PYTHON_MODEL, Config
+from localpipe.launch.evaluate import load
 from localpipe.stages.localnet import LocalNet
 
 
@@ -73,13 +75,17 @@ def fit(net: LocalNet, train_set, test_set=None, *, epochs: int, batch_size: int
         history.extend(records)
 
     data = lambda cfg: dataset_batches(train_set, test_set, cfg, net.num_classes)  # noqa: E731
-    with process.kept():
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            coordinator = run_distributed(cfg, stop, net, data, take)
-        else:
-            with stop.installed():
-                coordinator = run_inprocess(cfg, stop, net, data)
-            history = coordinator.records.history
+    try:
+        with process.kept():
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                coordinator = run_distributed(cfg, stop, net, data, take)
+            else:
+                with stop.installed():
+                    coordinator = run_inprocess(cfg, stop, net, data)
+                history = coordinator.records.history
+    except Finished as done:  # every epoch was trained already: the weights it ended with
+        load(done.folder, into=net)
+        return FitResult(None, [], os.path.dirname(os.path.dirname(done.folder)))
     net.cpu()
     run_dir = coordinator.cfg.save_dir if coordinator else None  # rank 0 knows it
     return FitResult(history[-1]["test_error"] if history else None, history, run_dir or None,

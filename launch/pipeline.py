@@ -14,6 +14,7 @@ import shlex
 import sys
 
 from localpipe.pipeline.channel import StageFailed
+from localpipe.pipeline.checkpoint import Finished
 from localpipe.pipeline.files import WriteError
 from localpipe.pipeline.console import say
 from localpipe.pipeline.data import INFO, DataError
@@ -29,23 +30,28 @@ from localpipe.stages.models import backprop_parameters
 
 
 def resume_command(argv: list[str] | None, folder: str) -> str:
-    """The command line that continues this run from its newest checkpoint."""
-    args, skip = [], False
+    """The command line that continues this run from its newest checkpoint, started the way
+    this one was, and runnable from any folder: the script and every path are absolute."""
+    args, skip, absolute = [], False, False
     for arg in sys.argv[1:] if argv is None else argv:
         if skip:
             skip = False
         elif arg in ("--save-dir", "--resume"):
             skip = True
+        elif arg.startswith("--data-root="):
+            args.append("--data-root=" + os.path.abspath(arg.split("=", 1)[1]))
         elif not arg.startswith(("--save-dir=", "--resume=")):
-            args.append(arg)
-    args += ["--save-dir", folder, "--resume", "auto"]
+            args.append(os.path.abspath(arg) if absolute else arg)
+        absolute = arg == "--data-root"
+    args += ["--save-dir", os.path.abspath(folder), "--resume", "auto"]
+    script = os.path.abspath(__file__)
     if "TORCHELASTIC_RUN_ID" in os.environ:
         nodes = int(os.environ.get("GROUP_WORLD_SIZE", 1))
         launcher = ["torchrun", f"--nproc-per-node={os.environ.get('LOCAL_WORLD_SIZE', 1)}"]
         launcher += [f"--nnodes={nodes}", "..."] if nodes > 1 else []
-        launcher.append(os.path.relpath(__file__))
+        launcher.append(script)
     else:
-        launcher = [program()] if program() == "localpipe" else ["python", program()]
+        launcher = [program()] if program() == "localpipe" else ["python", script]
     return shlex.join(launcher + args)
 
 
@@ -118,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
             say(f"stopped; the checkpoint {coordinator.manifest} continues with: "
                 f"{resume_command(argv, coordinator.cfg.save_dir)}")
         return 128 + stop.signum
+    except Finished as done:  # --resume of a run that trained every epoch asked for
+        print(done, flush=True)
+        return 0
     except (ConfigError, DataError) as exc:
         say(f"error: {exc}")
         return 2

@@ -326,6 +326,15 @@ class Start:
             stage.load_checkpoint_state(load_units(self.folder, self.manifest, stage.indices))
 
 
+class Finished(Exception):
+    """--resume names a run that has trained every epoch asked for: nothing to do (not an
+    error; the checkpoint in ``folder`` is where it ended)."""
+
+    def __init__(self, message: str, folder: str) -> None:
+        super().__init__(message)
+        self.folder = folder
+
+
 def start_point(cfg, units: int) -> Start:
     """Resolve --resume (a checkpoint folder, a save dir, or "auto") into a Start for a network
     of ``units`` units; a checkpoint that cannot be continued is a ConfigError, raised before
@@ -335,6 +344,8 @@ def start_point(cfg, units: int) -> Start:
     try:
         folder = find_checkpoint(cfg.resume, cfg.save_dir)
         if folder is None:
+            print(f"--resume auto: no checkpoint in {cfg.save_dir}; starting afresh",
+                  flush=True)
             return Start()
         manifest = read_manifest(folder, cfg.to_dict())
         saved = sorted(u for entry in manifest["files"] for u in entry["units"])
@@ -343,6 +354,10 @@ def start_point(cfg, units: int) -> Start:
                              f"of this network")
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot resume: {exc}") from None
+    if manifest["epoch"] > cfg.epochs:
+        raise Finished(f"nothing to do: {folder} has trained {manifest['epoch'] - 1} "
+                       f"epoch(s) and --epochs is {cfg.epochs} (a larger --epochs goes on)",
+                       folder)
     return resume_from(folder)
 
 

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from localpipe.pipeline import device as dev
 from localpipe.pipeline import process, runs, topology
 from localpipe.pipeline.channel import Abort, Channel
-from localpipe.pipeline.checkpoint import resume_from
+from localpipe.pipeline.checkpoint import Finished, resume_from
 from localpipe.pipeline.control import LONG, ControlPlane, Failure, ReportReceiver, ReportSender
 from localpipe.pipeline.console import say
 from localpipe.pipeline.coordinator import Coordinator
@@ -171,12 +171,17 @@ def verdict(cfg: Config, store: dist.Store, topo: topology.Topology, number: int
         except (ConfigError, DataError) as exc:
             ours.set("verdict", json.dumps({"error": str(exc), "kind": type(exc).__name__}))
             raise
+        except Finished as done:
+            ours.set("verdict", json.dumps({"finished": str(done), "folder": done.folder}))
+            raise
         ours.set("verdict", json.dumps({"resume": ready.start.folder,
                                         "save_dir": ready.cfg.save_dir,
                                         "plan": dataclasses.asdict(ready.plan)}))
         return ready
     ours.wait(["verdict"], LONG)  # rank 0 may be downloading a dataset, or timing units
     said = json.loads(ours.get("verdict"))
+    if "finished" in said:
+        raise Finished(said["finished"], said["folder"])
     if "error" in said:
         raise (DataError if said["kind"] == "DataError" else ConfigError)(said["error"])
     cfg = replace(cfg, save_dir=said["save_dir"])

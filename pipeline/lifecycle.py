@@ -12,7 +12,7 @@ from typing import Callable, Iterator
 import torch
 
 from localpipe.pipeline import runs
-from localpipe.pipeline.checkpoint import Start, start_point
+from localpipe.pipeline.checkpoint import Finished, Start, start_point
 from localpipe.pipeline.faults import Fault
 from localpipe.pipeline.message import Message
 from localpipe.pipeline.plan import Plan, check_trains, make_plan, static_plan
@@ -42,10 +42,15 @@ def prepare(cfg: Config, network: Network, data: Data, device: torch.device,
     earlier = runs.job_folder(store)
     new = cfg.save_dir is None and earlier is None
     cfg = replace(cfg, save_dir=runs.choose(cfg, earlier))
-    start = start_point(cfg, len(static.names))
+    try:
+        start, finished = start_point(cfg, len(static.names)), None
+    except Finished as exc:  # every epoch trained already: said once every check has passed
+        start, finished = Start(), exc
     batches = data(cfg)
     if not new:
         runs.check(cfg.save_dir, bool(cfg.resume))
+    if finished is not None:
+        raise finished
     plan = make_plan(cfg, device, own_devices, static, network)
     cfg = replace(cfg, save_dir=runs.claim(cfg.save_dir, cfg, start, new))
     runs.remember(store, cfg.save_dir)

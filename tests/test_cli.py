@@ -295,6 +295,23 @@ def _listing(folder: Path) -> list[str] | None:
     return sorted(os.listdir(folder)) if folder.exists() else None
 
 
+def test_resuming_a_finished_run_says_so_and_writes_nothing(capsys, finished, tmp_path):
+    """The same --epochs: nothing to do, exit 0, the folder as it was; --resume auto where
+    there is no checkpoint says it starts afresh."""
+    run, _ = finished
+    before = _tree(run)
+    capsys.readouterr()
+    assert main(BASE + ["--save-dir", str(run), "--resume", "auto"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and out[0].startswith("nothing to do: ") and \
+        "has trained 1 epoch(s) and --epochs is 1 (a larger --epochs goes on)" in out[0], out
+    assert _tree(run) == before
+    fresh = tmp_path / "fresh"
+    assert main(BASE + ["--save-dir", str(fresh), "--resume", "auto"]) == 0
+    assert f"--resume auto: no checkpoint in {fresh}; starting afresh" in \
+        capsys.readouterr().out
+
+
 def test_a_leftover_world_size_is_one_line(monkeypatch, capsys, tmp_path):
     """WORLD_SIZE left in the environment, without torchrun's other variables."""
     monkeypatch.setenv("WORLD_SIZE", "4")

@@ -121,6 +121,13 @@ def test_a_run_resumes_from_its_checkpoint_exactly_in_another_cut(data, trained,
         torch.set_num_threads(threads)
     assert _equal(straight.module.state_dict(), resumed.module.state_dict())
     assert again.test_error == done.test_error and [r["epoch"] for r in again.history] == [2]
+    # a run that trained every epoch asked for: nothing to do, and the weights it ended with
+    run_dir = trained[1][1].run_dir
+    finished = lp.LocalNet(fit_script.network(), num_classes=10, input_shape=(1, 28, 28))
+    nothing = lp.fit(finished, train, test, epochs=1, batch_size=fit_script.BATCH,
+                     resume="auto", save_dir=run_dir, curves=False)
+    assert nothing.history == [] and nothing.run_dir == run_dir
+    assert _equal(finished.module.state_dict(), trained[1][0].module.state_dict())
 
 
 def test_a_callable_local_loss_trains(data):

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -261,7 +262,11 @@ def test_sigint_during_evaluation_stops_within_seconds_and_resumes_exactly(mnist
     newest = max((json.loads(p.read_text()) for p in (save / "checkpoints").glob(
         "*/manifest.json")), key=lambda m: m["steps"])
     assert (newest["epoch"], newest["step"]) == (1, 10)  # trained, evaluation to do
-    assert main(args + ["--save-dir", str(save), "--resume", "auto"]) == 0
+    elsewhere = tmp_path / "elsewhere"  # the command it printed runs from any folder
+    elsewhere.mkdir()
+    command = shlex.split(told[0].split("continues with: ", 1)[1])
+    assert subprocess.run(command, cwd=elsewhere, env=cli_env(), capture_output=True,
+                          timeout=300).returncode == 0
     assert [r["test_error"] for r in metrics(save)] == \
         [r["test_error"] for r in metrics(tmp_path / "straight")]
     assert_same_model(load_model(tmp_path / "straight"), load_model(save))

@@ -21,7 +21,6 @@ when matplotlib is installed.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -31,6 +30,9 @@ from pathlib import Path
 import torch
 
 from localpipe.benchmarks import harness
+from localpipe.launch.options import Parser
+from localpipe.pipeline import device as dev
+from localpipe.pipeline.plan import check_trains, network_of
 from localpipe.stages import partition
 from localpipe.stages.config import Config, ConfigError
 from localpipe.stages.residual import RESIDUAL_MODELS
@@ -379,8 +381,31 @@ def model_config(args, **override) -> Config:
     return Config(**values).validate()
 
 
+def input_problem(args) -> str | None:
+    """What makes this benchmark impossible, said as the trainer says it (its own checks on
+    the network, the batch and the device), before anything runs; None when it can run."""
+    for name in ("steps", "repeats", "warmup", "stages", "threads", "replicas"):
+        if getattr(args, name) < 1:
+            return f"--{name} must be at least 1, got {getattr(args, name)}"
+    batches = args.sweep_batches if args.sweep else [args.batch_size]
+    try:
+        dev.choose(args.device)
+        for batch in batches:
+            cfg = model_config(args, batch_size=batch)
+            network = network_of(cfg)
+            partition.check_stages(len(network.names()), 4 if args.sweep else args.stages)
+            check_trains(cfg, network)
+    except (ConfigError, ValueError) as exc:
+        return str(exc)
+    for micro in args.microbatches:
+        if not 1 <= micro <= min(batches):
+            return (f"--microbatches {micro}: each must lie in 1..{min(batches)} (a "
+                    f"micro-batch needs a sample of the batch)")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = Parser(prog="benchmarks/run.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="vgg8b")
     p.add_argument("--dataset", default="MNIST", help="sets the input shape; data is random")
     p.add_argument("--feat-mult", type=float, default=0.5)
@@ -415,6 +440,8 @@ def main(argv: list[str] | None = None) -> int:
         args.model, args.num_layers, args.num_hidden, args.batch_size = "mlp", 3, 256, 64
         args.warmup, args.steps, args.repeats, args.microbatches = 2, 4, 2, [2, 4]
     if (problem := replica_problem(args.batch_size, args.replicas)) is not None:
+        p.error(problem)
+    if (problem := input_problem(args)) is not None:
         p.error(problem)
     from tqdm import tqdm
 

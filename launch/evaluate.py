@@ -14,10 +14,10 @@ so it reproduces the run's last test error exactly (at the same --threads).
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
+import pickle
 import sys
 from typing import Callable, NamedTuple
 
@@ -28,7 +28,9 @@ from localpipe.pipeline import checkpoint
 from localpipe.pipeline.console import say
 from localpipe.pipeline.data import (INFO, Batches, DataError, DatasetInfo, load_batches,
                                      load_split)
-from localpipe.pipeline.files import atomic_write
+from localpipe.launch.options import Parser, program
+from localpipe.pipeline import device as dev
+from localpipe.pipeline.files import WriteError, atomic_write
 from localpipe.stages.config import PYTHON_MODEL, Config, ConfigError
 from localpipe.stages.localnet import LocalNet, module_state
 from localpipe.stages.models import build_model, plan
@@ -71,7 +73,12 @@ def load(path: str, device: str | torch.device = "cpu",
     else:
         with open(os.path.join(path, "args.json")) as f:
             cfg = config_from(json.load(f))
-        state = torch.load(os.path.join(path, "model.pt"), map_location="cpu", weights_only=True)
+        model_pt = os.path.join(path, "model.pt")
+        try:
+            state = torch.load(model_pt, map_location="cpu", weights_only=True)
+        except (RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+            raise ValueError(f"{model_pt} is truncated or not a model file of localpipe's "
+                             f"({type(exc).__name__})") from None
     if (cfg.model == PYTHON_MODEL) != (into is not None):
         raise ConfigError(f"{path} holds a network defined in Python: load it with "
                           f"into=<a fresh copy of its nn.Sequential>" if into is None else
@@ -91,11 +98,16 @@ def load(path: str, device: str | torch.device = "cpu",
         return into.to(device).eval()
     info = INFO[cfg.dataset]
     model = build_model(cfg, info.shape, info.num_classes)
-    if state is None:
-        manifest = checkpoint.read_manifest(folder, cfg.to_dict())
-        model.load_checkpoint_state(checkpoint.load_units(folder, manifest, model.indices))
-    else:
-        model.load_state_dict(state)
+    try:
+        if state is None:
+            manifest = checkpoint.read_manifest(folder, cfg.to_dict())
+            model.load_checkpoint_state(checkpoint.load_units(folder, manifest, model.indices))
+        else:
+            model.load_state_dict(state)
+    except RuntimeError as exc:  # another width, missing or extra tensors
+        lines = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()]
+        raise ValueError(f"the weights in {path} do not fit the {cfg.model} its options "
+                         f"describe: {(lines or ['?'])[0][:200]}") from None
     return Loaded(model.to(device).eval(), cfg, Normalize(info))
 
 
@@ -131,12 +143,14 @@ def evaluate(loaded: Loaded, split: str = "test") -> tuple[dict, Tensor]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="launch/evaluate.py", description=__doc__.split("\n\n")[0])
+    p = Parser(prog=program("launch/evaluate.py", "localpipe-evaluate"),
+               description=__doc__.split("\n\n")[0])
     p.add_argument("path", help="a run folder or a checkpoint folder")
     p.add_argument("--split", default="test", choices=["test", "val"],
                    help="the test split, or the run's held-out validation split")
     p.add_argument("--data-root", default=None, help="where the dataset is (default: the run's)")
-    p.add_argument("--device", default="cpu", help="where to evaluate (default: cpu)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"],
+                   help="where to evaluate (default: cpu)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads (default: torch's own; a run's figures repeat exactly "
                         "at the run's --threads)")
@@ -144,16 +158,18 @@ def main(argv: list[str] | None = None) -> int:
                    help="where to write the figures (default: evaluation.json in the folder)")
     p.add_argument("--logits", default=None, help="also save the logits (a torch file) here")
     args = p.parse_args(argv)
+    if args.threads < 0:
+        p.error(f"--threads must not be negative, got {args.threads}")
     try:
         if args.threads:
             torch.set_num_threads(args.threads)
-        loaded = load(args.path, args.device)
+        loaded = load(args.path, dev.choose(args.device))
         if args.data_root:
             loaded = loaded._replace(cfg=dataclasses.replace(loaded.cfg,
                                                              data_root=args.data_root))
         figures, logits = evaluate(loaded, args.split)
     except (OSError, ValueError, KeyError, DataError) as exc:  # ConfigError is a ValueError
-        say(f"error: cannot evaluate {args.path}: {exc}")
+        say(f"error: cannot evaluate {args.path}: {(str(exc).splitlines() or [''])[0]}")
         return 2
     print(f"{args.split} error {figures['error']:.3f}% on {figures['samples']} samples "
           f"(loss {figures['loss']:.4f})")
@@ -161,10 +177,14 @@ def main(argv: list[str] | None = None) -> int:
         if b["error"] is not None:
             print(f"  block {b['block']} {b['name']}: local-head error {b['error']:.3f}%")
     out = args.json or os.path.join(args.path, "evaluation.json")
-    atomic_write(out, lambda f: f.write(json.dumps(figures, indent=1).encode()))
-    print(f"written: {out}")
-    if args.logits:
-        checkpoint.save_torch(logits, args.logits)
+    try:
+        atomic_write(out, lambda f: f.write(json.dumps(figures, indent=1).encode()))
+        print(f"written: {out}")
+        if args.logits:
+            checkpoint.save_torch(logits, args.logits)
+    except WriteError as exc:
+        say(f"error: {exc}")
+        return 1
     return 0
 
 

@@ -63,10 +63,10 @@ def _shown(action: argparse.Action) -> str:
     return str(value)
 
 
-def program() -> str:
-    """The name the user typed: ``localpipe`` for the installed command, else the script."""
+def program(script: str = "launch/pipeline.py", command: str = "localpipe") -> str:
+    """The name the user typed: the installed ``command``, else the ``script``."""
     name = os.path.basename(sys.argv[0] or "")
-    return "localpipe" if name == "localpipe" else "launch/pipeline.py"
+    return command if name == command else script
 
 
 def build_parser() -> Parser:

@@ -5,17 +5,18 @@
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
-from localpipe.pipeline.files import atomic_write
+from localpipe.launch.options import Parser, program
 from localpipe.pipeline.console import say
 from localpipe.pipeline.curves import compare_figure, read, run_figure, save
+from localpipe.pipeline.files import WriteError, atomic_write
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="launch/plot.py", description=__doc__.split("\n\n")[0])
+    p = Parser(prog=program("launch/plot.py", "localpipe-plot"),
+               description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+", help="run folders (each with its metrics.jsonl)")
     p.add_argument("--labels", nargs="+", default=None,
                    help="a name for each run in the legend (default: the folders' names)")
@@ -31,11 +32,23 @@ def main(argv: list[str] | None = None) -> int:
     if len(labels) != len(args.runs):
         say(f"error: {len(labels)} labels for {len(args.runs)} runs")
         return 2
-    if len(args.runs) == 1:
-        fig, out = run_figure(args.runs[0]), args.out or os.path.join(args.runs[0], "curves.png")
-    else:
-        fig, out = compare_figure(args.runs, labels), args.out or "compare.png"
-    atomic_write(out, lambda f: save(fig, f))
+    out = args.out or (os.path.join(args.runs[0], "curves.png") if len(args.runs) == 1
+                       else "compare.png")
+    if os.path.isdir(out) or not out.lower().endswith(".png"):
+        say(f"error: -o {out}: a plot is a PNG file; name one ending in .png")
+        return 2
+    try:
+        fig = run_figure(args.runs[0]) if len(args.runs) == 1 else \
+            compare_figure(args.runs, labels)
+    except (KeyError, TypeError) as exc:  # a record without a figure the plot needs
+        say(f"error: the records in {', '.join(args.runs)} lack a figure the plot needs "
+            f"({type(exc).__name__}: {exc}); were they written by localpipe?")
+        return 2
+    try:
+        atomic_write(out, lambda f: save(fig, f))
+    except WriteError as exc:
+        say(f"error: {exc}")
+        return 1
     print(f"written: {out}")
     return 0
 

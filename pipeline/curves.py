@@ -22,11 +22,19 @@ PANELS = ("error", "local-head test error", "local loss", "samples/s", "stage ti
 
 
 def read(folder: str, name: str) -> list[dict]:
+    """The records of a run's ``name``, skipping a line a killed writer cut short (as the
+    trainer does on resume)."""
     path = os.path.join(folder, name)
     if not os.path.exists(path):
         return []
+    records = []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return [r for r in records if isinstance(r, dict)]
 
 
 def run_figure(folder: str) -> Figure:

@@ -54,6 +54,9 @@ def prepare(cfg: Config, network: Network, data: Data, device: torch.device,
     plan = make_plan(cfg, device, own_devices, static, network)
     cfg = replace(cfg, save_dir=runs.claim(cfg.save_dir, cfg, start, new))
     runs.remember(store, cfg.save_dir)
+    if cfg.save_dir:  # where to look, said before the first epoch's long silence
+        print(f"run folder: {cfg.save_dir} ({len(batches[0])} training batches an epoch, "
+              f"{len(plan.parts)} stage(s))", flush=True)
     return Prepared(cfg, start, plan, batches)
 
 

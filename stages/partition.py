@@ -11,18 +11,26 @@ from typing import Callable
 from localpipe.stages.config import ConfigError
 
 
+def units(n: int, owner: str = "") -> str:
+    """How many units a network has, said right: "3 units of this network (2 blocks and the
+    output layer)", "1 unit (the output layer alone)"."""
+    if n == 1:
+        return f"1 unit{owner} (the output layer alone)"
+    blocks = "1 block" if n == 2 else f"{n - 1} blocks"
+    return f"{n} units{owner} ({blocks} and the output layer)"
+
+
 def check_stages(num_units: int, stages: int) -> None:
     if stages > num_units:
-        raise ConfigError(f"--stages {stages} is more than the {num_units} units of this network "
-                          f"({num_units - 1} blocks and the output layer)")
+        raise ConfigError(f"--stages {stages} is more than the "
+                          f"{units(num_units, ' of this network')}")
 
 
 def split(balance: list[int], num_units: int) -> list[list[int]]:
     """Unit indices of each stage from a ``--balance`` list of units per stage."""
     if sum(balance) != num_units:
         raise ConfigError(f"--balance {','.join(map(str, balance))} sums to {sum(balance)} but "
-                          f"the network has {num_units} units ({num_units - 1} blocks and the "
-                          f"output layer)")
+                          f"the network has {units(num_units)}")
     bounds = [0]
     for size in balance:
         bounds.append(bounds[-1] + size)

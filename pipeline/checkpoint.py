@@ -328,11 +328,11 @@ class Start:
 
 class Finished(Exception):
     """--resume names a run that has trained every epoch asked for: nothing to do (not an
-    error; the checkpoint in ``folder`` is where it ended)."""
+    error; the checkpoint in ``folder`` is where it ended, ``start`` its position)."""
 
-    def __init__(self, message: str, folder: str) -> None:
+    def __init__(self, message: str, folder: str, start: "Start | None" = None) -> None:
         super().__init__(message)
-        self.folder = folder
+        self.folder, self.start = folder, start
 
 
 def start_point(cfg, units: int) -> Start:
@@ -357,7 +357,7 @@ def start_point(cfg, units: int) -> Start:
     if manifest["epoch"] > cfg.epochs:
         raise Finished(f"nothing to do: {folder} has trained {manifest['epoch'] - 1} "
                        f"epoch(s) and --epochs is {cfg.epochs} (a larger --epochs goes on)",
-                       folder)
+                       folder, _start(folder, manifest))
     return resume_from(folder)
 
 
@@ -369,5 +369,9 @@ def resume_from(folder: str | None) -> Start:
         manifest = json.load(f)
     then = "its evaluation" if manifest["evaluate"] else f"batch {manifest['step']}"
     print(f"resuming from {folder}: epoch {manifest['epoch']}, {then}", flush=True)
+    return _start(folder, manifest)
+
+
+def _start(folder: str, manifest: dict) -> Start:
     return Start(folder, manifest, manifest["epoch"], manifest["step"], manifest["steps"],
                  manifest["evaluate"])

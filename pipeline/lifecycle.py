@@ -12,11 +12,11 @@ from typing import Callable, Iterator
 import torch
 
 from localpipe.pipeline import runs
-from localpipe.pipeline.checkpoint import Finished, Start, start_point
+from localpipe.pipeline.checkpoint import Finished, Start, load_units, start_point
 from localpipe.pipeline.faults import Fault
 from localpipe.pipeline.message import Message
 from localpipe.pipeline.plan import Plan, check_trains, make_plan, static_plan
-from localpipe.stages.config import Config
+from localpipe.stages.config import Config, ConfigError
 from localpipe.stages.network import Network
 from localpipe.stages.stage import Stage
 
@@ -45,10 +45,12 @@ def prepare(cfg: Config, network: Network, data: Data, device: torch.device,
     try:
         start, finished = start_point(cfg, len(static.names)), None
     except Finished as exc:  # every epoch trained already: said once every check has passed
-        start, finished = Start(), exc
+        start, finished = exc.start, exc
     batches = data(cfg)
     if not new:
         runs.check(cfg.save_dir, bool(cfg.resume))
+    if start.folder is not None:
+        check_fits(start, network, cfg)
     if finished is not None:
         raise finished
     plan = make_plan(cfg, device, own_devices, static, network)
@@ -58,6 +60,24 @@ def prepare(cfg: Config, network: Network, data: Data, device: torch.device,
         print(f"run folder: {cfg.save_dir} ({len(batches[0])} training batches an epoch, "
               f"{len(plan.parts)} stage(s))", flush=True)
     return Prepared(cfg, start, plan, batches)
+
+
+def check_fits(start: Start, network: Network, cfg: Config) -> None:
+    """The checkpoint's tensors against the network's, name by name and shape by shape,
+    before the run folder is claimed: a checkpoint of another network (whose files are whole,
+    so their hashes hold) is refused in one line, and the run's records stay as they were."""
+    expected = network.state_shapes(cfg)
+    saved = load_units(start.folder, start.manifest, list(range(len(expected))))["units"]
+    for index, shapes in enumerate(expected):
+        got = {k: tuple(v.shape) for k, v in saved[index]["state"].items()}
+        missing, extra = sorted(shapes.keys() - got.keys()), sorted(got.keys() - shapes.keys())
+        wrong = [k for k in shapes.keys() & got.keys() if shapes[k] != got[k]]
+        if missing or extra or wrong:
+            what = (f"{wrong[0]} is {'x'.join(map(str, got[wrong[0]]))} there, "
+                    f"{'x'.join(map(str, shapes[wrong[0]]))} here" if wrong else
+                    f"it lacks {missing[0]}" if missing else f"it has {extra[0]} too")
+            raise ConfigError(f"cannot resume: checkpoint {start.folder} does not fit this "
+                              f"network: unit {index}: {what}")
 
 
 def build(ready: Prepared, network: Network, stage: int, device: torch.device,

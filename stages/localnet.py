@@ -369,6 +369,10 @@ class LocalNet(nn.Module):
         return [sum(p.numel() for m in (child, head) if m is not None for p in m.parameters())
                 for child, head in zip(self.module, heads)]
 
+    def state_shapes(self, cfg: Config) -> list[dict[str, tuple[int, ...]]]:
+        return [{k: tuple(v.shape) for k, v in self.unit(i, cfg).state_dict().items()}
+                for i in range(len(self.module))]
+
     def build(self, cfg: Config, indices: list[int] | None, device: torch.device | str,
               throwaway: bool = False) -> Stage:
         indices = list(range(len(self.module))) if indices is None else indices

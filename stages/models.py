@@ -150,6 +150,13 @@ class Zoo:
             return [count_parameters([build_unit(s, self.cfg, self.num_classes)])
                     for s in self.specs]
 
+    def state_shapes(self, cfg: Config) -> list[dict[str, tuple[int, ...]]]:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return [{k: tuple(v.shape) for k, v in
+                     build_unit(s, cfg, self.num_classes).state_dict().items()}
+                    for s in plan(cfg, self.shape, self.num_classes)]
+
     def build(self, cfg: Config, indices: list[int] | None, device: torch.device | str,
               throwaway: bool = False) -> Stage:
         return build_stage(cfg, self.shape, self.num_classes, indices, device)

@@ -21,6 +21,9 @@ class Network(Protocol):
     def parameter_counts(self) -> list[int]:
         """Each unit's parameter count, local heads included (cheap: nothing is trained)."""
 
+    def state_shapes(self, cfg: Config) -> list[dict[str, tuple[int, ...]]]:
+        """Each unit's ``state_dict``, as names and shapes (what a checkpoint must hold)."""
+
     def build(self, cfg: Config, indices: list[int] | None, device: torch.device | str,
               throwaway: bool = False) -> Stage:
         """Units ``indices`` (all by default) as one stage on ``device``. A ``throwaway`` stage

@@ -144,6 +144,12 @@ BAD = [
     (["--resume", "{ckpt:pickled}"], "stage-0.pt holds objects other than tensors and plain "
                                      "containers; refused"),
     (["--resume", "{ckpt:foreign}"], "stage-0.pt does not hold the state of units [0, 1, 2]"),
+    (["--resume", "{ckpt:wider}"], "checkpoint {ckpt:wider} does not fit this network: unit 0: "
+                                   "layer.weight is 32x785 there, 32x784 here"),
+    (["--resume", "{ckpt:missing-key}"], "does not fit this network: unit 0: it lacks "
+                                         "layer.bias"),
+    (["--resume", "{ckpt:extra-key}"], "does not fit this network: unit 0: it has zz.extra "
+                                       "too"),
 ]
 BASE = ["--no-curves", "--model", "mlp", "--num-layers", "2", "--num-hidden", "32", "--dataset",
         "synthetic",
@@ -201,6 +207,23 @@ def finished(tmp_path_factory):
         torch.save({"units": {7: {}}, "optimizer": None}, buffer)
         rehash(folder, manifest, buffer.getvalue())
 
+    def reshaped(key: str, tensor):
+        """The unit 0's ``key`` replaced (or, with None, removed), the hashes made right: a
+        checkpoint whose files are whole but whose tensors do not fit the network."""
+        def edit(folder, manifest) -> None:
+            state = torch.load(folder / "stage-0.pt")
+            if tensor is None:
+                del state["units"][0]["state"][key]
+            else:
+                state["units"][0]["state"][key] = tensor
+            buffer = io.BytesIO()
+            torch.save(state, buffer)
+            rehash(folder, manifest, buffer.getvalue())
+        return edit
+
+    tamper("wider", reshaped("layer.weight", torch.zeros(32, 785)))
+    tamper("missing-key", reshaped("layer.bias", None))
+    tamper("extra-key", reshaped("zz.extra", torch.zeros(1)))
     tamper("not-a-manifest", lambda f, m: m.clear())
     tamper("old-format", lambda f, m: m.pop("format"))
     tamper("no-files", lambda f, m: m.update(files=[]))

@@ -47,10 +47,10 @@ def prepare(cfg: Config, network: Network, data: Data, device: torch.device,
     except Finished as exc:  # every epoch trained already: said once every check has passed
         start, finished = exc.start, exc
     batches = data(cfg)
-    if not new:
-        runs.check(cfg.save_dir, bool(cfg.resume))
     if start.folder is not None:
         check_fits(start, network, cfg)
+    if not new:
+        runs.check(cfg.save_dir, bool(cfg.resume), start.folder)
     if finished is not None:
         raise finished
     plan = make_plan(cfg, device, own_devices, static, network)

@@ -48,12 +48,12 @@ def choose(cfg: Config, earlier: str | None = None) -> str:
     return earlier or os.path.join(ROOT, default_name(cfg))
 
 
-def check(folder: str, resuming: bool) -> None:
-    """Refuse a folder that holds another run (unless resuming it) or that a live process of
-    another job is writing (its lock). Writes nothing."""
+def check(folder: str, resuming: bool, checkpoint_folder: str | None = None) -> None:
+    """Refuse a folder that holds another run (unless resuming it, from its own checkpoint)
+    or that a live process of another job is writing (its lock). Writes nothing."""
     if not folder:
         return
-    _check_records(folder, resuming)
+    _check_records(folder, resuming, checkpoint_folder)
     _refuse_live_owner(folder)
 
 
@@ -67,11 +67,22 @@ def _refuse_live_owner(folder: str) -> dict | None:
     return owner
 
 
-def _check_records(folder: str, resuming: bool) -> None:
+def _check_records(folder: str, resuming: bool, checkpoint_folder: str | None = None) -> None:
+    """A run's records may only be continued by that run: a checkpoint of another run
+    (outside ``folder``) would mix two runs in one folder."""
     held = [name for name in RECORDS if os.path.exists(os.path.join(folder, name))]
     if held and not resuming:
         raise ConfigError(f"--save-dir {folder} already holds a run ({', '.join(held)}); add "
                           f"--resume auto to continue it, or choose another --save-dir")
+    if held and checkpoint_folder and not _inside(checkpoint_folder, folder):
+        raise ConfigError(f"--save-dir {folder} holds a run of its own and --resume "
+                          f"{checkpoint_folder} is another run's checkpoint; continue that run "
+                          f"in its own folder, or start from it in a new --save-dir")
+
+
+def _inside(path: str, folder: str) -> bool:
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return os.path.commonpath([path, folder]) == folder
 
 
 def lock_owner(folder: str) -> dict | None:
@@ -108,7 +119,7 @@ def claim(folder: str, cfg: Config, start: checkpoint.Start, new: bool) -> str:
         raise ConfigError(f"cannot write to --save-dir {folder}: "
                           f"{getattr(exc, 'strerror', None) or exc}") from None
     try:
-        _check_records(folder, bool(cfg.resume))  # again, now that the folder is ours
+        _check_records(folder, bool(cfg.resume), start.folder)  # again, now that it is ours
         _branch(folder, start)
         for name, kept in (("metrics.jsonl", lambda r: r.get("epoch", 0) < start.epoch),
                            ("steps.jsonl", lambda r: r.get("steps", 0) <= start.steps)):

@@ -144,6 +144,8 @@ BAD = [
     (["--resume", "{ckpt:pickled}"], "stage-0.pt holds objects other than tensors and plain "
                                      "containers; refused"),
     (["--resume", "{ckpt:foreign}"], "stage-0.pt does not hold the state of units [0, 1, 2]"),
+    (["--resume", "{ckpt:another-run}"], "--save-dir {run} holds a run of its own and --resume "
+                                         "{ckpt:another-run} is another run's checkpoint"),
     (["--resume", "{ckpt:wider}"], "checkpoint {ckpt:wider} does not fit this network: unit 0: "
                                    "layer.weight is 32x785 there, 32x784 here"),
     (["--resume", "{ckpt:missing-key}"], "does not fit this network: unit 0: it lacks "
@@ -221,6 +223,7 @@ def finished(tmp_path_factory):
             rehash(folder, manifest, buffer.getvalue())
         return edit
 
+    tamper("another-run", lambda f, m: None)  # a whole checkpoint, of a run elsewhere
     tamper("wider", reshaped("layer.weight", torch.zeros(32, 785)))
     tamper("missing-key", reshaped("layer.bias", None))
     tamper("extra-key", reshaped("zz.extra", torch.zeros(1)))

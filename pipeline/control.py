@@ -66,6 +66,25 @@ def host_id() -> str:
     return f"{socket.gethostname()}/{os.stat('/proc/self/ns/pid').st_ino}"
 
 
+def boot_id() -> str | None:
+    """This machine's boot: processes of an earlier boot have all ended."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def start_time(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks since boot): a pid taken again by a later
+    process has another."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def process_alive(pid: int) -> bool:
     """Whether a process on this host still runs (a zombie is dead; a stopped one is not)."""
     try:

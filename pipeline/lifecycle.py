@@ -50,7 +50,7 @@ def prepare(cfg: Config, network: Network, data: Data, device: torch.device,
     if start.folder is not None:
         check_fits(start, network, cfg)
     if not new:
-        runs.check(cfg.save_dir, bool(cfg.resume), start.folder)
+        runs.check(cfg.save_dir, bool(cfg.resume), start.folder, cfg.force_unlock)
     if finished is not None:
         raise finished
     plan = make_plan(cfg, device, own_devices, static, network)

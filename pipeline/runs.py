@@ -23,7 +23,7 @@ import time
 from localpipe.pipeline import checkpoint
 from localpipe.pipeline.files import WriteError, atomic_write
 from localpipe.pipeline.console import say
-from localpipe.pipeline.control import host_id, process_alive
+from localpipe.pipeline.control import boot_id, host_id, process_alive, start_time
 from localpipe.stages.config import Config, ConfigError
 
 ROOT = "runs"
@@ -48,23 +48,34 @@ def choose(cfg: Config, earlier: str | None = None) -> str:
     return earlier or os.path.join(ROOT, default_name(cfg))
 
 
-def check(folder: str, resuming: bool, checkpoint_folder: str | None = None) -> None:
+def check(folder: str, resuming: bool, checkpoint_folder: str | None = None,
+          force: bool = False) -> None:
     """Refuse a folder that holds another run (unless resuming it, from its own checkpoint)
-    or that a live process of another job is writing (its lock). Writes nothing."""
+    or that a process of another job may still be writing (its lock; ``force``: taken over
+    all the same). Writes nothing."""
     if not folder:
         return
     _check_records(folder, resuming, checkpoint_folder)
-    _refuse_live_owner(folder)
+    _refuse_live_owner(folder, force)
 
 
-def _refuse_live_owner(folder: str) -> dict | None:
-    """The owner of ``folder``'s lock (None if there is none); refused if it still runs."""
+def _refuse_live_owner(folder: str, force: bool = False) -> dict | None:
+    """The owner of ``folder``'s lock (None if there is none); refused if it may still run,
+    unless ``force``."""
     owner = lock_owner(folder)
-    if owner is not None and _running(owner):
-        raise ConfigError(f"--save-dir {folder} is in use by process {owner['pid']} on "
-                          f"{owner['host'].split('/')[0]} since {owner['since']}; wait for it "
-                          f"or choose another --save-dir")
-    return owner
+    running = None if owner is None else _running(owner)
+    if owner is None or force or running is False:
+        return owner
+    host = owner.get("host", "?").split("/")[0]
+    if running:
+        raise ConfigError(f"--save-dir {folder} is in use by process {owner.get('pid')} on "
+                          f"{host} since {owner.get('since')}; wait for it or choose another "
+                          f"--save-dir")
+    raise ConfigError(f"--save-dir {folder} is locked by process {owner.get('pid')} on {host} "
+                      f"since {owner.get('since')}, which this machine cannot see (another "
+                      f"host, or another container); if that run is over, take the lock over "
+                      f"with --force-unlock (were it still running, the two runs would mix "
+                      f"their files)")
 
 
 def _check_records(folder: str, resuming: bool, checkpoint_folder: str | None = None) -> None:
@@ -93,13 +104,22 @@ def lock_owner(folder: str) -> dict | None:
         return None
 
 
-def _running(owner: dict) -> bool:
-    """Whether a lock's owner may still run: not if it is an earlier attempt of this very
-    torchrun job, nor if it was on this host and its process is gone."""
+def _running(owner: dict) -> bool | None:
+    """Whether a lock's owner still runs: False when provably not (an earlier attempt of this
+    very torchrun job; on this host and PID namespace, its process gone or its pid taken by a
+    later one; on this machine before its last boot), True when it does, None when this
+    process cannot tell (another host or PID namespace of the same boot)."""
     job = os.environ.get("TORCHELASTIC_RUN_ID")
     if job and owner.get("job") == job:
         return False
-    return owner.get("host") != host_id() or process_alive(int(owner.get("pid", 0)))
+    same_machine = owner.get("host", "").split("/")[0] == socket.gethostname()
+    if same_machine and owner.get("boot") and owner.get("boot") != boot_id():
+        return False
+    if owner.get("host") != host_id():
+        return None
+    pid = int(owner.get("pid", 0))
+    started = owner.get("start")
+    return process_alive(pid) and (started is None or start_time(pid) == started)
 
 
 def claim(folder: str, cfg: Config, start: checkpoint.Start, new: bool) -> str:
@@ -114,7 +134,7 @@ def claim(folder: str, cfg: Config, start: checkpoint.Start, new: bool) -> str:
     try:
         folder = _create(folder) if new else folder
         os.makedirs(folder, exist_ok=True)
-        _lock(folder)
+        _lock(folder, cfg.force_unlock)
     except OSError as exc:
         raise ConfigError(f"cannot write to --save-dir {folder}: "
                           f"{getattr(exc, 'strerror', None) or exc}") from None
@@ -178,25 +198,31 @@ def _create(folder: str) -> str:
     raise ConfigError(f"cannot find a free name for a run folder like {folder}")
 
 
-def _lock(folder: str) -> None:
-    """Create the lock exclusively; a lock whose owner no longer runs is moved aside first
-    (by one taker only: a rename succeeds once)."""
+def _lock(folder: str, force: bool = False) -> None:
+    """Create the lock exclusively; a lock whose owner no longer runs (or, with ``force``,
+    any) is moved aside first (by one taker only: a rename succeeds once). The lock says who
+    holds it, so that a later start can prove it dead: host and PID namespace, boot, pid and
+    the process's start time."""
     path = os.path.join(folder, LOCK)
-    me = json.dumps({"host": host_id(), "pid": os.getpid(), "job": os.environ.get(
-        "TORCHELASTIC_RUN_ID"), "since": time.strftime("%Y-%m-%d %H:%M:%S")})
+    me = json.dumps({"host": host_id(), "boot": boot_id(), "pid": os.getpid(),
+                     "start": start_time(os.getpid()),
+                     "job": os.environ.get("TORCHELASTIC_RUN_ID"),
+                     "since": time.strftime("%Y-%m-%d %H:%M:%S")})
     for _ in range(3):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            owner = _refuse_live_owner(folder)
+            owner = _refuse_live_owner(folder, force)
             try:
                 os.rename(path, f"{path}.stale-{os.getpid()}")
             except FileNotFoundError:
                 continue  # another taker moved it first
             os.unlink(f"{path}.stale-{os.getpid()}")
             if owner is not None:
-                say(f"taking over the lock of process {owner['pid']} on "
-                    f"{owner['host'].split('/')[0]}, which no longer runs")
+                why = "as --force-unlock says" if force and _running(owner) is not False \
+                    else "which no longer runs"
+                say(f"taking over the lock of process {owner.get('pid')} on "
+                    f"{owner.get('host', '?').split('/')[0]}, {why}")
             continue
         with os.fdopen(fd, "w") as f:
             f.write(me)

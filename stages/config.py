@@ -185,6 +185,10 @@ class Config:
                              "runs)")
     checkpoint_every: int = option(0, "checkpoint every N training batches too (0: at epoch "
                                    "ends only)", metavar="N", check="nonneg")
+    force_unlock: bool = option(False, "take over --save-dir's lock even where its holder "
+                                "cannot be proven gone (another host or container): only for "
+                                "a run known to be over, since two live runs would mix their "
+                                "files")
     keep_checkpoints: int = option(3, "keep the newest N checkpoints (0: all)", metavar="N",
                                    check="nonneg")
     network: str = option("", "a network given in Python, as lp.fit describes it (its "

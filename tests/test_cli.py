@@ -338,6 +338,36 @@ def test_resuming_a_finished_run_says_so_and_writes_nothing(capsys, finished, tm
         capsys.readouterr().out
 
 
+def test_a_lock_is_taken_over_only_where_its_holder_is_proven_gone(capsys, tmp_path):
+    """Another boot of this machine, or a pid since taken by another process: gone, taken
+    over with a notice. Another host or container: refused, saying how to take it over."""
+    from localpipe.pipeline.control import boot_id, start_time
+    here = {"host": host_id(), "boot": boot_id(), "since": "earlier"}
+    cases = [
+        ({**here, "boot": "an-earlier-boot", "pid": os.getpid()}, [], 0, "which no longer runs"),
+        ({**here, "pid": os.getpid(), "start": start_time(os.getpid()) - 1}, [], 0,
+         "which no longer runs"),
+        ({**here, "pid": os.getpid(), "start": start_time(os.getpid())}, [], 2,
+         "is in use by process"),
+        ({**here, "host": "another-host/4026531836", "pid": 1}, [], 2,
+         "which this machine cannot see (another host, or another container); if that run is "
+         "over, take the lock over with --force-unlock"),
+        ({**here, "host": "another-host/4026531836", "pid": 1}, ["--force-unlock"], 0,
+         "taking over the lock of process 1 on another-host, as --force-unlock says"),
+    ]
+    for i, (lock, extra, code, said) in enumerate(cases):
+        folder = tmp_path / f"run{i}"
+        folder.mkdir()
+        (folder / "run.lock").write_text(json.dumps(lock))
+        capsys.readouterr()
+        assert main(BASE + ["--save-dir", str(folder), *extra]) == code, lock
+        err = capsys.readouterr().err
+        assert said in err, (lock, err)
+        if code == 2:
+            assert os.listdir(folder) == ["run.lock"]
+            assert json.loads((folder / "run.lock").read_text()) == lock
+
+
 def test_a_leftover_world_size_is_one_line(monkeypatch, capsys, tmp_path):
     """WORLD_SIZE left in the environment, without torchrun's other variables."""
     monkeypatch.setenv("WORLD_SIZE", "4")

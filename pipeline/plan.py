@@ -101,11 +101,17 @@ def check_trains(cfg: Config, network: Network) -> None:
             x = torch.empty((cfg.replica_batch, *shape))
             y = torch.zeros(cfg.replica_batch, dtype=torch.long)
             skips: dict = {}
-            for spec in plan(est, shape, network.num_classes):
+            specs = plan(est, shape, network.num_classes)
+            for spec in specs:
                 unit = build_unit(spec, est, network.num_classes)
-                unit.make_optimizer()
                 unit.train()
-                x, _ = unit.train_step(x, y, skips)
+                if cfg.local:
+                    unit.make_optimizer()
+                    x, _ = unit.train_step(x, y, skips)
+                elif spec is specs[-1]:  # the global modes: one forward, as Stage runs it
+                    x = unit(x)
+                else:
+                    x = unit.run(x, skips, losses=cfg.no_detach)[0]
 
     try:
         forward(network.shape)

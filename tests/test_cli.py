@@ -37,6 +37,16 @@ def test_describe_gives_the_papers_parameter_counts(capsys, args, count):
     assert lines[-1] == f"backprop parameters: {count}"
 
 
+@pytest.mark.parametrize("mode", ["--backprop", "--no-detach"])
+@pytest.mark.parametrize("model", ["mlp", "resnet18"])
+def test_the_global_modes_pass_the_networks_own_checks(capsys, model, mode):
+    """The input-size and batch-size check runs the network as each mode does: the global
+    modes have no local heads to run (a check that ran them refused every --backprop run)."""
+    assert main(["--model", model, mode, "--dataset", "synthetic", "--feat-mult", "0.125",
+                 "--describe", "--threads", "1"]) == 0
+    assert "backprop parameters" in capsys.readouterr().out
+
+
 def test_describe_shows_the_stages_and_their_costs(capsys):
     assert main(["--model", "mlp", "--num-layers", "3", "--dataset", "MNIST", "--stages", "2",
                  "--describe", "--threads", "1"]) == 0

@@ -140,7 +140,7 @@ class DeviceMemory:
     def __init__(self, stage_devices: list[torch.device]) -> None:
         """``stage_devices``: the device of each stage this process runs."""
         self.expected = {d: stage_devices.count(d) for d in stage_devices}
-        self.arrived: dict[tuple[torch.device, int], list[int]] = {}
+        self.arrived: dict[tuple[torch.device, int], list[tuple[int, int]]] = {}
         self.lock = threading.Lock()
 
     def epoch_end(self, device: torch.device, epoch: int, index: int,
@@ -150,19 +150,22 @@ class DeviceMemory:
         with self.lock:
             key = (device, epoch)
             counted = self.arrived.setdefault(key, [])
-            counted.append(current)
+            counted.append((index, current))
             if len(counted) < self.expected[device]:
                 return None
             del self.arrived[key]
-            return sample(device, sum(counted), index)
+            return sample(device, sum(b for _, b in counted), sorted(i for i, _ in counted))
 
 
-def sample(device: torch.device, stage_bytes: int, stage: int | None = None) -> dict:
+def sample(device: torch.device, stage_bytes: int, stages: list[int] | None = None) -> dict:
     """This process's memory on ``device`` now, and its peak: on a GPU since the last sample
-    (reset), on the CPU since the process started or the last ``reset_peak_rss``; ``stage`` is
-    the stage that took it."""
+    (reset), on the CPU since the process started or the last ``reset_peak_rss``. ``stages``:
+    the stages of this process on ``device``; ``stage`` names the one where there is one
+    (None where several share the process: no one stage stands for it)."""
+    stages = stages or []
     out = {"host": socket.gethostname(), "pid": os.getpid(), "device": str(device),
-           "stage": stage, "stage_bytes": stage_bytes}
+           "stages": stages, "stage": stages[0] if len(stages) == 1 else None,
+           "stage_bytes": stage_bytes}
     if dev.is_cuda(device):
         out.update(uuid=dev.uuid(device), **dev.allocator(device),
                    nvml_used_bytes=nvml_used(device))

@@ -47,6 +47,8 @@ def test_a_registered_network_and_dataset_train_from_the_command_line(tmp_path):
                (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2] and records[-1]["test_samples"] == 32
     assert records[-1]["blocks"][0]["name"] == "linear 16->32"
+    # one process runs both stages: its memory record names both, and no single one
+    assert [(p["stages"], p["stage"]) for p in records[-1]["processes"]] == [([0, 1], None)]
 
 
 def test_a_registered_loss_trains_a_localnet():

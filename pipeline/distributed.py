@@ -102,14 +102,14 @@ def run_distributed(cfg: Config, stop: StopRequest, network: Network | None = No
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     network = network or network_of(cfg)
-    static_plan(cfg, network)  # bad options fail here, on every rank
+    static = static_plan(cfg, network)  # bad options fail here, on every rank
     process.configure(cfg)
     device, shared = dev.rank_device(kind, int(os.environ.get("LOCAL_RANK", 0)),
                                      int(os.environ.get("LOCAL_WORLD_SIZE", world)))
     store = rendezvous_store(cfg)
     number = attempt_number(store, rank)
     topo = topology.Topology(rank, cfg.stages, cfg.replicas)
-    ready = verdict(cfg, store, topo, number, network, data, device,
+    ready = verdict(cfg, store, topo, number, network, static, data, device,
                     own_devices=dev.is_cuda(device) and not shared)  # a GPU for every stage
     cfg, start, run_plan, batches = ready.cfg, ready.start, ready.plan, ready.batches
     fault = faults.injected(topo.replica, number)
@@ -155,7 +155,7 @@ def gathered(me: Rank, stage: Stage, history: list[dict]) -> tuple[dict, list[di
 
 
 def verdict(cfg: Config, store: dist.Store, topo: topology.Topology, number: int,
-            network: Network, data: Data, device: torch.device,
+            network: Network, static: Plan, data: Data, device: torch.device,
             own_devices: bool) -> Prepared:
     """Rank 0 prepares the run (pipeline/lifecycle.py: the checks, the data, the cut and the
     run folder); the other ranks learn its verdict through the store, so bad input stops
@@ -167,7 +167,7 @@ def verdict(cfg: Config, store: dist.Store, topo: topology.Topology, number: int
     if topo.rank == 0:
         try:
             with dev.use(device):
-                ready = prepare(cfg, network, data, device, own_devices, store)
+                ready = prepare(cfg, network, static, data, device, own_devices, store)
         except (ConfigError, DataError) as exc:
             ours.set("verdict", json.dumps({"error": str(exc), "kind": type(exc).__name__}))
             raise

@@ -47,13 +47,13 @@ def run_inprocess(cfg: Config, stop: StopRequest, network: Network | None = None
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     network = network or network_of(cfg)
-    static_plan(cfg, network)  # bad options fail before any setup
+    static = static_plan(cfg, network)  # bad options fail before any setup
     store = rendezvous_store(cfg) if "TORCHELASTIC_RUN_ID" in os.environ else None
     process.configure(cfg, 0 if dev.is_cuda(first) else
                       max(1, (os.cpu_count() or 1) // cfg.stages))  # OpenMP team per thread
     devices = dev.stage_devices(cfg.stages, first)
     own = dev.is_cuda(first) and len(set(map(str, devices))) == cfg.stages
-    ready = prepare(cfg, network, data, first, own, store)
+    ready = prepare(cfg, network, static, data, first, own, store)
     fault = faults.injected()
     cfg, start, run_plan, (train, test, val) = ready.cfg, ready.start, ready.plan, ready.batches
     try:

@@ -15,7 +15,7 @@ from localpipe.pipeline import runs
 from localpipe.pipeline.checkpoint import Finished, Start, load_units, start_point
 from localpipe.pipeline.faults import Fault
 from localpipe.pipeline.message import Message
-from localpipe.pipeline.plan import Plan, check_trains, make_plan, static_plan
+from localpipe.pipeline.plan import Plan, check_trains, make_plan
 from localpipe.stages.config import Config, ConfigError
 from localpipe.stages.network import Network
 from localpipe.stages.stage import Stage
@@ -31,13 +31,13 @@ class Prepared:
     batches: tuple | None  # (train, test, val), where this process feeds stage 0
 
 
-def prepare(cfg: Config, network: Network, data: Data, device: torch.device,
+def prepare(cfg: Config, network: Network, static: Plan, data: Data, device: torch.device,
             own_devices: bool, store=None) -> Prepared:
-    """Check the options against the network, the checkpoint to resume, the data and the run
-    folder; cut the network into stages (timing its units on ``device`` unless --balance
-    says); only then claim the folder. Raises ConfigError or DataError before any write.
-    ``store``: torchrun's, where a restarted job must write where it wrote before."""
-    static = static_plan(cfg, network)
+    """Check the options against the network (``static``: the runner's ``static_plan``, made
+    before any setup), the checkpoint to resume, the data and the run folder; cut the network
+    into stages (timing its units on ``device`` unless --balance says); only then claim the
+    folder. Raises ConfigError or DataError before any write. ``store``: torchrun's, where a
+    restarted job must write where it wrote before."""
     check_trains(cfg, network)
     earlier = runs.job_folder(store)
     new = cfg.save_dir is None and earlier is None

@@ -253,6 +253,13 @@ class Unit(nn.Module):
         replica = ("replica", self.replica) if self.replica else ()
         return derive_seed(self.cfg.seed, "dropout", self.index, *self.position, *replica)
 
+    def record(self, loss: Tensor, y: Tensor, **stats: Tensor) -> Tensor:
+        """``loss`` of a batch with labels ``y``, and its parts ``stats``, into the current
+        meter; kept as the unit's latest loss (for steps.jsonl). Returns ``loss``."""
+        self.meter.add(y.size(0), loss=loss, **stats)
+        self.last_loss = loss.detach()
+        return loss
+
     def step_closure(self, loss: Tensor, kept: list[tuple[Tensor, Tensor]]) -> Update:
         """The update of this batch; ``kept`` are the buffers to put back if it is skipped."""
         assert self.optimizers
@@ -400,10 +407,7 @@ class LocalBlock(Unit):
             unsup = losses.sim_loss(hs, losses.similarity_matrix(x, std).detach(), std)
         elif self.recon_head is not None:
             unsup = F.mse_loss(self.nonlin(self.recon_head(h)), x.detach())
-        loss = losses.mix_unsup(sup, unsup, cfg.alpha)
-        self.meter.add(y.size(0), loss=loss, **stats)
-        self.last_loss = loss.detach()
-        return loss
+        return self.record(losses.mix_unsup(sup, unsup, cfg.alpha), y, **stats)
 
     def train_step(self, x: Tensor, y: Tensor,
                    skips: Skips | None = None) -> tuple[Tensor, Update]:
@@ -440,10 +444,8 @@ class OutputLayer(Unit):
 
     def loss(self, logits: Tensor, y: Tensor) -> Tensor:
         """Scaled CE, recorded in the current meter with the error count."""
-        loss = self.scale * losses.pred_loss(logits, y)
-        self.meter.add(y.size(0), loss=loss, errors=losses.errors(logits, y))
-        self.last_loss = loss.detach()
-        return loss
+        return self.record(self.scale * losses.pred_loss(logits, y), y,
+                           errors=losses.errors(logits, y))
 
     def train_step(self, x: Tensor, y: Tensor,
                    skips: Skips | None = None) -> tuple[Tensor, Update]:

@@ -242,18 +242,14 @@ class UserUnit(Unit):
     def local_loss(self, out: Tensor, y: Tensor, x: Tensor) -> Tensor:
         """This unit's loss of a batch (``x`` its input), recorded in the current meter."""
         if self.is_output:
-            loss = self.scale * losses.pred_loss(out, y)
-            stats = {"errors": losses.errors(out, y)}
-        else:
-            got = self.loss_fn(out, y, self.head)
-            loss, stats = got if isinstance(got, tuple) else (got, {})
-            if self.alpha:
-                unsup = losses.sim_loss(self.head.similar(out),
-                                        losses.similarity_matrix(x).detach())
-                loss = losses.mix_unsup(loss, unsup, self.alpha)
-        self.meter.add(y.size(0), loss=loss, **stats)
-        self.last_loss = loss.detach()
-        return loss
+            return self.record(self.scale * losses.pred_loss(out, y), y,
+                               errors=losses.errors(out, y))
+        got = self.loss_fn(out, y, self.head)
+        loss, stats = got if isinstance(got, tuple) else (got, {})
+        if self.alpha:
+            unsup = losses.sim_loss(self.head.similar(out), losses.similarity_matrix(x).detach())
+            loss = losses.mix_unsup(loss, unsup, self.alpha)
+        return self.record(loss, y, **stats)
 
     def train_step(self, x: Tensor, y: Tensor,
                    skips: Skips | None = None) -> tuple[Tensor, Update]:

@@ -22,7 +22,7 @@ EXAMPLES = """examples:
       the same as four stages, one thread each (one process)
   torchrun --nproc-per-node 4 launch/pipeline.py --stages 4 --recipe cifar10-vgg8b-predsim
       four stages, one process each (one GPU each where there are four)
-  torchrun --nnodes 2 --nproc-per-node 4 --rdzv-backend c10d --rdzv-endpoint HOST:29400 \
+  torchrun --nnodes 2 --nproc-per-node 4 --rdzv-backend c10d --rdzv-endpoint HOST:29400 \\
       launch/pipeline.py --stages 4 --replicas 2 --recipe cifar10-vgg8b-predsim
       on each of two machines: every stage twice, each replica on half of every batch
   %(prog)s --recipe list

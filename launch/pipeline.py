@@ -101,7 +101,7 @@ def describe(cfg: Config) -> None:
                 for name, shape in nxt.carries) + f": {mib(nxt.inbound)} a batch")
     for line in deviations(cfg, network.specs):
         print(f"deviation from the paper's code: {line}")
-    print(f"backprop parameters: {backprop_parameters(cfg, info.shape, info.num_classes)}")
+    print(f"backprop parameters: {backprop_parameters(cfg, info.shape, info.num_classes):,}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,8 +109,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = parse_config(argv)
         if cfg is None:  # --recipe list
             return 0
-        if cfg.describe:
-            describe(cfg)
+        if cfg.describe:  # once under torchrun: rank 0's cut is the one its run would use
+            if os.environ.get("RANK", "0") == "0":
+                describe(cfg)
             return 0
         stop = StopRequest()
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:

@@ -9,6 +9,7 @@ the panels are also written into the PNG's Description.
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import BinaryIO
 
@@ -48,15 +49,15 @@ def run_figure(folder: str) -> Figure:
         values = [r.get(key) for r in epochs]
         if any(v is not None for v in values):
             ax.plot(x, values, style, marker="o", ms=3, label=key.replace("_", " "))
-    _errors(ax, "error of the output layer")
+    _errors(ax, "error of the output layer", x)
 
     ax = axes["local-head test error"]
     for i, name in enumerate(epochs[-1]["blocks"] if epochs else []):
         values = [r["blocks"][i].get("test_error") for r in epochs]
         if any(v is not None for v in values):
             ax.plot(x, values, marker="o", ms=3, label=f"block {name['block']}")
-    ax.plot(x, [r["test_error"] for r in epochs], "k--", label="output")
-    _errors(ax, "test error of each block's local head")
+    ax.plot(x, [r["test_error"] for r in epochs], "k--", marker="o", ms=3, label="output")
+    _errors(ax, "test error of each block's local head", x)
 
     ax = axes["local loss"]
     units = sorted({u for r in steps for u in r["loss"]}, key=int)
@@ -67,17 +68,22 @@ def run_figure(folder: str) -> Figure:
     ax.set(title="local loss of each unit, per logged batch", xlabel="training batches")
     if steps:
         _log_axis(ax)
+    else:
+        ax.text(0.5, 0.5, "no batch logged yet (--log-every)", ha="center", va="center",
+                transform=ax.transAxes, color="gray")
+        ax.set(xticks=[], yticks=[])
     _legend(ax)
 
     ax = axes["samples/s"]
     ax.plot(x, [r["samples_per_s"] for r in epochs], marker="o", ms=3, label="epoch")
     rated = [r for r in steps if r["samples_per_s"]]
+    batches = max((r["step"] for r in steps), default=0) + 1  # an epoch's, about
+    at = [r["epoch"] - 1 + (r["step"] + 1) / batches for r in rated]
     if rated:
-        batches = max(r["step"] for r in steps) + 1  # an epoch's, about
-        ax.plot([r["epoch"] - 1 + (r["step"] + 1) / batches for r in rated],
-                [r["samples_per_s"] for r in rated], lw=0.6, alpha=0.5, label="logged batches")
+        ax.plot(at, [r["samples_per_s"] for r in rated], lw=0.6, alpha=0.5,
+                label="logged batches")
     ax.set(title="training samples per second", xlabel="epoch", ylim=(0, None))
-    ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+    _epoch_axis(ax, x + at)
     _legend(ax)
 
     last = epochs[-1] if epochs else {"stages": []}
@@ -111,20 +117,35 @@ def run_figure(folder: str) -> Figure:
     return fig
 
 
-def _errors(ax, title: str) -> None:
+def _errors(ax, title: str, epochs: list[int]) -> None:
     ax.set(title=title, xlabel="epoch", ylabel="error %")
     _log_axis(ax)
-    ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+    _epoch_axis(ax, epochs)
     _legend(ax)
 
 
 def _log_axis(ax) -> None:
-    """A log y axis labelled with plain numbers (0.5, 1, 2, 5, ...), not powers of ten."""
+    """A log y axis labelled with plain numbers (0.5, 1, 2, 5, ...), not powers of ten, and
+    fewer of them the more decades it spans, so that they never crowd."""
     ax.set_yscale("log")
-    plain = ticker.FuncFormatter(lambda v, _: f"{v:g}")
-    ax.yaxis.set_major_formatter(plain)
-    ax.yaxis.set_minor_formatter(plain)
+
+    def label(v: float, _) -> str:
+        low, high = ax.get_ylim()
+        decades = math.log10(high / low) if 0 < low < high else 0.0
+        mantissa = round(v / 10 ** math.floor(math.log10(v) + 1e-9), 6) if v > 0 else 0
+        shown = (1, 2, 5) if decades > 1 else (1, 2, 3, 5) if decades > 0.5 else None
+        return f"{v:g}" if shown is None or mantissa in shown else ""
+
+    ax.yaxis.set_major_formatter(ticker.FuncFormatter(label))
+    ax.yaxis.set_minor_formatter(ticker.FuncFormatter(label))
     ax.grid(True, which="both", alpha=0.3)
+
+
+def _epoch_axis(ax, epochs: list[int]) -> None:
+    """Whole epochs on the x axis; one epoch alone is a tick at its number, not 0.945-1.05."""
+    ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True, min_n_ticks=1))
+    if epochs and max(epochs) == min(epochs):
+        ax.set_xlim(epochs[0] - 0.5, epochs[0] + 0.5)
 
 
 def _legend(ax) -> None:
@@ -152,16 +173,18 @@ def compare_figure(folders: list[str], labels: list[str]) -> Figure:
     """Several runs in one figure: test and train error and speed against epochs."""
     fig = Figure(figsize=(16, 5), layout="constrained")
     axes = fig.subplots(1, 3)
+    every = []
     for folder, label in zip(folders, labels):
         epochs = read(folder, "metrics.jsonl")
         x = [r["epoch"] for r in epochs]
+        every += x
         axes[0].plot(x, [r["test_error"] for r in epochs], marker="o", ms=3, label=label)
         axes[1].plot(x, [r["train_error"] for r in epochs], marker="o", ms=3, label=label)
         axes[2].plot(x, [r["samples_per_s"] for r in epochs], marker="o", ms=3, label=label)
-    _errors(axes[0], "test error")
-    _errors(axes[1], "train error")
+    _errors(axes[0], "test error", every)
+    _errors(axes[1], "train error", every)
     axes[2].set(title="training samples per second", xlabel="epoch", ylim=(0, None))
-    axes[2].xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+    _epoch_axis(axes[2], every)
     _legend(axes[2])
     fig.suptitle(f"{len(folders)} runs")
     return fig

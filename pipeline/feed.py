@@ -56,7 +56,8 @@ def feed(cfg: Config, train: Batches, test: Batches, val: Batches | None,
     total = (cfg.epochs - start.epoch + 1) * len(train) - start.step
     if cfg.max_steps:
         total = max(0, min(total, cfg.max_steps - steps))
-    progress = Progress(console.shown(cfg.progress_bar) and r == 0, cfg.epochs, total)
+    progress = Progress(console.shown(cfg.progress_bar) and r == 0, cfg.epochs, total,
+                        lines=r == 0)
     saved = (start.epoch, start.step, start.evaluate)  # the newest checkpoint's position
     try:
         for epoch in range(start.epoch, cfg.epochs + 1):

@@ -160,10 +160,12 @@ def claim(folder: str, cfg: Config, start: checkpoint.Start, new: bool) -> str:
 
 def _branch(folder: str, start: checkpoint.Start) -> None:
     """Resuming an older checkpoint of this very folder (going back) starts a new branch of
-    its history. The later checkpoints, ``model.pt`` and the whole records belong to the
-    abandoned branch: they are moved (records copied) to ``abandoned/<time>/``, so that the new
-    branch's checkpoint rotation never takes them for newer ones and deletes its own, and
-    ``--resume auto`` never continues the abandoned branch."""
+    its history. The later checkpoints, ``model.pt``, the curves, the TensorBoard events and the
+    whole records belong to the abandoned branch: they are moved (records copied, to be cut at
+    the branch point) to ``abandoned/<time>/``, so that the new branch's checkpoint rotation
+    never takes them for newer ones and deletes its own, ``--resume auto`` never continues the
+    abandoned branch, and neither curves.png nor TensorBoard shows its future (the sidecar
+    draws and writes them again from the cut records)."""
     root = os.path.join(folder, "checkpoints")
     if not start.folder or os.path.realpath(os.path.dirname(start.folder)) \
             != os.path.realpath(root):
@@ -177,12 +179,12 @@ def _branch(folder: str, start: checkpoint.Start) -> None:
     os.makedirs(os.path.join(aside, "checkpoints"))
     for name in later:
         os.rename(os.path.join(root, name), os.path.join(aside, "checkpoints", name))
-    for name in ("metrics.jsonl", "steps.jsonl", "model.pt"):
-        if os.path.exists(os.path.join(folder, name)):
+    for name in ("metrics.jsonl", "steps.jsonl", "model.pt", "curves.png", "tensorboard"):
+        if os.path.lexists(os.path.join(folder, name)):
             (shutil.copy2 if name.endswith(".jsonl") else os.rename)(
                 os.path.join(folder, name), os.path.join(aside, name))
     say(f"going back to {start.folder}: a new branch of this run; the {len(later)} later "
-        f"checkpoint(s), their records and model.pt are kept in {aside}")
+        f"checkpoint(s), their records, curves and model.pt are kept in {aside}")
 
 
 def _create(folder: str) -> str:

@@ -6,9 +6,11 @@
 It follows ``metrics.jsonl`` and ``steps.jsonl`` in the folder, told through stdin when to look:
 "epoch" (a new epoch record: write its events and draw the curves again), "step" (new step
 records), "close" (the last look, then exit). Commands that arrive while it is busy are taken
-together. The event files are written afresh from the records at every start, so that after a
-resume they hold exactly what ``metrics.jsonl`` holds. It imports neither torch nor the training
-code; without the ``tensorboard`` package it only draws.
+together. The event files are written afresh from the records at every start, and the curves
+drawn at once where there are records, so that after a resume (a new branch of a run included)
+both show exactly what ``metrics.jsonl`` holds, never an abandoned future (TensorBoard's
+``purge_step`` would keep the old file and only hide its later steps). It imports neither torch
+nor the training code; without the ``tensorboard`` package it only draws.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import select
 import shutil
 import sys
 
-from localpipe.pipeline.curves import draw_run
+from localpipe.pipeline.curves import draw_run, read
 from localpipe.pipeline.files import atomic_write
 
 
@@ -106,8 +108,8 @@ def main(folder: str) -> int:
         board = None
     epochs = Follow(os.path.join(folder, "metrics.jsonl"))
     steps = Follow(os.path.join(folder, "steps.jsonl"))
+    todo = {"epoch"} if read(folder, "metrics.jsonl") else set()  # a resumed run's, at once
     while True:
-        todo = commands()
         if board is not None:
             for r in steps.new():
                 board.add(step_scalars(r), r["steps"], r["time"])
@@ -120,6 +122,7 @@ def main(folder: str) -> int:
             if board is not None:
                 board.close()
             return 0
+        todo = commands()
 
 
 def run(folder: str) -> int:

@@ -34,7 +34,17 @@ PAPER_COUNTS = [
 def test_describe_gives_the_papers_parameter_counts(capsys, args, count):
     assert main(args + ["--describe"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[-1] == f"backprop parameters: {count}"
+    assert lines[-1] == f"backprop parameters: {count:,}"
+
+
+def test_describe_under_torchrun_prints_once(capsys, monkeypatch):
+    """Every rank would measure its own cut; the run uses rank 0's, so rank 0 alone says it."""
+    args = ["--model", "mlp", "--dataset", "synthetic", "--stages", "2", "--describe"]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert main(args) == 0 and capsys.readouterr().out == ""
+    monkeypatch.setenv("RANK", "0")
+    assert main(args) == 0 and "stage 1: units" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("mode", ["--backprop", "--no-detach"])

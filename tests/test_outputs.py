@@ -5,8 +5,10 @@ of them."""
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -154,6 +156,9 @@ def test_help_gives_every_option_a_help_text_and_a_default():
         words = " ".join(entry.group(0).split())
         assert "(default: " in words and len(words.split("(default")[0]) > len(flag) + 8, words
     assert "examples:" in text and "--recipe list" in text
+    examples = text.split("examples:")[1].splitlines()
+    assert all(len(line) <= 100 for line in examples), examples  # the line breaks kept
+    assert any(line.endswith("HOST:29400 \\") for line in examples), examples
     assert parse_config(["--n-holes", "3"]).n_holes == parse_config(["--n_holes", "3"]).n_holes
     assert "(default: off)" in text  # flags, --no-download among them, never "default: True"
 
@@ -319,6 +324,7 @@ def test_going_back_to_an_older_checkpoint_starts_a_branch_and_deletes_nothing(t
     args = SMALL + ["--checkpoint-every", "5", "--keep-checkpoints", "2"]
     assert main(args + ["--epochs", "3", "--save-dir", str(tmp_path / "straight")]) == 0
     run = tmp_path / "run"
+    args.remove("--no-curves")  # the curves and TensorBoard files of a branch
     assert main(args + ["--epochs", "2", "--save-dir", str(run)]) == 0
     before = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert before == ["step-000000030", "step-000000032"]  # 16 batches an epoch
@@ -330,6 +336,8 @@ def test_going_back_to_an_older_checkpoint_starts_a_branch_and_deletes_nothing(t
     assert "a new branch of this run" in said and str(aside) in said
     assert sorted(p.name for p in (aside / "checkpoints").iterdir()) == ["step-000000032"]
     assert (aside / "model.pt").exists() and len(metrics(aside)) == 2
+    assert (aside / "curves.png").exists() and board_epochs(aside) == [1, 2]
+    assert board_epochs(run) == [1, 2, 3]  # written afresh from the branch's records
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == \
         ["step-000000045", "step-000000048"]  # the branch's own, kept by the rotation
     assert [r["epoch"] for r in metrics(run)] == [1, 2, 3]
@@ -337,3 +345,81 @@ def test_going_back_to_an_older_checkpoint_starts_a_branch_and_deletes_nothing(t
     assert main(args + ["--epochs", "4", "--save-dir", str(run), "--resume", "auto"]) == 0
     assert "resuming from " + str(run / "checkpoints" / "step-000000048") in \
         capsys.readouterr().out
+
+
+def board_epochs(folder) -> list[int]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder / "tensorboard"))
+    events.Reload()
+    return [e.step for e in events.Scalars("test/error")]
+
+
+def test_the_sidecar_draws_a_resumed_runs_curves_at_once(recipe_run, tmp_path):
+    """A resumed run (a new branch above all) shows its records' curves from its start, not
+    the curves.png it had, or none, until its next epoch ends."""
+    shutil.copy(recipe_run / "metrics.jsonl", tmp_path)
+    sidecar = subprocess.Popen([sys.executable, "-m", "localpipe.pipeline.sidecar",
+                                str(tmp_path)], stdin=subprocess.PIPE, env=cli_env())
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "curves.png").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert (tmp_path / "curves.png").exists()  # before any command
+    finally:
+        sidecar.stdin.close()
+        assert sidecar.wait(timeout=60) == 0
+
+
+def test_curves_of_one_epoch_and_of_many_decades_read_plainly(recipe_run, tmp_path):
+    """One epoch: a tick at 1 (not 0.945-1.05) and every legend entry with a visible point;
+    errors over two decades: only 1, 2 and 5 of each decade labelled, never a crowd."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from localpipe.pipeline.curves import run_figure
+
+    first = metrics(recipe_run)[0]
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(first) + "\n")
+    fig = run_figure(str(tmp_path))
+    FigureCanvasAgg(fig).draw()
+    error, heads = fig.axes[:2]
+    low, high = error.get_xlim()
+    assert [t.get_text() for t, at in zip(error.get_xticklabels(), error.get_xticks())
+            if low <= at <= high] == ["1"]
+    for ax in (error, heads):
+        assert all(line.get_marker() not in ("None", "", None) for line in ax.get_lines())
+    assert "no batch logged yet" in " ".join(t.get_text() for t in fig.axes[2].texts)
+
+    with open(tmp_path / "metrics.jsonl", "w") as f:
+        for epoch in range(1, 11):
+            f.write(json.dumps({**first, "epoch": epoch, "train_error": 90 / epoch ** 2.3,
+                                "test_error": 92 / epoch ** 2}) + "\n")
+    fig = run_figure(str(tmp_path))
+    FigureCanvasAgg(fig).draw()
+    low, high = fig.axes[0].get_ylim()
+    labels = [t.get_text() for minor in (False, True)
+              for t, at in zip(fig.axes[0].get_yticklabels(minor=minor),
+                               fig.axes[0].get_yticks(minor=minor))
+              if t.get_text() and low <= at <= high]
+    assert {"0.5", "1", "2", "5", "10", "20", "50"} <= set(labels), labels
+    assert not {"3", "4", "6", "30", "40"} & set(labels), labels
+
+
+def test_without_a_terminal_progress_is_a_plain_line_now_and_then(capsys, monkeypatch):
+    """A batch job's log gets the bar's news as lines on stdout (every 30 s in a run), so a
+    long first epoch is never silent; the feeds of other replicas say nothing."""
+    from localpipe.pipeline import console
+
+    progress = console.Progress(False, 3, 6, every=0.0)
+    progress.epoch(2)
+    for _ in range(2):
+        progress.advance()
+    progress.close()
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and lines[1].startswith("epoch 2/3: 2/6 batches of the run, ")
+    assert lines[1].endswith(" left")
+    quiet = console.Progress(False, 3, 6, lines=False, every=0.0)
+    quiet.advance()
+    shown = console.Progress(True, 3, 6, every=0.0)  # the bar says it, on stderr
+    shown.advance()
+    shown.close()
+    assert capsys.readouterr().out == ""

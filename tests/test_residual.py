@@ -343,10 +343,10 @@ def test_describe_shows_blocks_boundaries_memory_and_deviations(capsys):
     assert out.count("stage 0: units 0-1, memory about") == 1
     assert ("deviation from the paper's code: unit 13 (layer4.0.conv1): pred head sized for its "
             "4x4 map; the paper's code sizes it for 7x7 and crashes") in out
-    assert "backprop parameters: 11172810" in out
+    assert "backprop parameters: 11,172,810" in out
     main(["--model", "wresnet40-10", "--dataset", "CIFAR10", "--describe", "--balance", "38"])
     out = capsys.readouterr().out
-    assert "backprop parameters: 55856362" in out and "deviation" not in out
+    assert "backprop parameters: 55,856,362" in out and "deviation" not in out
     assert "total parameters (with local heads): 114,909,276" in out
 
 

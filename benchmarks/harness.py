@@ -163,7 +163,8 @@ class BucketSizes:
     def __init__(self) -> None:
         self.numels: list[int] = []
 
-    def sum(self, flat: Tensor) -> Callable[[], Tensor]:
+    def sum(self, pieces: list[Tensor]) -> Callable[[], Tensor]:
+        flat = torch.cat(pieces)
         self.numels.append(flat.numel())
         return lambda: flat
 
@@ -226,10 +227,11 @@ def backprop_unit_costs(setup: Setup, threads: int, repeats: int = 3) -> list[fl
 
 
 # --------------------------------------------------------------------------- local pipelines
-def _messages(setup: Setup, replica: int = 0, replicas: int = 1):
+def _messages(setup: Setup, rank: int = 0, replica: int = 0, replicas: int = 1):
     """Warm-up batches, then each repeat's timed batches, each group closed by a marker: the
-    shard of every batch that replica ``replica`` of ``replicas`` trains on."""
-    x, y = setup.batch()  # on stage 0's device already, as in the sequential modes
+    shard of every batch that replica ``replica`` of ``replicas`` trains on, made on the
+    device of ``rank``, the stage 0 it feeds (as in the sequential modes)."""
+    x, y = setup.batch(rank)
     x, y = shard(x, replica, replicas), shard(y, replica, replicas)
     for r, n in setup.groups():
         for step in range(n):
@@ -298,6 +300,7 @@ def _spawn(fn, setup: Setup, k: int, *args) -> dict:
 
 def _process_main(rank: int, k: int, port: int, fn, setup: Setup, out: str, *args) -> None:
     torch.set_num_threads(max(1, setup.threads // k))
+    dev.bind(setup.rank_device(rank))  # else gather_object stages every rank's tensors on GPU 0
     store = dist.TCPStore("127.0.0.1", port, k, rank == 0, timedelta(seconds=300))
     result = fn(rank, k, setup, store, *args)
     if rank == 0:
@@ -321,7 +324,7 @@ def _local_rank(rank: int, world: int, setup: Setup, store, parts: list[list[int
     stage = build_stage(cfg, setup.shape, setup.classes, parts[topo.stage], device)
     stage.replicate(topo.replica, me.links.replicas)
     reports: list[dict] = []
-    serve(me, stage, None if topo.stage else _messages(setup, topo.replica, replicas),
+    serve(me, stage, None if topo.stage else _messages(setup, rank, topo.replica, replicas),
           reports.append)
     me.control.finish()
     return _collect(setup, reports) if rank == 0 else None

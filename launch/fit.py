@@ -53,8 +53,9 @@ def fit(net: LocalNet, train_set, test_set=None, *, epochs: int, batch_size: int
     ``history`` holds the epochs this call trained.
 
     The run seeds torch's, numpy's and Python's global generators from ``seed`` and sets the
-    torch thread count and deterministic mode, as the command line does; all four are put
-    back as they were when it returns."""
+    torch thread count, deterministic mode and the float32 precision of GPU matmuls and
+    convolutions (full float32), as the command line does; all of them are put back as they
+    were when it returns."""
     if not isinstance(net, LocalNet):
         raise TypeError(f"fit trains a LocalNet, got {type(net).__name__}: wrap your "
                         f"nn.Sequential in lp.LocalNet(module, num_classes=..., "

@@ -8,12 +8,14 @@ the device and no thread ever waits for the host. On the CPU a stream is a place
 are None, and every helper is a no-op or a plain copy. (torchgpipe's ``stream.py`` is the model.)
 
 Where each stage runs is decided here as well: one device per process under torchrun (ranks
-share the GPUs when there are more ranks than GPUs), neighbouring stages grouped contiguously
-when one process holds more stages than there are GPUs.
+share a GPU when two of them hold the same one, by its UUID), neighbouring stages grouped
+contiguously when one process holds more stages than there are GPUs.
 """
 from __future__ import annotations
 
 import contextlib
+import os
+import threading
 import time
 from typing import Iterator, Union
 
@@ -56,13 +58,29 @@ def stage_devices(stages: int, first: torch.device) -> list[torch.device]:
     return [torch.device("cuda", k * n // stages) for k in range(stages)]
 
 
-def rank_device(kind: torch.device, local_rank: int, local_world: int) -> tuple[torch.device, bool]:
-    """This rank's device under torchrun and whether ranks of this node share GPUs (more
-    ranks than GPUs: rank r takes GPU r mod n)."""
+def rank_device(kind: torch.device, local_rank: int) -> torch.device:
+    """This rank's device under torchrun: local rank r takes GPU r mod n of the n GPUs it
+    sees (all of the node's, or one of its own where CUDA_VISIBLE_DEVICES differs per rank).
+    Whether ranks then share a GPU is ``shared_gpus``' to say, from the GPUs' identities."""
     if not is_cuda(kind):
-        return torch.device("cpu"), False
-    n = torch.cuda.device_count()
-    return torch.device("cuda", local_rank % n), local_world > n
+        return torch.device("cpu")
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
+def bind(device: torch.device) -> None:
+    """Make ``device`` this process's current GPU: every CUDA call that names no device (a
+    collective's or ``gather_object``'s staging tensors, a library's workspace) uses it, and
+    it is GPU 0 until set."""
+    if is_cuda(device):
+        torch.cuda.set_device(device)
+
+
+def shared_gpus(uuids: list[str | None]) -> set[str]:
+    """The GPUs (UUIDs) that two or more ranks hold, from every rank's ``uuid``: identity, not
+    counts, tells, since a rank that sees one GPU sees it as GPU 0 whichever it is. CPU ranks
+    (None) hold none."""
+    held = [u for u in uuids if u is not None]
+    return {u for u in held if held.count(u) > 1}
 
 
 def memory(device: torch.device) -> tuple[int, str]:
@@ -79,6 +97,29 @@ def memory(device: torch.device) -> tuple[int, str]:
 def uuid(device: torch.device) -> str | None:
     """A GPU's identity across processes (NVML and CUDA number GPUs apart)."""
     return f"GPU-{torch.cuda.get_device_properties(device).uuid}" if is_cuda(device) else None
+
+
+def gpu_mode(device: torch.device) -> str | None:
+    """How ``device``'s GPU takes work from several processes: "MPS" where an MPS control
+    daemon serves them (its pipe is visible), else NVML's compute mode: "DEFAULT" (they take
+    turns, time-sliced), "EXCLUSIVE_PROCESS" (one process only), "PROHIBITED". None on the
+    CPU, or where NVML cannot tell (no nvidia-ml-py, no driver library, a restricted
+    container)."""
+    if not is_cuda(device):
+        return None
+    pipe = os.environ.get("CUDA_MPS_PIPE_DIRECTORY", "/tmp/nvidia-mps")
+    if os.path.exists(os.path.join(pipe, "control")):
+        return "MPS"
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        mode = pynvml.nvmlDeviceGetComputeMode(pynvml.nvmlDeviceGetHandleByUUID(uuid(device)))
+        return {pynvml.NVML_COMPUTEMODE_DEFAULT: "DEFAULT",
+                pynvml.NVML_COMPUTEMODE_EXCLUSIVE_PROCESS: "EXCLUSIVE_PROCESS",
+                pynvml.NVML_COMPUTEMODE_PROHIBITED: "PROHIBITED"}.get(mode)
+    except Exception:
+        return None
 
 
 # ---------------------------------------------------------------------------- streams, events
@@ -128,17 +169,35 @@ def depart(tensors: dict[str, Tensor]) -> Event | None:
 
 def arrive(tensors: dict[str, Tensor], ready: Event | None,
            device: torch.device) -> dict[str, Tensor]:
-    """Make tensors from another stream (or device) safe to use on this thread's stream.
+    """Make tensors from another stream (or GPU) safe to use on this thread's stream of
+    ``device``: the one place where a stream waits for another's tensors.
 
-    The current stream waits for the producer's event, and ``record_stream`` keeps the caching
-    allocator from reusing their memory while this stream may still read it. Tensors on another
-    device are copied over, on this stream."""
-    if ready is not None:
-        stream = torch.cuda.current_stream(ready_device(tensors))
+    The stream that reads them waits for the producer's event, and ``record_stream`` keeps the
+    caching allocator from reusing their memory while that stream may still read them. From
+    another GPU, that stream is one of this thread's own on the source GPU, the copy's: torch
+    runs a copy between GPUs on the *source*'s current stream (behind the destination's
+    current stream, which then waits for the copy), and in a thread that never set one there,
+    that is the legacy default stream, which every thread of the process shares."""
+    if ready is None:  # host tensors (or a CPU run): nothing to wait for
+        return {k: to(t, device) for k, t in tensors.items()}
+    source = ready_device(tensors)
+    stream = current_stream(device) if source == device else _copy_stream(source)
+    with torch.cuda.stream(stream):
         stream.wait_event(ready)
         for t in tensors.values():
             t.record_stream(stream)
-    return {k: to(t, device) for k, t in tensors.items()}
+        return {k: to(t, device) for k, t in tensors.items()}
+
+
+_copy_streams = threading.local()
+
+
+def _copy_stream(source: torch.device) -> torch.cuda.Stream:
+    """This thread's stream on the GPU ``source``, for the copies it takes from there."""
+    streams = _copy_streams.__dict__.setdefault("by_device", {})
+    if source not in streams:
+        streams[source] = new_stream(source)
+    return streams[source]
 
 
 def ready_device(tensors: dict[str, Tensor]) -> torch.device:
@@ -146,7 +205,8 @@ def ready_device(tensors: dict[str, Tensor]) -> torch.device:
 
 
 def to(tensor: Tensor, device: torch.device) -> Tensor:
-    """Copy to ``device`` on the current stream, without a host sync (pinned when from the host)."""
+    """Copy to ``device`` without a host sync: from the host (pinned first) on the current
+    stream of ``device``; from another GPU only inside ``arrive``, which orders the copy."""
     if tensor.device == device:
         return tensor
     if is_cuda(device) and tensor.device.type == "cpu":
@@ -219,10 +279,17 @@ def release(device: torch.device) -> None:
 
 # ---------------------------------------------------------------------------- timing
 class Clock:
-    """Busy time of one stream. On a GPU each interval is a pair of CUDA events, resolved once
-    both have fired (checked without waiting as intervals are added, so that few are ever held)
-    or at ``take`` (at a marker), so timing never stalls the host; on the CPU it is plain wall
-    time."""
+    """Busy time of one stream: on the CPU the wall time of each interval, on a GPU the
+    stream's time from a step's first kernel to the end of its last, gaps between included.
+    Each GPU interval is a pair of CUDA events on the stream: the first fires once the host
+    has recorded it and the stream has done all it was given before (a wait for the step's
+    input falls outside), the second when the step's last kernel is done. So idle gaps inside
+    the step count as busy: where the host launches kernels more slowly than the GPU runs
+    them (launch-bound: small batches) or waits for the stream mid-step; only when the host
+    keeps ahead of the GPU is this the kernels' own time. Telling the two apart would need a
+    host sync per kernel. Intervals are resolved once both events have fired (checked without
+    waiting as intervals are added, so that few are ever held) or at ``take`` (at a marker),
+    so timing never stalls the host."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device

@@ -6,8 +6,9 @@ on every rank. Then: the rendezvous, the default gloo group, the control plane, 
 groups, the plan (rank 0 measures and broadcasts it), the stage. From then on a failure
 anywhere is published on the control plane, and every rank exits within seconds naming it.
 
-Ranks share GPUs when there are more ranks than GPUs on a node (rank r takes GPU r mod n); NCCL
-refuses two ranks on one GPU, so payloads then travel through pinned host memory over gloo.
+Ranks share a GPU when two of them hold the same one (by its UUID, which every rank reports
+through the store before any group exists); NCCL refuses two ranks on one GPU, so payloads then
+travel through pinned host memory over gloo.
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ from localpipe.pipeline import faults
 from localpipe.pipeline.lifecycle import Data, Prepared, build, hooked, prepare
 from localpipe.pipeline.plan import Plan, network_of, static_plan
 from localpipe.pipeline.signals import StopRequest
-from localpipe.pipeline.transport import HostPayload, Receiver, Sender
+from localpipe.pipeline.transport import Receiver, Sender
 from localpipe.pipeline.worker import Watchdog, run_stage, watched
 from localpipe.stages.config import Config, ConfigError
 from localpipe.stages.network import Network
@@ -104,16 +105,22 @@ def run_distributed(cfg: Config, stop: StopRequest, network: Network | None = No
     network = network or network_of(cfg)
     static = static_plan(cfg, network)  # bad options fail here, on every rank
     process.configure(cfg)
-    device, shared = dev.rank_device(kind, int(os.environ.get("LOCAL_RANK", 0)),
-                                     int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+    device = dev.rank_device(kind, int(os.environ.get("LOCAL_RANK", 0)))
     store = rendezvous_store(cfg)
     number = attempt_number(store, rank)
     topo = topology.Topology(rank, cfg.stages, cfg.replicas)
+    notice = sharing(rank_gpus(attempt(store, number), topo, device))
+    shared = notice is not None
+    # only now: binding makes a CUDA context (cudaSetDevice does since CUDA 12), and a GPU in
+    # EXCLUSIVE_PROCESS mode would refuse a second one before ``sharing`` could say why
+    dev.bind(device)
     ready = verdict(cfg, store, topo, number, network, static, data, device,
                     own_devices=dev.is_cuda(device) and not shared)  # a GPU for every stage
     cfg, start, run_plan, batches = ready.cfg, ready.start, ready.plan, ready.batches
     fault = faults.injected(topo.replica, number)
     me = join(cfg, store, topo, device, shared, number, stop)
+    if rank == 0 and notice:
+        say(notice)
     # from here on a signal is a stop request only if the control plane confirms it (torchrun
     # signals the survivors when a worker dies); before, the default action ends the process
     with stop.installed(confirm_at_once=False):
@@ -152,6 +159,36 @@ def gathered(me: Rank, stage: Stage, history: list[dict]) -> tuple[dict, list[di
     except Exception as exc:
         me.lost_link(None, exc)
     return {k: v for state, _ in got for k, v in state.items()}, got[0][1]
+
+
+def rank_gpus(store: dist.Store, topo: topology.Topology, device: torch.device) -> list[list]:
+    """Every rank's GPU as [UUID, ``dev.gpu_mode``] ([None, None] on the CPU), exchanged
+    through the store: before any process group, and the same list in every rank."""
+    store.set(f"gpu/{topo.rank}", json.dumps([dev.uuid(device), dev.gpu_mode(device)]))
+    keys = [f"gpu/{r}" for r in range(topo.world)]
+    store.wait(keys, LONG)
+    return [json.loads(store.get(key)) for key in keys]
+
+
+def sharing(gpus: list[list]) -> str | None:
+    """How ranks share GPUs, from every rank's [UUID, mode] (``rank_gpus``): None where each rank
+    on a GPU has one of its own, else the notice that says how. Raises ConfigError where a
+    GPU that admits one process (EXCLUSIVE_PROCESS, no MPS) would be shared."""
+    shared = dev.shared_gpus([uuid for uuid, _ in gpus])
+    if not shared:
+        return None
+    ranks = sum(uuid in shared for uuid, _ in gpus)
+    modes = {mode for uuid, mode in gpus if uuid in shared}
+    if "EXCLUSIVE_PROCESS" in modes:
+        raise ConfigError(f"{ranks} ranks would share {len(shared)} GPU(s) in compute mode "
+                          f"EXCLUSIVE_PROCESS, which admits one process: give each rank a GPU "
+                          f"of its own, or set the mode to DEFAULT (nvidia-smi -c DEFAULT), or "
+                          f"start an MPS daemon")
+    how = ("run side by side under MPS" if modes == {"MPS"} else
+           "take turns on it (time slicing, no MPS)")
+    return (f"{ranks} ranks share {len(shared)} GPU(s): the processes of one GPU {how}, and "
+            f"since NCCL needs a GPU per rank, payloads travel through pinned host memory "
+            f"over gloo")
 
 
 def verdict(cfg: Config, store: dist.Store, topo: topology.Topology, number: int,
@@ -229,11 +266,6 @@ def join(cfg: Config, store: dist.Store, topo: topology.Topology, device: torch.
     except Exception as exc:
         say(f"{topo.name(rank)} failed: {type(exc).__name__}: {exc}")
         os._exit(1)
-    link = me.links.outbound or me.links.inbound
-    if rank == 0 and dev.is_cuda(device) and isinstance(getattr(link, "payload", None),
-                                                       HostPayload):
-        say("more ranks than GPUs on a node: they share the GPUs, and since NCCL needs a GPU per "
-            "rank, payloads travel through pinned host memory over gloo")
     return me
 
 

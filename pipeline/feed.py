@@ -1,8 +1,9 @@
 """Stage 0's input: the run as a stream of batches and markers.
 
 Each epoch's training batches, then its test batches, then END_EPOCH; a CHECKPOINT marker every
---checkpoint-every batches; STOP at the end. Batches are moved to stage 0's device here, on the
-feed thread's own stream, and carry an event their consumer waits for.
+--checkpoint-every batches; STOP at the end. Batches are made on stage 0's device (a GPU
+from its own copy of the dataset; batches of a dataset given in Python are pinned on the host
+and copied over), on the feed thread's own stream, and carry an event their consumer waits for.
 
 With R replicas the feed of each (on its stage-0 rank) makes the same stream and sends the
 shard of every batch that belongs to its replica; the feeds agree on stops (pipeline/replicas.py).
@@ -66,7 +67,7 @@ def feed(cfg: Config, train: Batches, test: Batches, val: Batches | None,
                 if cfg.max_steps and steps >= cfg.max_steps:
                     break
                 progress.epoch(epoch)
-                for step, (x, y) in enumerate(train.epoch(epoch, fed), fed):
+                for step, (x, y) in enumerate(train.epoch(epoch, fed, device), fed):
                     if stopping():
                         yield from _stopped(Message(Kind.CHECKPOINT, epoch, fed), saved)
                         return
@@ -82,8 +83,8 @@ def feed(cfg: Config, train: Batches, test: Batches, val: Batches | None,
                         saved = (epoch, fed, False)
             progress.epoch(epoch, "evaluation")
             tests = itertools.chain(  # made batch by batch, as they go
-                ((Kind.VALID, b) for b in (val.epoch(epoch) if val else ())),
-                ((Kind.EVAL, b) for b in test.epoch(epoch)))
+                ((Kind.VALID, b) for b in (val.epoch(epoch, device=device) if val else ())),
+                ((Kind.EVAL, b) for b in test.epoch(epoch, device=device)))
             for step, (kind, (x, y)) in enumerate(tests):
                 if stopping():  # the evaluation starts over on resume
                     yield from _stopped(Message(Kind.CHECKPOINT, epoch, fed, flag=True), saved)
@@ -108,6 +109,7 @@ def _stopped(checkpoint: Message, saved: tuple[int, int, bool]) -> Iterator[Mess
 
 def batch(kind: Kind, epoch: int, step: int, x: Tensor, y: Tensor,
           device: torch.device) -> Message:
-    """A batch message on ``device``, copied without a host wait and stamped with its event."""
+    """A batch message on ``device`` (copied without a host wait if made elsewhere), stamped
+    with its event."""
     return Message(kind, epoch, step,
                    tensors={"x": dev.to(x, device), "y": dev.to(y, device)}).depart()

@@ -1,4 +1,5 @@
-"""The global state of one process, set once at its start: seeds, threads, determinism."""
+"""The global state of one process, set once at its start: seeds, threads, determinism, the
+float32 precision of GPU matmuls and convolutions."""
 from __future__ import annotations
 
 import contextlib
@@ -7,16 +8,21 @@ import random
 
 import numpy as np
 import torch
+import torch.utils.deterministic
 
 from localpipe.stages.config import Config
 
 CUBLAS_WORKSPACE = ":4096:8"  # what cuBLAS needs to be deterministic
+# where float32 may run as TF32 on a GPU: cuBLAS matmuls, cuDNN convolutions and RNNs (torch's
+# own defaults mix them: matmuls in full float32, cuDNN in TF32)
+FP32_BACKENDS = (torch.backends.cuda.matmul, torch.backends.cudnn.conv, torch.backends.cudnn.rnn)
 
 
 def configure(cfg: Config, threads_per_process: int = 0) -> None:
     """Seed the global generators (for anything outside localpipe's own seeded streams), set
-    the torch threads (--threads, else ``threads_per_process`` if given) and, with
-    --deterministic, deterministic kernels; call before any CUDA work."""
+    the torch threads (--threads, else ``threads_per_process`` if given), deterministic
+    kernels with --deterministic, and the float32 precision of GPU matmuls and convolutions
+    (TF32 for both with --tf32, else full float32 for both); call before any CUDA work."""
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
     random.seed(cfg.seed)
@@ -26,6 +32,16 @@ def configure(cfg: Config, threads_per_process: int = 0) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
     if torch.are_deterministic_algorithms_enabled() != cfg.deterministic:
         torch.use_deterministic_algorithms(cfg.deterministic)
+    # deterministic mode also fills every torch.empty with NaN so that reads of memory never
+    # written show up: slow, and no part of determinism (deterministic kernels are)
+    torch.utils.deterministic.fill_uninitialized_memory = False
+    for backend in FP32_BACKENDS:  # the new API only: torch refuses a mix with allow_tf32
+        backend.fp32_precision = "tf32" if cfg.tf32 else "ieee"
+
+
+def precision() -> str:
+    """The float32 precision of GPU matmuls now, "tf32" or "fp32" (for a run's provenance)."""
+    return "tf32" if torch.backends.cuda.matmul.fp32_precision == "tf32" else "fp32"
 
 
 def pin_thread() -> None:
@@ -39,12 +55,15 @@ def pin_thread() -> None:
 
 @contextlib.contextmanager
 def kept():
-    """What ``configure`` changes (the global generators, the torch thread count and
-    deterministic mode) put back as it was after the block: a run started from a user's
-    own program (``lp.fit``) leaves the program's state alone."""
+    """What ``configure`` changes (the global generators, the torch thread count,
+    deterministic mode and its fill of new memory, the float32 precision) put back as it was
+    after the block: a run started from a user's own program (``lp.fit``) leaves the
+    program's state alone."""
     torch_rng, numpy_rng, python_rng = torch.get_rng_state(), np.random.get_state(), \
         random.getstate()
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    precisions = [backend.fp32_precision for backend in FP32_BACKENDS]
     try:
         yield
     finally:
@@ -53,3 +72,6 @@ def kept():
         random.setstate(python_rng)
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic)
+        torch.utils.deterministic.fill_uninitialized_memory = fill
+        for backend, saved in zip(FP32_BACKENDS, precisions):
+            backend.fp32_precision = saved

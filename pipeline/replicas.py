@@ -22,6 +22,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from localpipe.pipeline.transport import NCCL_LOCK
+
 
 LostPeer = Callable[[int | None, BaseException], NoReturn]  # Rank.lost_link: names who
 
@@ -29,15 +31,34 @@ LostPeer = Callable[[int | None, BaseException], NoReturn]  # Rank.lost_link: na
 class ReplicaGroup:
     """The replicas of one stage, as ``stages.blocks.Replicas``: sums over their process
     group, NCCL on GPUs of their own, else gloo (through host memory). A sum that breaks
-    (a replica died) goes to ``lost``, which names the replica that caused it."""
+    (a replica died) goes to ``lost``, which names the replica that caused it.
+
+    Each bucket is laid into a buffer of its size kept from the first batch (and a host one
+    for gloo), so a step allocates nothing; a stage has one sum in flight at a time, so one
+    buffer per size is enough. An NCCL sum is issued under the process's NCCL lock
+    (pipeline/transport.py), like every other NCCL call, so that no two threads issue NCCL
+    work at once."""
 
     def __init__(self, group: dist.ProcessGroup, count: int, host: bool, lost: LostPeer) -> None:
         self.group, self.count, self.host, self.lost = group, count, host, lost
+        self.buffers: dict[tuple[int, torch.dtype, torch.device], tuple[Tensor, Tensor]] = {}
 
-    def sum(self, flat: Tensor) -> Callable[[], Tensor]:
-        buffer = flat.to("cpu") if self.host else flat
+    def sum(self, pieces: list[Tensor]) -> Callable[[], Tensor]:
+        size = sum(p.numel() for p in pieces)
+        key = (size, pieces[0].dtype, pieces[0].device)
+        if key not in self.buffers:
+            flat = torch.empty(size, dtype=key[1], device=key[2])
+            self.buffers[key] = flat, torch.empty(size, dtype=key[1]) if self.host else flat
+        flat, sent = self.buffers[key]
+        torch.cat(pieces, out=flat)
+        if self.host:
+            sent.copy_(flat)
         try:
-            work = dist.all_reduce(buffer, group=self.group, async_op=True)
+            if self.host:
+                work = dist.all_reduce(sent, group=self.group, async_op=True)
+            else:
+                with NCCL_LOCK:
+                    work = dist.all_reduce(sent, group=self.group, async_op=True)
         except Exception as exc:
             self.lost(None, exc)
 
@@ -46,7 +67,7 @@ class ReplicaGroup:
                 work.wait()
             except Exception as exc:
                 self.lost(None, exc)
-            return buffer.to(flat.device) if self.host else buffer
+            return flat.copy_(sent) if self.host else flat
         return wait
 
 

@@ -288,13 +288,14 @@ def write_provenance(folder: str, devices: list[str], parts: list[list[int]]) ->
 
 
 def provenance(devices: list[str], parts: list[list[int]]) -> dict:
-    """What made this run: the command, the code's commit, the package versions, the devices
-    and the stage topology."""
+    """What made this run: the command, the code's commit, the package versions, the devices,
+    the float32 precision of GPU matmuls and convolutions, and the stage topology."""
     import numpy
     import torch
     import torchvision
 
     from localpipe.pipeline import device as dev
+    from localpipe.pipeline import process
 
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
@@ -308,6 +309,6 @@ def provenance(devices: list[str], parts: list[list[int]]) -> dict:
             "git_commit": commit, "git_dirty": dirty, "host": socket.gethostname(),
             "python": platform.python_version(), "torch": torch.__version__,
             "torchvision": torchvision.__version__, "numpy": numpy.__version__,
-            **dev.gpus(), "devices": devices,
+            **dev.gpus(), "matmul_precision": process.precision(), "devices": devices,
             "world_size": int(os.environ.get("WORLD_SIZE", 1)), "stages": parts,
             "started": time.strftime("%Y-%m-%d %H:%M:%S")}

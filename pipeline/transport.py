@@ -21,22 +21,28 @@ NCCL from several threads, and why it is sound here (NCCL user guide, "Thread sa
 
 1. NCCL calls to independent communicators on one device must not be issued in parallel from
    several threads. A middle stage has two link threads with a communicator each, so every
-   NCCL call of a process is made under one lock (``NCCL_LOCK``). With NCCL the calls only
-   enqueue work (``Work.wait`` makes the link stream wait, it does not block the host), so the
-   lock is held for microseconds, except at a link's first operation, when the pair's
-   connection is set up, a host-blocking meeting with the peer (and throughout, if the user
-   sets TORCH_NCCL_BLOCKING_WAIT). Holding the lock then cannot deadlock either: a rank waits
-   in it only for a peer that is about to post the matching half, with its own lock free or
-   held for the same reason further down the pipeline, which ends at the last stage.
+   NCCL call of a process is made under one lock (``NCCL_LOCK``). A message's tensors are one
+   ``batch_isend_irecv``, one NCCL group call (group start, a send or receive per tensor, group
+   end) that only enqueues work; its ``Work.wait`` comes after the lock is released (with NCCL
+   it makes the link stream wait for the transfer, and posts nothing). So the lock is held for
+   microseconds, except at a link's first operation, when the pair's connection is set up, a
+   host-blocking meeting with the peer. Holding the lock then cannot deadlock either: a rank
+   waits in it only for a peer that is about to post the matching half, with its own lock free
+   or held for the same reason further along the pipeline in the same direction, which ends at
+   its first or last stage.
 2. NCCL kernels block until their peer's kernel runs, and any device-wide synchronisation
-   (a ``cudaFree`` for one) then waits for them: two communicators in flight can deadlock when
-   their operations depend on each other in different orders on different ranks. Here every
-   NCCL operation is enqueued only after its counterpart has been announced on the control
-   plane: the sender first waits on the host for its tensors to be computed, then sends the
-   header, then enqueues the send; the receiver enqueues the matching receive as soon as the
-   header arrives, depending on nothing else. No NCCL kernel therefore waits for work that
-   depends on its own rank's progress, so no cycle can form, and a kernel's wait is bounded by
-   its peer posting the other half.
+   (a ``cudaFree`` for one) then waits for them: kernels on two communicators can deadlock
+   when they wait for each other in different orders on different ranks. Here every NCCL
+   operation is posted only after its counterpart has been announced on the control plane,
+   and behind nothing but work already queued on its GPU: the sender makes its link stream
+   wait for the producing stage's event (on the device: no host wait), sends the header, then
+   posts the send; the receiver posts the matching receive as soon as the header arrives. A
+   send kernel thus waits for compute already queued, which waits only for its stage's
+   inbound receives, that is for the rank before, and so on back to the feed; and for its
+   peer's receive, which the peer posts on the header whatever its GPU is doing (taking only
+   the lock of rule 1). Every wait points one way along the pipeline, so no cycle can form.
+   The price: a receive may sit on its GPU through the sender's compute, an NCCL kernel
+   holding a few SMs while it waits.
 3. Each communicator joins two ranks only and is used by exactly one thread on each side, in
    message order, so operations on any one communicator are issued in the same order on both
    ranks, as NCCL requires.
@@ -46,9 +52,10 @@ blocking gloo receives with NCCL calls in a polling loop, and buys nothing over 
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -63,56 +70,62 @@ OnError = Callable[[int, BaseException], None]  # a link to rank ``peer`` broke
 NCCL_LOCK = threading.Lock()  # rule 1 above: one NCCL call at a time in a process
 
 
-class HostPayload:
-    """Tensors over the link's gloo group, through host memory (pinned for a GPU)."""
+class _Payload:
+    """A link's payload path: each message's tensors as one batch of point-to-point operations
+    with the peer, posted in one call, then waited for."""
+
+    def __init__(self, group, peer: int, device: torch.device) -> None:
+        self.group, self.peer, self.device = group, peer, device
+
+    def posting(self) -> contextlib.AbstractContextManager:
+        """What is held while a batch is posted."""
+        return contextlib.nullcontext()
+
+    def batch(self, op: Callable, tensors: Iterable[Tensor]) -> None:
+        """``op`` (``dist.isend`` or ``dist.irecv``) on every tensor of a message."""
+        ops = [dist.P2POp(op, t, self.peer, self.group) for t in tensors]
+        with self.posting():
+            works = dist.batch_isend_irecv(ops)
+        for work in works:
+            work.wait()  # NCCL: the link stream waits, not the host; it posts nothing
+
+
+class HostPayload(_Payload):
+    """Tensors over the link's gloo group, through host memory (pinned for a GPU). gloo posts
+    a batch's operations one by one (it has no coalescing), still without waiting in between."""
 
     name = "gloo through host memory"
 
-    def __init__(self, group, peer: int, device: torch.device) -> None:
-        self.group, self.peer, self.device = group, peer, device
-
-    def prepare(self, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Host copies, complete when this returns (a GPU's tensors go to pinned buffers)."""
-        return dev.to_host(tensors)
-
     def send(self, tensors: dict[str, Tensor]) -> None:
-        for t in tensors.values():
-            dist.send(t.contiguous(), dst=self.peer, group=self.group)
+        # gloo reads the buffers on the host, so this waits for the link stream's copies
+        self.batch(dist.isend, [t.contiguous() for t in dev.to_host(tensors).values()])
 
     def recv(self, specs: list[TensorSpec]) -> dict[str, Tensor]:
-        out = {}
-        for name, dtype, shape in specs:
-            buffer = dev.host_buffer(shape, dtype, self.device)
-            dist.recv(buffer, src=self.peer, group=self.group)
-            out[name] = dev.to(buffer, self.device)  # on the link stream, no host wait
-        return out
+        buffers = {name: dev.host_buffer(shape, dtype, self.device)
+                   for name, dtype, shape in specs}
+        self.batch(dist.irecv, buffers.values())
+        return {name: dev.to(b, self.device)  # on the link stream, no host wait
+                for name, b in buffers.items()}
 
 
-class NcclPayload:
-    """Tensors GPU to GPU over the link's NCCL group, on the link thread's stream."""
+class NcclPayload(_Payload):
+    """Tensors GPU to GPU over the link's NCCL group, on the link thread's stream: one NCCL
+    group call per message, ordered after the producing stage on the device alone (rule 2)."""
 
     name = "NCCL"
 
-    def __init__(self, group, peer: int, device: torch.device) -> None:
-        self.group, self.peer, self.device = group, peer, device
-
-    def prepare(self, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Wait on the host until the tensors are computed (rule 2: data before header)."""
-        dev.current_stream(self.device).synchronize()
-        return tensors
+    def posting(self) -> contextlib.AbstractContextManager:
+        return NCCL_LOCK  # rule 1
 
     def send(self, tensors: dict[str, Tensor]) -> None:
-        for t in tensors.values():
-            with NCCL_LOCK:
-                dist.isend(t.contiguous(), dst=self.peer, group=self.group).wait()
+        """The link stream already waits for the stage that computed ``tensors`` (the Sender's
+        ``arrive``), and the NCCL stream for the link stream: no host wait."""
+        self.batch(dist.isend, [t.contiguous() for t in tensors.values()])
 
     def recv(self, specs: list[TensorSpec]) -> dict[str, Tensor]:
-        out = {}
-        for name, dtype, shape in specs:
-            buffer = torch.empty(shape, dtype=dtype, device=self.device)
-            with NCCL_LOCK:
-                dist.irecv(buffer, src=self.peer, group=self.group).wait()  # a stream wait
-            out[name] = buffer
+        out = {name: torch.empty(shape, dtype=dtype, device=self.device)
+               for name, dtype, shape in specs}
+        self.batch(dist.irecv, out.values())
         return out
 
 
@@ -156,12 +169,11 @@ class Sender(_LinkThread):
         while True:
             msg, _ = self.channel.get()
             msg = msg.arrive(self.device)  # this stream waits for the producing stage
-            tensors = self.link.payload.prepare(msg.tensors) if msg.tensors else {}
             header, spec = encode(msg)
             dist.send(header, dst=self.link.peer, group=self.link.group)
             if spec is not None:
                 dist.send(spec, dst=self.link.peer, group=self.link.group)
-                self.link.payload.send(tensors)
+                self.link.payload.send(msg.tensors)
             if msg.kind == Kind.STOP:
                 return
 

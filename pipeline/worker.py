@@ -10,6 +10,7 @@ FIFO, each stage saves after exactly the same batches: a consistent cut, without
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from typing import Callable, Iterator
 
@@ -50,6 +51,56 @@ class StepLog:
             if ready is not None:
                 ready.synchronize()
             self.report({**r, "losses": dict(zip(units, values.tolist()))})
+
+
+class LossWatch:
+    """Under --on-nan stop, whether any unit's loss of a training batch was NaN or infinite,
+    found without the stage ever waiting for its device: each batch's losses (the units'
+    ``last_loss``, on the device already) are kept by reference, and every ``every`` batches
+    stacked and copied to the host without a wait, and looked at once the copy has landed. At
+    a marker the worker waits for the look (``check(wait=True)``), so no checkpoint, record,
+    evaluation or model is written after a bad batch. The run stops naming the first bad
+    batch and its first unit, however late it looked. (The bad batch's update was never
+    applied: ``stages.blocks.Update`` skips it on the device.)"""
+
+    def __init__(self, every: int = 64) -> None:
+        self.every = every
+        self.batches: list[tuple[int, int, list[int], list[torch.Tensor]]] = []
+        self.pending: list[tuple] = []  # (event, host values, batches)
+
+    def after(self, stage: Stage, msg: Message) -> None:
+        units = [u for u in stage.units if u.last_loss is not None]
+        self.batches.append((msg.epoch, msg.step, [u.index for u in units],
+                             [u.last_loss for u in units]))
+        if len(self.batches) >= self.every:
+            self._look()
+        self.check()
+
+    def _look(self) -> None:
+        losses = [t for *_, batch in self.batches for t in batch]
+        if losses:
+            values, ready = dev.to_host_later(torch.stack(losses))
+            self.pending.append((ready, values, self.batches))
+        self.batches = []
+
+    def check(self, wait: bool = False) -> None:
+        """Raise NonFiniteLoss for the first bad batch among those looked at (all of them,
+        waiting for the copies, with ``wait``)."""
+        if wait:
+            self._look()
+        while self.pending and (wait or dev.fired(self.pending[0][0])):
+            ready, values, batches = self.pending.pop(0)
+            if ready is not None:
+                ready.synchronize()
+            if bool(torch.isfinite(values).all()):  # a host tensor: no device wait
+                continue
+            values, at = values.tolist(), 0
+            for epoch, step, units, losses in batches:
+                for unit, value in zip(units, values[at:at + len(losses)]):
+                    if not math.isfinite(value):
+                        raise NonFiniteLoss(f"unit {unit}: loss is {value} at epoch {epoch}, "
+                                            f"batch {step + 1}")
+                at += len(losses)
 
 
 FEED = "feed"  # the watchdog's name for the data feed
@@ -137,6 +188,7 @@ def run_stage(stage: Stage, index: int, inbox: Channel, outbox: Channel | None,
     writer = checkpoint.Writer(cfg.save_dir, index, report)
     watchdog = watchdog or Watchdog(float("inf"))
     step_log = StepLog(cfg.log_every, index, report)
+    watch = LossWatch() if cfg.on_nan == "stop" else None
 
     def send(msg: Message) -> None:
         if outbox is not None:
@@ -149,10 +201,14 @@ def run_stage(stage: Stage, index: int, inbox: Channel, outbox: Channel | None,
         skips = msg.skips()
         with memory.watching():
             out, update = stage.train_step(msg.x, msg.y, skips)
+            if stage.replicas is not None:  # the replicas' sum is issued before any blocking
+                update.begin()  # put, so every rank issues its collectives in one order
         timer.clock.stop(started)
         send(msg.handing_on(out, skips))
         started = timer.clock.start()
-        update()
+        if stage.replicas is None:
+            update.begin()
+        update.finish()
         timer.clock.stop(started)
         memory.after_step()
 
@@ -170,11 +226,9 @@ def run_stage(stage: Stage, index: int, inbox: Channel, outbox: Channel | None,
                 if timer.train_start is None:
                     timer.train_start = time.time()
                 steps += 1
-                try:
-                    train(msg)
-                except NonFiniteLoss as exc:
-                    raise NonFiniteLoss(f"{exc} at epoch {msg.epoch}, batch {msg.step + 1}") \
-                        from None
+                train(msg)
+                if watch is not None:
+                    watch.after(stage, msg)
                 timer.train_end = time.time()
                 timer.train_samples += msg.y.size(0)
                 step_log.after(stage, msg, steps)
@@ -188,6 +242,8 @@ def run_stage(stage: Stage, index: int, inbox: Channel, outbox: Channel | None,
                 timer.clock.stop(started)
                 send(msg.handing_on(out, skips))
                 continue
+            if watch is not None:  # a marker: no file is written after a bad batch
+                watch.check(wait=True)
             send(msg)
             step_log.flush(wait=True)  # a marker: every logged batch is reported before it
             if msg.kind == Kind.STOP:

@@ -15,6 +15,7 @@ from typing import Callable, Protocol
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
 from localpipe.stages import losses
 from localpipe.stages.config import Config, derive_seed
@@ -37,19 +38,14 @@ def keep_buffers(module: nn.Module, cfg: Config) -> list[tuple[Tensor, Tensor]]:
     return [(b, b.clone()) for b in module.buffers()]
 
 
-def restore_buffers(kept: list[tuple[Tensor, Tensor]]) -> None:
-    for buffer, saved in kept:
-        buffer.copy_(saved)
-
-
 class Replicas(Protocol):
     """The data-parallel replicas of a stage, as its units see them (pipeline/replicas.py):
-    ``sum`` starts adding a flat tensor up over the ``count`` replicas and returns the wait
-    that gives the sum."""
+    ``sum`` starts adding ``pieces`` (1-D tensors of one dtype, laid end to end) up over the
+    ``count`` replicas and returns the wait that gives the flat sum."""
 
     count: int
 
-    def sum(self, flat: Tensor) -> Callable[[], Tensor]: ...
+    def sum(self, pieces: list[Tensor]) -> Callable[[], Tensor]: ...
 
 
 def moving_buffers(module: nn.Module) -> list[Tensor]:
@@ -60,8 +56,11 @@ def moving_buffers(module: nn.Module) -> list[Tensor]:
 
 
 class Update:
-    """A batch's pending update: backward of ``loss``, then each optimizer's step in order;
-    under --on-nan skip a non-finite loss instead puts the ``kept`` buffers back.
+    """A batch's pending update: backward of ``loss``, then each optimizer's step in order,
+    decided on the device: a non-finite loss (``finite`` False) skips every step and, under
+    --on-nan skip, puts the ``kept`` buffers back, with no host read (fused optimizers take
+    the flag as ``found_inf``; see ``step``). --on-nan stop is noticed by the worker at its
+    next look at the losses (pipeline/worker.py: ``LossWatch``), never by this update.
 
     With ``replicas`` it comes in two halves, so that the exchange overlaps the next unit's
     forward: ``begin`` runs the backward and starts summing one bucket over the replicas (a
@@ -70,12 +69,13 @@ class Update:
     buffers, or, if any replica's loss was not finite, every one skips. Without replicas
     ``begin`` does it all. Calling the update runs both halves."""
 
-    def __init__(self, loss: Tensor, what: str, optimizers: list[torch.optim.Optimizer],
-                 kept: list[tuple[Tensor, Tensor]], cfg: Config, module: nn.Module,
-                 replicas: Replicas | None = None) -> None:
-        """``module`` holds the buffers the replicas average (its ``moving_buffers``)."""
-        self.loss, self.what, self.optimizers, self.kept, self.cfg = loss, what, optimizers, \
-            kept, cfg
+    def __init__(self, loss: Tensor, finite: Tensor, optimizers: list[torch.optim.Optimizer],
+                 kept: list[tuple[Tensor, Tensor]], module: nn.Module,
+                 replicas: Replicas | None = None, bad: Tensor | None = None) -> None:
+        """``finite``: whether ``loss`` is (a 0-dim bool tensor; ``bad`` its negation, if
+        made already); ``module`` holds the buffers the replicas average."""
+        self.loss, self.finite, self.optimizers, self.kept = loss, finite, optimizers, kept
+        self.bad = finite.logical_not() if bad is None else bad
         self.module, self.replicas = module, replicas
         self._wait: Callable[[], Tensor] | None = None
         # where each piece of the averaged bucket goes back (None: a parameter without a
@@ -87,50 +87,49 @@ class Update:
         self.finish()
 
     def begin(self) -> None:
-        ok = finite_or_skip(self.loss, self.what, self.cfg)
-        if ok:
-            self.loss.backward()
+        self.loss.backward()  # non-finite gradients are never stepped on (see step)
         if self.replicas is None:
-            self._apply(ok)
+            self._apply(self.finite, self.bad)
             return
         params = [p for opt in self.optimizers for group in opt.param_groups
                   for p in group["params"]]
         buffers = moving_buffers(self.module)
         self._targets = [(p.grad, p.numel()) for p in params] + [(b, b.numel()) for b in buffers]
         sent = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flag = self.loss.new_full((1,), float(ok))
-        bucket = torch.cat([flag] + [t.reshape(-1) for t in sent + buffers])
-        self._wait = self.replicas.sum(bucket)
+        self._wait = self.replicas.sum([self.finite.view(1).to(self.loss.dtype)]
+                                       + [t.reshape(-1) for t in sent + buffers])
 
     def finish(self) -> None:
         if self._wait is None:
             return
         bucket, self._wait = self._wait(), None
         targets, self._targets = self._targets, []
-        ok = bool(bucket[0] == self.replicas.count)  # every replica's loss was finite
-        if ok:
-            mean = bucket[1:].div_(self.replicas.count)
-            for (t, _), value in zip(targets, mean.split([n for _, n in targets])):
-                if t is not None:
-                    t.copy_(value.view_as(t))
-        self._apply(ok)
+        agreed = bucket[0] == self.replicas.count  # every replica's loss was finite
+        mean = bucket[1:].div_(self.replicas.count)
+        pieces = [(t, v.view_as(t)) for (t, _), v in
+                  zip(targets, mean.split([n for _, n in targets])) if t is not None]
+        torch._foreach_copy_([t for t, _ in pieces], [v for _, v in pieces])
+        self._apply(agreed, agreed.logical_not())
 
-    def _apply(self, ok: bool) -> None:
-        if not ok:
-            restore_buffers(self.kept)
+    def _apply(self, ok: Tensor, bad: Tensor) -> None:
+        for buffer, saved in self.kept:
+            buffer.copy_(torch.where(ok, buffer, saved))
+        found_inf = bad.to(torch.float32)
         for optimizer in self.optimizers:
-            if ok:
-                optimizer.step()
+            step(optimizer, found_inf)
             optimizer.zero_grad(set_to_none=True)
 
 
-def finite_or_skip(loss: Tensor, what: str, cfg: Config) -> bool:
-    """True if ``loss`` may be stepped on; False to skip this batch's update (--on-nan skip)."""
-    if bool(torch.isfinite(loss)):
-        return True
-    if cfg.on_nan == "skip":
-        return False
-    raise NonFiniteLoss(f"{what}: loss is {loss.item()}")
+def step(optimizer: torch.optim.Optimizer, found_inf: Tensor) -> None:
+    """``optimizer.step()`` unless ``found_inf`` (a 0-dim float32 tensor) is 1, when nothing
+    changes at all. A fused optimizer decides on the device: it skips the step where its
+    ``found_inf`` is 1 and takes its step count back. Any other (the user's own, or where no
+    fused kernel exists) reads the flag on the host, the one host read left in a step."""
+    if all(group.get("fused") for group in optimizer.param_groups):
+        optimizer.found_inf = found_inf
+        optimizer.step()
+    elif not bool(found_inf):
+        optimizer.step()
 
 
 @dataclass(frozen=True)
@@ -158,50 +157,103 @@ def pred_pooling(channels: int, size: int, dim_in_decoder: int) -> PredPooling:
 
 
 class Meter:
-    """Running sums of one unit's losses and errors, kept as tensors so that recording a batch
-    never waits for the device; ``take`` reads and resets them once per epoch. A batch whose
-    loss is NaN or infinite (kept going by --on-nan skip) is counted apart, not averaged in."""
+    """Running sums of one unit's losses and errors, kept on the device in one float64 vector
+    that a batch adds to in a few ops and no host read; ``take`` reads and resets it once per
+    epoch. A batch whose loss is NaN or infinite (kept going by --on-nan skip) is counted
+    apart, not averaged in."""
 
     KEYS = ("loss", "loss_sim", "loss_pred", "errors")
     SUMS = (*KEYS, "n", "nonfinite")  # every sum a meter may hold
 
     def __init__(self) -> None:
-        self.sums: dict[str, Tensor] = {}
+        self.sums: Tensor | None = None  # the recorded KEYS in ``self.keys``' order, n, nonfinite
+        self.keys: tuple[str, ...] = ()
+        self._constants: dict[tuple[int, torch.device], tuple[Tensor, Tensor]] = {}
 
-    def add(self, n: int, **values: Tensor) -> None:
-        finite = torch.isfinite(values["loss"].detach())
-        values = {**values, "n": finite.double(), "nonfinite": (~finite).double()}
-        for key, value in values.items():
-            value = value.detach().double() * (1 if key in ("errors", "nonfinite") else n)
-            value = torch.where(finite | (key == "nonfinite"), value, torch.zeros_like(value))
-            self.sums[key] = self.sums[key] + value if key in self.sums else value
+    def add(self, n: int, finite: Tensor | None = None, bad: Tensor | None = None,
+            **values: Tensor) -> None:
+        """A batch of ``n`` examples: its ``values`` (``loss`` and any other of KEYS, 0-dim
+        tensors; ``errors`` a count, the others per-example means) and whether its loss is
+        ``finite`` (a 0-dim bool tensor; ``bad`` its negation), where the caller has them."""
+        finite = torch.isfinite(values["loss"].detach()) if finite is None else finite
+        bad = finite.logical_not() if bad is None else bad
+        keys = tuple(k for k in self.KEYS if k in values)
+        if keys != self.keys:  # a unit records the same keys each batch: once, at the start
+            self._relayout(keys)
+        stacked = torch.stack([values[k].detach() for k in keys] + [finite, bad])
+        weights, always = self._weights(n, finite.device)
+        batch = torch.where(finite.logical_or(always), stacked.to(torch.float64) * weights, 0.0)
+        self.sums = batch if self.sums is None else self.sums.add_(batch)
+
+    def _relayout(self, keys: tuple[str, ...]) -> None:
+        old, device = self.state(), None if self.sums is None else self.sums.device
+        keys = tuple(k for k in self.KEYS if k in keys or k in old)
+        if old:
+            self.load(old, device, keys)
+        else:
+            self.keys, self._constants = keys, {}
+
+    def _weights(self, n: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """What each sum adds per batch (the per-example means times ``n``, counts as they
+        are; ``n`` examples where finite, one non-finite batch), and which sums count a
+        non-finite batch too: made once per batch size, not per batch."""
+        if (n, device) not in self._constants:
+            weights = [1.0 if k == "errors" else n for k in self.keys] + [n, 1.0]
+            self._constants[(n, device)] = (
+                torch.tensor(weights, dtype=torch.float64, device=device),
+                torch.tensor([False] * (len(self.keys) + 1) + [True], device=device))
+        return self._constants[(n, device)]
 
     def take(self) -> dict[str, float | int | None]:
         """Per-example averages (errors in percent); None for a quantity never recorded."""
-        sums = {k: v.item() for k, v in self.sums.items()}
+        sums = self._named(self.sums.tolist()) if self.sums is not None else {}
         n = int(sums.get("n", 0))
         out: dict[str, float | int | None] = {"n": n, "nonfinite": int(sums.get("nonfinite", 0))}
         for key in self.KEYS:
             value = None if key not in sums or n == 0 else sums[key] / n
             out["error" if key == "errors" else key] = (
                 None if value is None else 100.0 * value if key == "errors" else value)
-        self.sums = {}
+        self.sums = None
         return out
 
-    def state(self) -> dict:
-        return {k: v.cpu() for k, v in self.sums.items()}
+    def _named(self, values: list) -> dict:
+        return dict(zip((*self.keys, "n", "nonfinite"), values))
 
-    def load(self, state: dict, device: torch.device) -> None:
-        self.sums = {k: v.to(device) for k, v in state.items()}
+    def state(self) -> dict:
+        """The sums by name (those recorded, with n and nonfinite), on the host."""
+        return {} if self.sums is None else \
+            {k: v.clone() for k, v in self._named(list(self.sums.cpu().unbind())).items()}
+
+    def load(self, state: dict, device: torch.device, keys: tuple[str, ...] = ()) -> None:
+        """Sums as ``state`` holds them (and zero for the other ``keys``), on ``device``."""
+        self.keys = tuple(k for k in self.KEYS if k in state or k in keys)
+        self._constants = {}
+        self.sums = None if not state else torch.tensor(
+            [float(state[k]) if k in state else 0.0 for k in (*self.keys, "n", "nonfinite")],
+            dtype=torch.float64, device=device)
 
 
 def make_optimizer(params, cfg: Config) -> torch.optim.Optimizer:
+    """A unit's optimizer, fused where torch has a fused kernel for the parameters' device
+    (one kernel for the whole unit; it also skips a non-finite step on the device: ``step``),
+    else the multi-tensor (foreach) form. Fused Adam rounds a little differently from the
+    for-loop form (about 1e-7 relatively), so weights differ from those the for-loop form
+    gave in the last bits; the state is the same, so checkpoints of either resume. SGD with
+    momentum starts from zero momentum buffers, which is what its first step would make of
+    them, so that a skipped first step leaves nothing uninitialised."""
     params = [p for p in params if p.requires_grad]
+    devices = {p.device.type for p in params}
+    fused = devices and devices <= set(_get_fused_kernels_supported_devices())
+    fast = {"fused": True} if fused else {"foreach": True}
     if cfg.optim == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
-                               weight_decay=cfg.weight_decay)
+        optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+                                    weight_decay=cfg.weight_decay, **fast)
+        if cfg.momentum:
+            for p in params:
+                optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p)
+        return optimizer
     return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                            amsgrad=cfg.optim == "amsgrad")
+                            amsgrad=cfg.optim == "amsgrad", **fast)
 
 
 class Unit(nn.Module):
@@ -220,6 +272,8 @@ class Unit(nn.Module):
         self.phase = "test"  # which meter an evaluation records into: "val" or "test"
         self.position = (0, 0)  # (epoch, step) of the batch being trained
         self.last_loss: Tensor | None = None  # the local loss of the latest batch, on device
+        self.last_finite: Tensor | None = None  # whether it is finite, on device
+        self.last_bad: Tensor | None = None  # whether it is not
         self.replica = 0  # which data-parallel replica of the unit this is
         self.replicas: Replicas | None = None  # all of them, when there are several
         self._dropout_gen: torch.Generator | None = None
@@ -255,16 +309,20 @@ class Unit(nn.Module):
 
     def record(self, loss: Tensor, y: Tensor, **stats: Tensor) -> Tensor:
         """``loss`` of a batch with labels ``y``, and its parts ``stats``, into the current
-        meter; kept as the unit's latest loss (for steps.jsonl). Returns ``loss``."""
-        self.meter.add(y.size(0), loss=loss, **stats)
+        meter; kept as the unit's latest loss (for steps.jsonl and the worker's look for
+        non-finite losses) with whether it is finite. Returns ``loss``."""
         self.last_loss = loss.detach()
+        self.last_finite = torch.isfinite(self.last_loss)
+        self.last_bad = self.last_finite.logical_not()
+        self.meter.add(y.size(0), self.last_finite, self.last_bad, loss=loss, **stats)
         return loss
 
     def step_closure(self, loss: Tensor, kept: list[tuple[Tensor, Tensor]]) -> Update:
-        """The update of this batch; ``kept`` are the buffers to put back if it is skipped."""
+        """The update of this batch (``loss`` the one just recorded); ``kept`` are the
+        buffers to put back if it is skipped."""
         assert self.optimizers
-        return Update(loss, f"unit {self.index}", self.optimizers, kept, self.cfg, self,
-                      self.replicas)
+        return Update(loss, self.last_finite, self.optimizers, kept, self, self.replicas,
+                      self.last_bad)
 
 
 class LocalBlock(Unit):
@@ -380,7 +438,7 @@ class LocalBlock(Unit):
         std = not cfg.no_similarity_std
         x = x if self.is_conv else x.flatten(1)
         stats: dict[str, Tensor] = {}
-        sup = h.new_zeros(())
+        terms: list[Tensor] = []
         pooled = h if self.pred_pool is None else self.pred_pool(h)
         if cfg.bio:
             code = losses.bio_target(self.label_proj, y)
@@ -397,11 +455,12 @@ class LocalBlock(Unit):
                 loss_pred = self.w_pred * losses.pred_loss(logits, y)
                 stats["errors"] = losses.errors(logits, y)
             stats["loss_pred"] = loss_pred
-            sup = sup + loss_pred
+            terms.append(loss_pred)
         if self.w_sim > 0:
             loss_sim = self.w_sim * losses.sim_loss(hs, sim_target, std)
             stats["loss_sim"] = loss_sim
-            sup = sup + loss_sim
+            terms.append(loss_sim)
+        sup = sum(terms[1:], terms[0]) if terms else h.new_zeros(())
         unsup: Tensor | float = 0.0
         if cfg.loss_unsup == "sim":
             unsup = losses.sim_loss(hs, losses.similarity_matrix(x, std).detach(), std)

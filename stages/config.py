@@ -177,6 +177,8 @@ class Config:
                           "stages)", metavar="N", check="nonneg")
     deterministic: bool = option(False, "deterministic kernels, so that a GPU run repeats bit "
                                  "for bit")
+    tf32: bool = option(False, "TF32 tensor cores for float32 matmuls and convolutions on a "
+                        "GPU (faster; 10-bit mantissas); off: full float32 for both")
     log_every: int = option(50, "a record of every unit's loss every N training batches, in "
                             "steps.jsonl and TensorBoard (0: none)", metavar="N",
                             check="nonneg")

@@ -1,6 +1,9 @@
 """The local losses of the method (spec §3): similarity matching, prediction, their mix, and the
-unsupervised and bio-plausible variants. Pure functions of tensors; no modules, no state."""
+unsupervised and bio-plausible variants. Pure functions of tensors; no modules, and no state
+but a batch's label targets, kept on its label tensor (``_per_batch``)."""
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -25,14 +28,27 @@ def similarity_matrix(x: Tensor, std_reduction: bool = True) -> Tensor:
     return (xn @ xn.t()).clamp(-1.0, 1.0)
 
 
+def _per_batch(y: Tensor, key: tuple, make: Callable[[], Tensor]) -> Tensor:
+    """``make()``, kept on the label tensor ``y`` itself: every unit of a stage trains on the
+    same ``y`` object, so a target made from the labels (the one-hot rows, the label
+    similarity) is made once per batch and stage, not once per unit. It lives and dies with
+    the batch; no other state holds it."""
+    made = y.__dict__.setdefault("_localpipe_targets", {})
+    if key not in made:
+        made[key] = make()
+    return made[key]
+
+
 def one_hot(y: Tensor, num_classes: int) -> Tensor:
     """Float one-hot rows, by comparison: no scatter and no host sync on a GPU."""
-    return (y.unsqueeze(1) == torch.arange(num_classes, device=y.device)).float()
+    return _per_batch(y, ("one_hot", num_classes), lambda: (
+        y.unsqueeze(1) == torch.arange(num_classes, device=y.device)).float())
 
 
 def label_similarity(y: Tensor, num_classes: int) -> Tensor:
     """Target of the sim loss: 1 for a same-class pair, -1/(C-1) otherwise (detached)."""
-    return similarity_matrix(one_hot(y, num_classes)).detach()
+    return _per_batch(y, ("similarity", num_classes),
+                      lambda: similarity_matrix(one_hot(y, num_classes)).detach())
 
 
 def sim_loss(hs: Tensor, target: Tensor, std_reduction: bool = True) -> Tensor:
@@ -63,7 +79,10 @@ def sup_weights(loss_sup: str, beta: float) -> tuple[float, float]:
 
 
 def mix_unsup(sup: Tensor, unsup: Tensor | float, alpha: float) -> Tensor:
-    """Block loss = α·L_unsup + (1−α)·L_sup (§3.4)."""
+    """Block loss = α·L_unsup + (1−α)·L_sup (§3.4); ``sup`` itself where there is no
+    unsupervised loss and α is 0 (the same value, two ops fewer each way)."""
+    if alpha == 0 and not isinstance(unsup, Tensor):
+        return sup
     return alpha * unsup + (1.0 - alpha) * sup
 
 

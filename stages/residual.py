@@ -286,6 +286,19 @@ class ResidualUnit(LocalBlock):
         return z, self.nonlin(self.bn(z), inplace=True), seen
 
 
+def head_pool(spec: HeadSpec) -> nn.Module:
+    """The head's pooling of its ``side``² map to ``pool_out``². Adaptive max pooling has no
+    deterministic CUDA backward (--deterministic --backprop would throw), so where ``side`` is
+    a multiple of ``pool_out`` it is the plain max pooling with the same windows (the same
+    values and gradients). Adaptive average pooling to 1×1 is ATen's mean over the map
+    already, with a deterministic backward."""
+    if spec.pool == "avg":
+        return nn.AdaptiveAvgPool2d(spec.pool_out)
+    if spec.side % spec.pool_out == 0:
+        return nn.MaxPool2d(spec.side // spec.pool_out)
+    return nn.AdaptiveMaxPool2d(spec.pool_out)
+
+
 class ResidualHead(OutputLayer):
     """[final BN (momentum 0.9), plain ReLU], pooling, Linear (§4). The pooling adapts to the
     map it gets, so every input size works with the paper's Linear; the final BN's affine
@@ -299,8 +312,7 @@ class ResidualHead(OutputLayer):
             bn = nn.BatchNorm2d(spec.n_in, momentum=0.9)
             bn.requires_grad_(cfg.backprop)
             layers += [bn, nn.ReLU()]
-        layers.append(nn.AdaptiveAvgPool2d(spec.pool_out) if spec.pool == "avg"
-                      else nn.AdaptiveMaxPool2d(spec.pool_out))
+        layers.append(head_pool(spec))
         self.head = nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -105,8 +105,8 @@ class Stage(nn.Module):
                 total = total + block.local_loss(h, seen, y)
         logits = self.output(x)
         total = total + self.output.loss(logits, y)
-        return logits.detach(), Update(total, "the global loss", self.optimizers(), kept,
-                                       self.cfg, self, self.replicas)
+        return logits.detach(), Update(total, torch.isfinite(total.detach()), self.optimizers(),
+                                       kept, self, self.replicas)
 
     @torch.no_grad()
     def eval_step(self, x: Tensor, y: Tensor, phase: str = "test",
@@ -157,7 +157,8 @@ class Stage(nn.Module):
         device = next(self.parameters()).device  # NCCL sums device tensors only
         flat = torch.tensor([[float(k in m), float(m[k]) if k in m else 0.0]
                              for m in meters for k in keys], dtype=torch.float64)
-        total = self.replicas.sum(flat.to(device))().cpu().view(len(meters), len(keys), 2)
+        total = self.replicas.sum([flat.to(device).view(-1)])()
+        total = total.cpu().view(len(meters), len(keys), 2)
         return [{k: total[i, j, 1].clone() for j, k in enumerate(keys) if total[i, j, 0] > 0}
                 for i in range(len(meters))]
 

@@ -1,15 +1,18 @@
 """Datasets, §6 preprocessing and the batch stream, with generated data for the sets that are
 not on this machine."""
 import struct
+from collections import Counter
 
 import numpy as np
 import pytest
 import torch
 import torchvision
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from localpipe.launch.pipeline import main
-from localpipe.pipeline.data import INFO, Batches, class_batches, cutout, load_split, random_crop
-from localpipe.stages.config import Config
+from localpipe.pipeline.data import (INFO, Batches, DataError, DatasetBatches, class_batches,
+                                     cutout, load_split, random_crop, random_flip)
+from localpipe.stages.config import Config, derive_seed
 
 from conftest import metrics
 
@@ -128,3 +131,192 @@ def test_colour_datasets_train_end_to_end(tmp_path, monkeypatch, name, model, cl
     record = metrics(save)[0]
     assert record["train_samples"] == train_n and record["test_samples"] == 20
     assert record["test_error"] is not None
+
+
+# --------------------------------------- the per-image path batches were made with, verbatim
+def old_random_crop(x, padding, gen):
+    n, _, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (padding,) * 4)
+    offsets = torch.randint(0, 2 * padding + 1, (n, 2), generator=gen).tolist()
+    return torch.stack([padded[i, :, dy:dy + h, dx:dx + w] for i, (dy, dx) in enumerate(offsets)])
+
+
+def old_random_flip(x, gen):
+    flip = torch.rand(x.size(0), generator=gen) < 0.5
+    x[flip] = x[flip].flip(-1)
+    return x
+
+
+def old_cutout(x, holes, length, gen):
+    n, _, h, w = x.shape
+    cy = torch.randint(0, h, (n, holes, 1), generator=gen)
+    cx = torch.randint(0, w, (n, holes, 1), generator=gen)
+    rows = torch.arange(h).view(1, 1, h)
+    cols = torch.arange(w).view(1, 1, w)
+    in_rows = ((rows >= cy - length // 2) & (rows < cy + length // 2)).float()  # N×holes×H
+    in_cols = ((cols >= cx - length // 2) & (cols < cx + length // 2)).float()  # N×holes×W
+    mask = torch.bmm(in_rows.transpose(1, 2), in_cols) > 0  # N×H×W
+    return x.masked_fill(mask.unsqueeze(1), 0.0)
+
+
+def old_make(self, idx, epoch, step):
+    x = self.images[idx].float().div_(255)
+    if self.train:
+        gen = torch.Generator().manual_seed(derive_seed(self.cfg.seed, "augment", epoch, step))
+        if self.info.crop_padding:
+            x = old_random_crop(x, self.info.crop_padding, gen)
+        if self.info.flip:
+            x = old_random_flip(x, gen)
+        x = (x - self.mean) / self.std
+        if self.cfg.cutout:
+            x = old_cutout(x, self.cfg.n_holes, self.cfg.length, gen)
+        return x
+    return (x - self.mean) / self.std
+
+
+def old_epoch(self, epoch):
+    for step, idx in enumerate(self.order(epoch)):
+        yield old_make(self, idx, epoch, step), self.labels[idx]
+
+
+def _batches(name: str, n: int, batch: int, train: bool, seed: int, **options) -> Batches:
+    """``n`` random uint8 images of ``name``'s shape, as its Batches with ``options``."""
+    info = INFO[name]
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, *info.shape), generator=gen, dtype=torch.uint8)
+    labels = torch.randint(0, info.num_classes, (n,), generator=gen)
+    cfg = Config(dataset=name, batch_size=batch, seed=seed, **options)
+    return Batches(images, labels, info, cfg, train=train)
+
+
+SHAPES = [((1, 28, 28), 2), ((3, 32, 32), 4)]  # MNIST's crop, CIFAR's crop (and flip)
+
+
+@pytest.mark.parametrize("shape,padding", SHAPES)
+@pytest.mark.parametrize("n", [1, 2, 7, 128, 129])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_batched_augmentations_equal_the_per_image_ones(shape, padding, n, seed):
+    """The same draws from the generator, in the same order, applied to the same pixels: the
+    generator ends in the same state and every result is the same bits."""
+    x = torch.rand(n, *shape, generator=torch.Generator().manual_seed(seed + 100))
+    for new, old, args in ((random_crop, old_random_crop, (padding,)),
+                           (random_flip, old_random_flip, ()),
+                           (cutout, old_cutout, (1, 16)), (cutout, old_cutout, (3, 5))):
+        gen, ref = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        got, expected = new(x.clone(), *args, gen), old(x.clone(), *args, ref)
+        assert torch.equal(got, expected), (new.__name__, args)
+        assert torch.equal(gen.get_state(), ref.get_state()), (new.__name__, args)
+    uint8 = (x * 255).to(torch.uint8)  # a batch is cropped and flipped before its conversion
+    for new, old, args in ((random_crop, old_random_crop, (padding,)),
+                           (random_flip, old_random_flip, ())):
+        got = new(uint8, *args, torch.Generator().manual_seed(seed)).float().div_(255)
+        expected = old(uint8.float().div_(255), *args, torch.Generator().manual_seed(seed))
+        assert torch.equal(got, expected), new.__name__
+
+
+@pytest.mark.parametrize("name", ["MNIST", "FashionMNIST", "CIFAR10"])  # crop; crop + flip
+@pytest.mark.parametrize("n,batch", [(130, 128), (101, 33), (5, 1)])
+@pytest.mark.parametrize("options", [{}, {"cutout": True, "length": 14},
+                                     {"cutout": True, "n_holes": 3, "length": 7}])
+def test_batches_are_the_bits_of_the_per_image_path_on_the_host_and_on_a_device(
+        name, n, batch, options):
+    """Every batch of two epochs, training and test, against the per-image path: made on the
+    host, and on a device (the CPU here) from the split's copy held there."""
+    for seed in (0, 7):
+        for train in (True, False):
+            batches = _batches(name, n, batch, train, seed, **options)
+            for epoch in (1, 2):
+                expected = list(old_epoch(batches, epoch))
+                assert len(expected) == len(batches)
+                host = list(batches.epoch(epoch))
+                held = list(batches.epoch(epoch, device=torch.device("cpu")))
+                for made in (host, held):
+                    assert len(made) == len(expected)
+                    for (x, y), (ex, ey) in zip(made, expected):
+                        assert torch.equal(x, ex) and torch.equal(y, ey)
+
+
+class DeviceHazards(TorchDispatchMode):
+    """Counts what would make a batch built on a GPU wait for it, or differ from the host's:
+    reads of values on the host (``.item()``, ``bool()``: ``_local_scalar_dense``,
+    ``is_nonzero``; ``nonzero``; indexing by a boolean mask, whose size depends on the values;
+    ``.tolist()`` bypasses the dispatcher, so it is counted by a patch), and divisions by a
+    scalar not on the device, which a GPU computes as x · (1/scalar): other bits."""
+
+    READS = ("aten._local_scalar_dense", "aten.is_nonzero", "aten.nonzero")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket)
+        masks = name in ("aten.index", "aten.index_put", "aten.index_put_") and any(
+            i is not None and i.dtype in (torch.bool, torch.uint8) for i in args[1])
+        scalar = name in ("aten.div", "aten.div_") and not (
+            isinstance(args[1], torch.Tensor) and args[1].device == args[0].device)
+        if name in self.READS or masks:
+            self.seen[name] += 1
+        if scalar:
+            self.seen["division by a host scalar"] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_making_a_batch_never_waits_for_the_device_nor_divides_by_a_host_scalar(monkeypatch,
+                                                                                train):
+    """Batches are built with none of the operators that would wait for a GPU or change its
+    bits, on the CPU and on the meta device, which holds no values at all."""
+    batches = _batches("CIFAR10", 100, 33, train, 0, cutout=True, n_holes=2, length=8)
+    tolist = torch.Tensor.tolist
+
+    def counted(t):
+        mode.seen["tolist"] += 1
+        return tolist(t)
+    monkeypatch.setattr(torch.Tensor, "tolist", counted)
+    with DeviceHazards() as mode:
+        old = list(old_epoch(batches, 1))
+    assert mode.seen["division by a host scalar"], "the counter must see the old path's"
+    if train:  # its crop's offsets and its flip's mask
+        assert mode.seen["tolist"] and mode.seen["aten.index_put_"], mode.seen
+    for device in ("cpu", "meta"):
+        with DeviceHazards() as mode:
+            made = list(batches.epoch(1, device=torch.device(device)))
+        assert not mode.seen, (device, mode.seen)
+        assert [(x.device.type, x.shape, y.shape) for x, y in made] == \
+            [(device, x.shape, y.shape) for x, y in old]
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(old, batches.epoch(1)))
+
+
+def test_dataset_batches_are_stacked_into_float32_as_before():
+    """Samples given in Python are stacked straight into float32 (pinned for a GPU), with the
+    values and the errors of stacking first and converting after."""
+    cfg = Config(batch_size=4, seed=3)
+    samples = [(torch.rand(1, 3, 3, dtype=torch.float64), i % 3) for i in range(10)]
+    batches = DatasetBatches(samples, cfg, True, num_classes=3)
+    for idx, (x, y) in zip(batches.order(1), batches.epoch(1)):
+        expected = torch.stack([samples[i][0] for i in idx.tolist()]).float()
+        assert x.dtype == torch.float32 and torch.equal(x, expected)
+        assert torch.equal(y, torch.tensor([samples[i][1] for i in idx.tolist()]))
+    with pytest.raises(DataError, match="holds torch.uint8 samples"):
+        batches.collate([(torch.zeros(2, dtype=torch.uint8), 0)] * 2, 1, 0)
+    half = [(torch.ones(2, dtype=torch.float16), 0), (torch.ones(2, dtype=torch.int64), 1)]
+    assert torch.equal(batches.collate(half, 1, 0)[0], torch.ones(2, 2))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_batches_made_on_a_gpu_are_the_host_bits_without_a_host_wait():
+    """On a GPU: the same bits as on the host, made with no synchronisation at all (CUDA's
+    sync debug mode raises on one), and dataset batches collated into pinned memory."""
+    gpu = torch.device("cuda")
+    batches = _batches("CIFAR10", 300, 128, True, 0, cutout=True, n_holes=2, length=8)
+    batches.on(gpu)  # the one copy of the split, before the batches are watched
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        made = list(batches.epoch(1, device=gpu))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for (x, y), (ex, ey) in zip(made, batches.epoch(1)):
+        assert x.device.type == "cuda" and torch.equal(x.cpu(), ex) and torch.equal(y.cpu(), ey)
+    samples = DatasetBatches([(torch.rand(3), 0)] * 4, Config(batch_size=2), True, 2)
+    assert next(samples.epoch(1, device=gpu))[0].is_pinned()

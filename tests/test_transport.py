@@ -1,12 +1,14 @@
 """The transport and the control plane on their own: the wire format, the host-staged payload
-path between two gloo processes (the very code ranks sharing a GPU use, copies aside), and the
-control plane's protocol (first failure wins, the dead and the frozen are named, a signal
-becomes a stop only when no stage died)."""
+path between two gloo processes (the very code ranks sharing a GPU use, copies aside), the NCCL
+payload's code over gloo between three (its lock, one batch per message), and the control
+plane's protocol (first failure wins, the dead and the frozen are named, a signal becomes a
+stop only when no stage died)."""
 import json
 import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 from datetime import timedelta
 
@@ -16,7 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from localpipe.pipeline import checkpoint, control, device
-from localpipe.pipeline.channel import Abort, Channel
+from localpipe.pipeline.channel import Abort, Channel, StageFailed
 from localpipe.pipeline.control import ControlPlane, Failure
 from localpipe.pipeline.files import WriteError
 from localpipe.pipeline.message import Kind, Message, decode, decode_spec, encode
@@ -94,6 +96,85 @@ def _payload_rank(rank: int, port: int, count: int) -> None:
 
 def test_host_staged_payloads_carry_every_tensor_and_marker_in_order():
     mp.spawn(_payload_rank, args=(_free_port(), 5), nprocs=2, join=True)
+
+
+class OwnedLock:
+    """NCCL_LOCK, knowing which thread holds it."""
+
+    def __init__(self) -> None:
+        self.lock, self.owner = threading.Lock(), None
+
+    def __enter__(self) -> None:
+        self.lock.acquire()
+        self.owner = threading.get_ident()
+
+    def __exit__(self, *exc) -> None:
+        self.owner = None
+        self.lock.release()
+
+
+def _nccl_logic_rank(rank: int, port: int, count: int) -> None:
+    """Three ranks, NcclPayload's code over gloo groups with CPU tensors: the middle rank's
+    Receiver and Sender post batches at the same time, on two communicators."""
+    from localpipe.pipeline import transport
+    from localpipe.pipeline.transport import Link, NcclPayload, Receiver, Sender
+
+    store = dist.TCPStore("127.0.0.1", port, 3, rank == 0, timedelta(seconds=60))
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=3,
+                            timeout=timedelta(seconds=60))
+    links = {}
+    for a in range(2):  # every rank makes every group, in one order
+        headers, payloads = (dist.new_group([a, a + 1], backend="gloo") for _ in range(2))
+        for me, peer in ((a, a + 1), (a + 1, a)):
+            if rank == me:
+                links[peer] = Link(peer, headers, NcclPayload(payloads, peer, torch.device("cpu")))
+    lock = transport.NCCL_LOCK = OwnedLock()
+    post, calls, errors = dist.batch_isend_irecv, {}, []
+
+    def checked(ops):  # every "NCCL call": under the lock, by the group's one thread
+        assert lock.owner == threading.get_ident(), "a batch posted without NCCL_LOCK"
+        calls.setdefault(ops[0].group, []).append(threading.get_ident())
+        time.sleep(0.01)  # room for another thread to barge in
+        return post(ops)
+
+    dist.batch_isend_irecv = checked
+    abort = Abort()
+    channel = Channel(2, abort, "test")
+
+    def on_error(peer: int, exc: BaseException) -> None:
+        errors.append(f"link to {peer}: {exc!r}")
+        abort.fail(StageFailed(rank, repr(exc)))
+
+    cpu = torch.device("cpu")
+    threads = ([Receiver(channel, links[rank - 1], cpu, on_error)] if rank > 0 else []) + \
+        ([Sender(channel, links[rank + 1], cpu, on_error)] if rank < 2 else [])
+    for t in threads:
+        t.start()
+    if rank == 0:
+        for step in range(count):
+            channel.put(_message(step))
+        channel.put(Message(Kind.STOP, 0, 0))
+    elif rank == 2:
+        got = [channel.get()[0] for _ in range(count + 1)]
+        assert [m.kind for m in got] == [Kind.TRAIN] * count + [Kind.STOP]
+        for step, msg in enumerate(got[:-1]):
+            want = _message(step)
+            assert msg.step == step and msg.tensors.keys() == want.tensors.keys()
+            for name, t in want.tensors.items():
+                assert msg.tensors[name].dtype == t.dtype and torch.equal(msg.tensors[name], t)
+    for t in threads:
+        t.join()
+    assert errors == [], errors
+    # one batch per message and link end, each group posted to by one thread alone
+    assert sorted(len(c) for c in calls.values()) == [count] * (1 if rank != 1 else 2)
+    assert all(len(set(c)) == 1 for c in calls.values())
+    assert len({c[0] for c in calls.values()}) == len(calls)  # the middle rank: two threads
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_nccl_payloads_post_one_batch_per_message_under_the_lock():
+    mp.spawn(_nccl_logic_rank, args=(_free_port(), 4), nprocs=3, join=True)
 
 
 # ------------------------------------------------------------------ the control plane
@@ -249,6 +330,6 @@ def test_stages_are_grouped_contiguously_on_fewer_gpus(monkeypatch):
     assert [d.index for d in device.stage_devices(2, cuda)] == [0, 1]
     assert device.stage_devices(3, torch.device("cpu")) == [torch.device("cpu")] * 3
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    assert device.rank_device(cuda, 3, 4) == (torch.device("cuda", 0), True)
+    assert device.rank_device(cuda, 3) == torch.device("cuda", 0)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
-    assert device.rank_device(cuda, 3, 4) == (torch.device("cuda", 3), False)
+    assert device.rank_device(cuda, 3) == torch.device("cuda", 3)

@@ -51,7 +51,9 @@ class Normalize:
         self.std = torch.tensor(info.std).view(1, -1, 1, 1)
 
     def __call__(self, images: Tensor) -> Tensor:
-        x = images.float().div(255) if images.dtype == torch.uint8 else images.float()
+        x = images.float()
+        if images.dtype == torch.uint8:  # by a tensor, as training's batches: a GPU divides by
+            x = x.div_(torch.tensor(255.0, device=x.device))  # a number as x · (1/255)
         return (x - self.mean.to(x.device)) / self.std.to(x.device)
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import threading
 import time
 from typing import Iterator, Union
 
@@ -177,27 +176,19 @@ def arrive(tensors: dict[str, Tensor], ready: Event | None,
     another GPU, that stream is one of this thread's own on the source GPU, the copy's: torch
     runs a copy between GPUs on the *source*'s current stream (behind the destination's
     current stream, which then waits for the copy), and in a thread that never set one there,
-    that is the legacy default stream, which every thread of the process shares."""
+    that is the legacy default stream, which every thread of the process shares. The copy's
+    stream is one of torch's pool on the source GPU (``torch.cuda.Stream`` hands them out in
+    turn, without creating one), ordered by the event like any other."""
     if ready is None:  # host tensors (or a CPU run): nothing to wait for
         return {k: to(t, device) for k, t in tensors.items()}
     source = ready_device(tensors)
-    stream = current_stream(device) if source == device else _copy_stream(source)
+    stream = current_stream(device) if source == device else new_stream(source)
     with torch.cuda.stream(stream):
         stream.wait_event(ready)
         for t in tensors.values():
             t.record_stream(stream)
         return {k: to(t, device) for k, t in tensors.items()}
 
-
-_copy_streams = threading.local()
-
-
-def _copy_stream(source: torch.device) -> torch.cuda.Stream:
-    """This thread's stream on the GPU ``source``, for the copies it takes from there."""
-    streams = _copy_streams.__dict__.setdefault("by_device", {})
-    if source not in streams:
-        streams[source] = new_stream(source)
-    return streams[source]
 
 
 def ready_device(tensors: dict[str, Tensor]) -> torch.device:

@@ -13,9 +13,11 @@ import torch.utils.deterministic
 from localpipe.stages.config import Config
 
 CUBLAS_WORKSPACE = ":4096:8"  # what cuBLAS needs to be deterministic
-# where float32 may run as TF32 on a GPU: cuBLAS matmuls, cuDNN convolutions and RNNs (torch's
-# own defaults mix them: matmuls in full float32, cuDNN in TF32)
-FP32_BACKENDS = (torch.backends.cuda.matmul, torch.backends.cudnn.conv, torch.backends.cudnn.rnn)
+# where float32 may run as TF32 on a GPU: cuBLAS matmuls and cuDNN (torch's own defaults mix
+# them: matmuls in full float32, cuDNN in TF32). Set through the ``allow_tf32`` flags, which
+# torch 2.11 to 2.14 all read back consistently; setting part of the newer ``fp32_precision``
+# API instead leaves a mix that makes torch raise wherever ``allow_tf32`` is read later.
+FP32_BACKENDS = (torch.backends.cuda.matmul, torch.backends.cudnn)
 
 
 def configure(cfg: Config, threads_per_process: int = 0) -> None:
@@ -35,13 +37,13 @@ def configure(cfg: Config, threads_per_process: int = 0) -> None:
     # deterministic mode also fills every torch.empty with NaN so that reads of memory never
     # written show up: slow, and no part of determinism (deterministic kernels are)
     torch.utils.deterministic.fill_uninitialized_memory = False
-    for backend in FP32_BACKENDS:  # the new API only: torch refuses a mix with allow_tf32
-        backend.fp32_precision = "tf32" if cfg.tf32 else "ieee"
+    for backend in FP32_BACKENDS:
+        backend.allow_tf32 = cfg.tf32
 
 
 def precision() -> str:
     """The float32 precision of GPU matmuls now, "tf32" or "fp32" (for a run's provenance)."""
-    return "tf32" if torch.backends.cuda.matmul.fp32_precision == "tf32" else "fp32"
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32"
 
 
 def pin_thread() -> None:
@@ -63,7 +65,7 @@ def kept():
         random.getstate()
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     fill = torch.utils.deterministic.fill_uninitialized_memory
-    precisions = [backend.fp32_precision for backend in FP32_BACKENDS]
+    precisions = [backend.allow_tf32 for backend in FP32_BACKENDS]
     try:
         yield
     finally:
@@ -74,4 +76,4 @@ def kept():
         torch.use_deterministic_algorithms(deterministic)
         torch.utils.deterministic.fill_uninitialized_memory = fill
         for backend, saved in zip(FP32_BACKENDS, precisions):
-            backend.fp32_precision = saved
+            backend.allow_tf32 = saved

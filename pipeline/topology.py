@@ -92,7 +92,7 @@ def connect(topo: Topology, device: torch.device, shared_gpu: bool, comm_timeout
                                       timeout=timeout) if nccl else None
             if topo.rank in (a, b):
                 peer = b if topo.rank == a else a
-                payload = NcclPayload(payloads, peer, device) if nccl \
+                payload = NcclPayload(payloads, peer, device, topo.replicas > 1) if nccl \
                     else HostPayload(headers, peer, device)
                 link = Link(peer, headers, payload)
                 if topo.rank == a:

@@ -42,7 +42,13 @@ NCCL from several threads, and why it is sound here (NCCL user guide, "Thread sa
    peer's receive, which the peer posts on the header whatever its GPU is doing (taking only
    the lock of rule 1). Every wait points one way along the pipeline, so no cycle can form.
    The price: a receive may sit on its GPU through the sender's compute, an NCCL kernel
-   holding a few SMs while it waits.
+   holding a few SMs while it waits. The exception is a run with replicas: there a stage's
+   compute also waits for its replicas' all-reduces, which their hosts issue, and a host may
+   block (on a full queue, or in a device-wide synchronisation that waits for a receive
+   spinning on this very GPU), so a cycle through two replicas' hosts could form. With
+   replicas the sender therefore waits on the host until its tensors are computed before it
+   sends the header (``NcclPayload.data_first``), as every sender did before: no NCCL kernel
+   is posted before the data it carries exists.
 3. Each communicator joins two ranks only and is used by exactly one thread on each side, in
    message order, so operations on any one communicator are issued in the same order on both
    ranks, as NCCL requires.
@@ -81,6 +87,9 @@ class _Payload:
         """What is held while a batch is posted."""
         return contextlib.nullcontext()
 
+    def ready(self, tensors: dict[str, Tensor]) -> None:
+        """Called before the header goes out; nothing to do unless a payload says so."""
+
     def batch(self, op: Callable, tensors: Iterable[Tensor]) -> None:
         """``op`` (``dist.isend`` or ``dist.irecv``) on every tensor of a message."""
         ops = [dist.P2POp(op, t, self.peer, self.group) for t in tensors]
@@ -114,8 +123,19 @@ class NcclPayload(_Payload):
 
     name = "NCCL"
 
+    def __init__(self, group, peer: int, device: torch.device,
+                 data_first: bool = False) -> None:
+        """``data_first``: wait on the host until the tensors are computed before the header
+        goes out (rule 2's exception, with replicas)."""
+        super().__init__(group, peer, device)
+        self.data_first = data_first
+
     def posting(self) -> contextlib.AbstractContextManager:
         return NCCL_LOCK  # rule 1
+
+    def ready(self, tensors: dict[str, Tensor]) -> None:
+        if self.data_first:
+            dev.current_stream(self.device).synchronize()
 
     def send(self, tensors: dict[str, Tensor]) -> None:
         """The link stream already waits for the stage that computed ``tensors`` (the Sender's
@@ -170,6 +190,7 @@ class Sender(_LinkThread):
             msg, _ = self.channel.get()
             msg = msg.arrive(self.device)  # this stream waits for the producing stage
             header, spec = encode(msg)
+            self.link.payload.ready(msg.tensors)
             dist.send(header, dst=self.link.peer, group=self.link.group)
             if spec is not None:
                 dist.send(spec, dst=self.link.peer, group=self.link.group)

@@ -30,23 +30,27 @@ from localpipe.stages.stage import Stage
 class StepLog:
     """Every ``every`` training batches (over the whole run), each unit's local loss of that
     batch, for ``steps.jsonl``: copied to the host on the stage's stream without a wait, and
-    reported once the copy is done, or at the next marker."""
+    reported once the copy is done (and, under --on-nan stop, the batch cleared by the
+    ``LossWatch``: no record after a bad batch), or at the next marker."""
 
     def __init__(self, every: int, index: int, report: Callable[[dict], None]) -> None:
         self.every, self.index, self.report = every, index, report
         self.pending: list[tuple] = []
 
-    def after(self, stage: Stage, msg: Message, steps: int) -> None:
+    def after(self, stage: Stage, msg: Message, steps: int, cleared: float = math.inf) -> None:
         if self.every and steps % self.every == 0:
             units = [u for u in stage.units if u.last_loss is not None]
             values, ready = dev.to_host_later(torch.stack([u.last_loss for u in units]))
             self.pending.append((ready, values, [u.index for u in units], {
                 "kind": "log", "stage": self.index, "replica": stage.replica,
                 "epoch": msg.epoch, "step": msg.step, "steps": steps, "time": time.time()}))
-        self.flush()
+        self.flush(cleared=cleared)
 
-    def flush(self, wait: bool = False) -> None:
-        while self.pending and (wait or dev.fired(self.pending[0][0])):
+    def flush(self, wait: bool = False, cleared: float = math.inf) -> None:
+        """Report the records whose copies have landed (all, waiting, with ``wait``) up to
+        the ``cleared`` training batch."""
+        while self.pending and self.pending[0][3]["steps"] <= cleared \
+                and (wait or dev.fired(self.pending[0][0])):
             ready, values, units, r = self.pending.pop(0)
             if ready is not None:
                 ready.synchronize()
@@ -65,12 +69,14 @@ class LossWatch:
 
     def __init__(self, every: int = 64) -> None:
         self.every = every
-        self.batches: list[tuple[int, int, list[int], list[torch.Tensor]]] = []
+        self.batches: list[tuple[int, int, int, list[int], list[torch.Tensor]]] = []
         self.pending: list[tuple] = []  # (event, host values, batches)
+        self.cleared = 0  # the training batches (counted over the run) known to be finite
 
-    def after(self, stage: Stage, msg: Message) -> None:
+    def after(self, stage: Stage, msg: Message, steps: int) -> None:
+        """Keep batch ``steps`` (over the run; ``msg`` says where it sits) for a look."""
         units = [u for u in stage.units if u.last_loss is not None]
-        self.batches.append((msg.epoch, msg.step, [u.index for u in units],
+        self.batches.append((steps, msg.epoch, msg.step, [u.index for u in units],
                              [u.last_loss for u in units]))
         if len(self.batches) >= self.every:
             self._look()
@@ -81,6 +87,8 @@ class LossWatch:
         if losses:
             values, ready = dev.to_host_later(torch.stack(losses))
             self.pending.append((ready, values, self.batches))
+        elif self.batches and not self.pending:  # nothing to look at: nothing can be bad
+            self.cleared = self.batches[-1][0]
         self.batches = []
 
     def check(self, wait: bool = False) -> None:
@@ -93,9 +101,10 @@ class LossWatch:
             if ready is not None:
                 ready.synchronize()
             if bool(torch.isfinite(values).all()):  # a host tensor: no device wait
+                self.cleared = batches[-1][0]
                 continue
             values, at = values.tolist(), 0
-            for epoch, step, units, losses in batches:
+            for _, epoch, step, units, losses in batches:
                 for unit, value in zip(units, values[at:at + len(losses)]):
                     if not math.isfinite(value):
                         raise NonFiniteLoss(f"unit {unit}: loss is {value} at epoch {epoch}, "
@@ -228,10 +237,10 @@ def run_stage(stage: Stage, index: int, inbox: Channel, outbox: Channel | None,
                 steps += 1
                 train(msg)
                 if watch is not None:
-                    watch.after(stage, msg)
+                    watch.after(stage, msg, steps)
                 timer.train_end = time.time()
                 timer.train_samples += msg.y.size(0)
-                step_log.after(stage, msg, steps)
+                step_log.after(stage, msg, steps, math.inf if watch is None else watch.cleared)
                 continue
             if msg.kind in (Kind.EVAL, Kind.VALID):
                 stage.eval()

@@ -71,11 +71,10 @@ class Update:
 
     def __init__(self, loss: Tensor, finite: Tensor, optimizers: list[torch.optim.Optimizer],
                  kept: list[tuple[Tensor, Tensor]], module: nn.Module,
-                 replicas: Replicas | None = None, bad: Tensor | None = None) -> None:
-        """``finite``: whether ``loss`` is (a 0-dim bool tensor; ``bad`` its negation, if
-        made already); ``module`` holds the buffers the replicas average."""
+                 replicas: Replicas | None = None) -> None:
+        """``finite``: whether ``loss`` is (a 0-dim bool tensor); ``module`` holds the
+        buffers the replicas average."""
         self.loss, self.finite, self.optimizers, self.kept = loss, finite, optimizers, kept
-        self.bad = finite.logical_not() if bad is None else bad
         self.module, self.replicas = module, replicas
         self._wait: Callable[[], Tensor] | None = None
         # where each piece of the averaged bucket goes back (None: a parameter without a
@@ -89,7 +88,7 @@ class Update:
     def begin(self) -> None:
         self.loss.backward()  # non-finite gradients are never stepped on (see step)
         if self.replicas is None:
-            self._apply(self.finite, self.bad)
+            self._apply(self.finite)
             return
         params = [p for opt in self.optimizers for group in opt.param_groups
                   for p in group["params"]]
@@ -109,12 +108,12 @@ class Update:
         pieces = [(t, v.view_as(t)) for (t, _), v in
                   zip(targets, mean.split([n for _, n in targets])) if t is not None]
         torch._foreach_copy_([t for t, _ in pieces], [v for _, v in pieces])
-        self._apply(agreed, agreed.logical_not())
+        self._apply(agreed)
 
-    def _apply(self, ok: Tensor, bad: Tensor) -> None:
+    def _apply(self, ok: Tensor) -> None:
         for buffer, saved in self.kept:
             buffer.copy_(torch.where(ok, buffer, saved))
-        found_inf = bad.to(torch.float32)
+        found_inf = ok.logical_not().to(torch.float32)
         for optimizer in self.optimizers:
             step(optimizer, found_inf)
             optimizer.zero_grad(set_to_none=True)
@@ -127,7 +126,10 @@ def step(optimizer: torch.optim.Optimizer, found_inf: Tensor) -> None:
     fused kernel exists) reads the flag on the host, the one host read left in a step."""
     if all(group.get("fused") for group in optimizer.param_groups):
         optimizer.found_inf = found_inf
-        optimizer.step()
+        try:
+            optimizer.step()
+        finally:  # the flag is this step's: a later step of the user's own must not see it
+            del optimizer.found_inf
     elif not bool(found_inf):
         optimizer.step()
 
@@ -158,79 +160,84 @@ def pred_pooling(channels: int, size: int, dim_in_decoder: int) -> PredPooling:
 
 class Meter:
     """Running sums of one unit's losses and errors, kept on the device in one float64 vector
-    that a batch adds to in a few ops and no host read; ``take`` reads and resets it once per
+    that a batch adds to in three ops and no host read; ``take`` reads and resets it once per
     epoch. A batch whose loss is NaN or infinite (kept going by --on-nan skip) is counted
-    apart, not averaged in."""
+    apart, not averaged in: the vector sums the finite batches' values, examples and count,
+    and the batches added are counted on the host, so the non-finite ones are the rest."""
 
     KEYS = ("loss", "loss_sim", "loss_pred", "errors")
-    SUMS = (*KEYS, "n", "nonfinite")  # every sum a meter may hold
+    SUMS = (*KEYS, "n", "nonfinite")  # every sum a meter may hold, as ``state`` names them
 
     def __init__(self) -> None:
-        self.sums: Tensor | None = None  # the recorded KEYS in ``self.keys``' order, n, nonfinite
-        self.keys: tuple[str, ...] = ()
-        self._constants: dict[tuple[int, torch.device], tuple[Tensor, Tensor]] = {}
+        self.keys: tuple[str, ...] = ()  # the KEYS recorded, in the vector's order
+        self.sums: Tensor | None = None  # sums of self.keys, examples, finite batches
+        self.batches = 0  # batches added (and non-finite ones restored from a checkpoint)
+        self._weights: dict[tuple[int, torch.device], Tensor] = {}
 
-    def add(self, n: int, finite: Tensor | None = None, bad: Tensor | None = None,
-            **values: Tensor) -> None:
+    def add(self, n: int, finite: Tensor | None = None, **values: Tensor) -> None:
         """A batch of ``n`` examples: its ``values`` (``loss`` and any other of KEYS, 0-dim
         tensors; ``errors`` a count, the others per-example means) and whether its loss is
-        ``finite`` (a 0-dim bool tensor; ``bad`` its negation), where the caller has them."""
+        ``finite`` (a 0-dim bool tensor), where the caller has it."""
         finite = torch.isfinite(values["loss"].detach()) if finite is None else finite
-        bad = finite.logical_not() if bad is None else bad
         keys = tuple(k for k in self.KEYS if k in values)
         if keys != self.keys:  # a unit records the same keys each batch: once, at the start
-            self._relayout(keys)
-        stacked = torch.stack([values[k].detach() for k in keys] + [finite, bad])
-        weights, always = self._weights(n, finite.device)
-        batch = torch.where(finite.logical_or(always), stacked.to(torch.float64) * weights, 0.0)
-        self.sums = batch if self.sums is None else self.sums.add_(batch)
+            self._relayout(keys, finite.device)
+        parts = [values[k].detach() for k in keys]
+        if parts[0].dtype not in (torch.float32, torch.float64):  # a count stays exact
+            parts = [p.float() for p in parts]
+        batch = torch.where(finite, torch.stack(parts + [finite, finite]), 0.0)
+        if self.sums is None:
+            self.sums = torch.zeros(len(keys) + 2, dtype=torch.float64, device=finite.device)
+        self.sums.addcmul_(batch, self._weight(n, finite.device))  # in float64
+        self.batches += 1
 
-    def _relayout(self, keys: tuple[str, ...]) -> None:
-        old, device = self.state(), None if self.sums is None else self.sums.device
-        keys = tuple(k for k in self.KEYS if k in keys or k in old)
-        if old:
-            self.load(old, device, keys)
-        else:
-            self.keys, self._constants = keys, {}
+    def _weight(self, n: int, device: torch.device) -> Tensor:
+        """What each value counts for: a per-example mean ``n`` times, a count once, the
+        finite flag ``n`` examples and one batch; made once per batch size."""
+        if (n, device) not in self._weights:
+            self._weights[(n, device)] = torch.tensor(
+                [1.0 if k == "errors" else n for k in self.keys] + [n, 1.0],
+                dtype=torch.float64, device=device)
+        return self._weights[(n, device)]
 
-    def _weights(self, n: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        """What each sum adds per batch (the per-example means times ``n``, counts as they
-        are; ``n`` examples where finite, one non-finite batch), and which sums count a
-        non-finite batch too: made once per batch size, not per batch."""
-        if (n, device) not in self._constants:
-            weights = [1.0 if k == "errors" else n for k in self.keys] + [n, 1.0]
-            self._constants[(n, device)] = (
-                torch.tensor(weights, dtype=torch.float64, device=device),
-                torch.tensor([False] * (len(self.keys) + 1) + [True], device=device))
-        return self._constants[(n, device)]
+    def _relayout(self, keys: tuple[str, ...], device: torch.device) -> None:
+        old = self.state()
+        self.load(old, device, tuple(k for k in self.KEYS if k in keys or k in old))
+
+    def _named(self) -> dict[str, float]:
+        """The sums by name, on the host, as SUMS names them."""
+        if self.sums is None:
+            return {}
+        *values, n, finite = self.sums.tolist()
+        return {**dict(zip(self.keys, values)), "n": n, "nonfinite": self.batches - finite}
 
     def take(self) -> dict[str, float | int | None]:
         """Per-example averages (errors in percent); None for a quantity never recorded."""
-        sums = self._named(self.sums.tolist()) if self.sums is not None else {}
+        sums = self._named()
         n = int(sums.get("n", 0))
         out: dict[str, float | int | None] = {"n": n, "nonfinite": int(sums.get("nonfinite", 0))}
         for key in self.KEYS:
             value = None if key not in sums or n == 0 else sums[key] / n
             out["error" if key == "errors" else key] = (
                 None if value is None else 100.0 * value if key == "errors" else value)
-        self.sums = None
+        self.sums, self.batches = None, 0
         return out
 
-    def _named(self, values: list) -> dict:
-        return dict(zip((*self.keys, "n", "nonfinite"), values))
-
     def state(self) -> dict:
-        """The sums by name (those recorded, with n and nonfinite), on the host."""
-        return {} if self.sums is None else \
-            {k: v.clone() for k, v in self._named(list(self.sums.cpu().unbind())).items()}
+        """The sums by name (those recorded, with n and nonfinite), on the host: the format
+        checkpoints have always held."""
+        return {k: torch.tensor(v, dtype=torch.float64) for k, v in self._named().items()}
 
     def load(self, state: dict, device: torch.device, keys: tuple[str, ...] = ()) -> None:
         """Sums as ``state`` holds them (and zero for the other ``keys``), on ``device``."""
         self.keys = tuple(k for k in self.KEYS if k in state or k in keys)
-        self._constants = {}
-        self.sums = None if not state else torch.tensor(
-            [float(state[k]) if k in state else 0.0 for k in (*self.keys, "n", "nonfinite")],
-            dtype=torch.float64, device=device)
+        self._weights = {}
+        self.sums, self.batches = None, 0
+        if state:
+            self.batches = int(state.get("nonfinite", 0))
+            self.sums = torch.tensor([float(state[k]) if k in state else 0.0 for k in self.keys]
+                                     + [float(state.get("n", 0)), 0.0],
+                                     dtype=torch.float64, device=device)
 
 
 def make_optimizer(params, cfg: Config) -> torch.optim.Optimizer:
@@ -248,12 +255,39 @@ def make_optimizer(params, cfg: Config) -> torch.optim.Optimizer:
     if cfg.optim == "sgd":
         optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
                                     weight_decay=cfg.weight_decay, **fast)
-        if cfg.momentum:
-            for p in params:
-                optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p)
+        _start_momentum(optimizer)
         return optimizer
     return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
                             amsgrad=cfg.optim == "amsgrad", **fast)
+
+
+def _start_momentum(optimizer: torch.optim.Optimizer) -> None:
+    """Zero momentum buffers for SGD with momentum where it has none yet (see
+    ``make_optimizer``)."""
+    if not isinstance(optimizer, torch.optim.SGD):
+        return
+    for group in optimizer.param_groups:
+        if group["momentum"]:
+            for p in group["params"]:
+                optimizer.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """``optimizer.load_state_dict(state)``, keeping the optimizer's own form: torch takes
+    the saved groups' ``fused`` and ``foreach`` along, so a checkpoint of the for-loop form
+    would resume in it (with a host read a step) and a fused one would see its step counts
+    left on the host. The state itself is the same in every form."""
+    forms = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, form in zip(optimizer.param_groups, forms):
+        group.update(form)
+        if not group.get("fused"):
+            continue
+        for p in group["params"]:  # where the fused kernels read it
+            saved = optimizer.state.get(p, {})
+            if torch.is_tensor(saved.get("step")):
+                saved["step"] = saved["step"].to(device=p.device, dtype=torch.float32)
+    _start_momentum(optimizer)  # a checkpoint from before the first step has no buffers
 
 
 class Unit(nn.Module):
@@ -273,7 +307,6 @@ class Unit(nn.Module):
         self.position = (0, 0)  # (epoch, step) of the batch being trained
         self.last_loss: Tensor | None = None  # the local loss of the latest batch, on device
         self.last_finite: Tensor | None = None  # whether it is finite, on device
-        self.last_bad: Tensor | None = None  # whether it is not
         self.replica = 0  # which data-parallel replica of the unit this is
         self.replicas: Replicas | None = None  # all of them, when there are several
         self._dropout_gen: torch.Generator | None = None
@@ -313,16 +346,14 @@ class Unit(nn.Module):
         non-finite losses) with whether it is finite. Returns ``loss``."""
         self.last_loss = loss.detach()
         self.last_finite = torch.isfinite(self.last_loss)
-        self.last_bad = self.last_finite.logical_not()
-        self.meter.add(y.size(0), self.last_finite, self.last_bad, loss=loss, **stats)
+        self.meter.add(y.size(0), self.last_finite, loss=loss, **stats)
         return loss
 
     def step_closure(self, loss: Tensor, kept: list[tuple[Tensor, Tensor]]) -> Update:
         """The update of this batch (``loss`` the one just recorded); ``kept`` are the
         buffers to put back if it is skipped."""
         assert self.optimizers
-        return Update(loss, self.last_finite, self.optimizers, kept, self, self.replicas,
-                      self.last_bad)
+        return Update(loss, self.last_finite, self.optimizers, kept, self, self.replicas)
 
 
 class LocalBlock(Unit):

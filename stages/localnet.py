@@ -173,6 +173,8 @@ class KeyedRandom(TorchFunctionMode):
 
     def generator(self, device: torch.device) -> torch.Generator:
         device = torch.device(device)
+        if device.type == "cuda" and device.index is None:  # "cuda" is the current GPU: one
+            device = torch.device("cuda", torch.cuda.current_device())  # generator, not two
         if device not in self.generators:
             self.generators[device] = torch.Generator(device=device).manual_seed(self.seed)
         return self.generators[device]

@@ -30,9 +30,10 @@ def similarity_matrix(x: Tensor, std_reduction: bool = True) -> Tensor:
 
 def _per_batch(y: Tensor, key: tuple, make: Callable[[], Tensor]) -> Tensor:
     """``make()``, kept on the label tensor ``y`` itself: every unit of a stage trains on the
-    same ``y`` object, so a target made from the labels (the one-hot rows, the label
-    similarity) is made once per batch and stage, not once per unit. It lives and dies with
-    the batch; no other state holds it."""
+    same ``y`` object (a stage's own: ``stages.stage.own_labels``), so a target made from the
+    labels (the one-hot rows, the label similarity) is made once per batch and stage, not
+    once per unit. It lives and dies with the batch; no other state holds it. The targets are
+    shared: a loss must not change them in place."""
     made = y.__dict__.setdefault("_localpipe_targets", {})
     if key not in made:
         made[key] = make()

@@ -14,8 +14,15 @@ import torch
 from torch import Tensor, nn
 
 from localpipe.stages.blocks import (Meter, Replicas, Skips, Unit, Update, keep_buffers,
-                                     make_optimizer)
+                                     load_optimizer, make_optimizer)
 from localpipe.stages.config import Config
+
+
+def own_labels(y: Tensor) -> Tensor:
+    """``y`` as a tensor object of this stage's own (the same memory): the label targets its
+    units share are kept on it (stages/losses.py), made on this stage's stream and read there
+    alone; the stage before on the same GPU, on a stream of its own, keeps its own."""
+    return y.detach()
 
 
 class Stage(nn.Module):
@@ -77,6 +84,7 @@ class Stage(nn.Module):
         unit's update is finished only after the next unit's forward, so that its exchange
         with the other replicas overlaps that forward (it changes nothing that forward reads)."""
         skips = {} if skips is None else skips
+        y = own_labels(y)
         if self.inject is not None:
             x = self.inject(x)
         if not self.cfg.local:
@@ -114,6 +122,7 @@ class Stage(nn.Module):
         """Evaluate one batch, recording into each unit's ``phase`` meters ("val" or "test");
         ``skips`` as in ``train_step``."""
         skips = {} if skips is None else skips
+        y = own_labels(y)
         for unit in self.units:
             unit.phase = phase
             x = unit.eval_step(x, y, skips)
@@ -169,8 +178,8 @@ class Stage(nn.Module):
             saved = state["units"][unit.index]
             unit.load_state_dict(saved["state"])
             for optimizer, opt_state in zip(unit.optimizers, saved["optimizers"], strict=True):
-                optimizer.load_state_dict(opt_state)
+                load_optimizer(optimizer, opt_state)
             if self.replica == 0:
                 unit.meters["train"].load(saved["meters"], next(self.parameters()).device)
         if self.optimizer is not None:
-            self.optimizer.load_state_dict(state["optimizer"])
+            load_optimizer(self.optimizer, state["optimizer"])

@@ -14,7 +14,7 @@ from localpipe.benchmarks.step import count, localpipe_step, mlp_config
 from localpipe.pipeline import replicas as replicas_module
 from localpipe.pipeline.message import Kind, Message
 from localpipe.pipeline.transport import NCCL_LOCK
-from localpipe.pipeline.worker import LossWatch
+from localpipe.pipeline.worker import LossWatch, StepLog
 from localpipe.stages.blocks import NonFiniteLoss
 from localpipe.stages.config import Config
 from localpipe.stages.models import build_stage
@@ -107,15 +107,20 @@ def _trained(stage, i: int, loss: float) -> Message:
 
 def test_on_nan_stop_looks_late_and_names_the_first_bad_batch():
     """Losses are looked at every few batches without a device wait; the first non-finite
-    one is named with its unit, epoch and batch; a marker looks at once."""
+    one is named with its unit, epoch and batch; a marker looks at once; no steps.jsonl
+    record of a batch is reported before its look cleared it."""
     cfg = Config(model="mlp", dataset="synthetic", num_layers=2, num_hidden=16).validate()
     stage = build_stage(cfg, SHAPE, 10)
-    watch = LossWatch(every=4)
-    for i, loss in enumerate([0.3, 0.2, 0.1]):
-        watch.after(stage, _trained(stage, i, loss))
-    watch.check(wait=True)  # a marker: all finite so far
-    for i, loss in enumerate([0.3, math.inf, math.nan], start=3):
-        watch.after(stage, _trained(stage, i, loss))  # not looked at yet: fewer than 4
+    watch, logged = LossWatch(every=4), []
+    log = StepLog(1, 0, logged.append)
+    for i, loss in enumerate([0.3, 0.2, 0.1, 0.3, math.inf, math.nan]):  # one look, at 3
+        msg = _trained(stage, i, loss)
+        watch.after(stage, msg, i + 1)
+        log.after(stage, msg, i + 1, watch.cleared)
+        if i == 2:
+            watch.check(wait=True)  # a marker: all finite so far
+            log.flush(wait=True, cleared=watch.cleared)
+    assert watch.cleared == 3 and [r["steps"] for r in logged] == [1, 2, 3]
     with pytest.raises(NonFiniteLoss, match=r"^unit 1: loss is inf at epoch 2, batch 5$"):
         watch.check(wait=True)
 
@@ -143,3 +148,32 @@ def test_the_replicas_sum_runs_under_the_nccl_lock_into_kept_buffers(monkeypatch
         assert all(torch.equal(s, torch.tensor([2.0, 2, 2, 4, 4])) for s in sums)
         assert [locked for locked, _ in seen] == [not host] * 3
         assert len({ptr for _, ptr in seen}) == 1 and len({s.data_ptr() for s in sums}) == 1
+
+
+@pytest.mark.parametrize("optim", ["sgd", "adam"])
+def test_a_checkpoint_of_the_for_loop_optimizers_resumes_fused(optim):
+    """Checkpoints written before the fused optimizers hold their groups' form (fused None):
+    a resume keeps the fused form, with its step counts where the kernels read them, and
+    steps as a run that was fused all along would."""
+    cfg = Config(model="mlp", dataset="synthetic", num_layers=1, num_hidden=32, optim=optim,
+                 momentum=0.9, dropout=0).validate()
+    old, new = build_stage(cfg, SHAPE, 10), build_stage(cfg, SHAPE, 10)
+    x, y = batch(16)
+    for unit in old.units:  # the optimizers as localpipe made them before
+        unit.optimizers = [torch.optim.SGD(unit.parameters(), lr=cfg.lr, momentum=0.9)
+                           if optim == "sgd" else torch.optim.Adam(unit.parameters(), lr=cfg.lr)]
+    old.train()
+    _, update = old.train_step(x, y)
+    update()
+    new.load_checkpoint_state(old.checkpoint_state())
+    for unit in new.units:
+        group = unit.optimizers[0].param_groups[0]
+        assert group["fused"] and not group["foreach"]
+    new.train()
+
+    def step(x, y, i):
+        new.set_position(1, i)
+        _, update = new.train_step(x, y)
+        update()
+    assert count(step, x, y).host_reads == 0  # the for-loop form reads each step count
+    assert all(torch.isfinite(t).all() for t in new.state_dict().values())

@@ -13,6 +13,7 @@ and write their output), NCCL itself, and torch's own bookkeeping (the caching a
 events, ProcessGroupNCCL's streams: the layer models each transfer as a read or write on the
 link stream, which is how ProcessGroupNCCL orders it)."""
 import collections
+import functools
 import queue
 import threading
 from typing import NamedTuple
@@ -192,12 +193,15 @@ class Done:
         pass
 
 
-@pytest.mark.parametrize("payload", [NcclPayload, HostPayload])
+@pytest.mark.parametrize("payload", [NcclPayload, HostPayload,
+                                     functools.partial(NcclPayload, data_first=True)],
+                         ids=["nccl", "host", "nccl-replicas"])
 def test_links_send_only_what_their_stream_waited_for(cuda, monkeypatch, payload):
     """A stage on GPU 0 hands batches to its Sender; the Receiver's batches go to a stage on
     GPU 1. Every read is ordered after its write; over NCCL the sender never waits on the
-    host (its stream waits for the stage's event instead), over gloo the host reads only
-    finished copies."""
+    host (its stream waits for the stage's event instead), except with replicas, where it
+    waits for its data before each header (transport.py, rule 2); over gloo the host reads
+    only finished copies."""
     Wire(cuda, monkeypatch)
     abort, errors = Abort(), []
 
@@ -230,3 +234,5 @@ def test_links_send_only_what_their_stream_waited_for(cuda, monkeypatch, payload
     assert all(torch.equal(g, x + 1) for g, x in zip(got, sent)) and len(got) == len(sent)
     if payload is NcclPayload:
         assert "send-to-1" not in cuda.host_waits
+    elif isinstance(payload, functools.partial):
+        assert "send-to-1" in cuda.host_waits

@@ -177,12 +177,14 @@ def arrive(tensors: dict[str, Tensor], ready: Event | None,
     runs a copy between GPUs on the *source*'s current stream (behind the destination's
     current stream, which then waits for the copy), and in a thread that never set one there,
     that is the legacy default stream, which every thread of the process shares. The copy's
-    stream is one of torch's pool on the source GPU (``torch.cuda.Stream`` hands them out in
-    turn, without creating one), ordered by the event like any other."""
+    stream comes from torch's high-priority pool on the source GPU (handed out in turn, never
+    created), which no stage or link stream is taken from (``new_stream``: the normal pool),
+    so a copy never queues behind a stage's compute; the event orders it like any other."""
     if ready is None:  # host tensors (or a CPU run): nothing to wait for
         return {k: to(t, device) for k, t in tensors.items()}
     source = ready_device(tensors)
-    stream = current_stream(device) if source == device else new_stream(source)
+    stream = current_stream(device) if source == device else \
+        torch.cuda.Stream(source, priority=-1)
     with torch.cuda.stream(stream):
         stream.wait_event(ready)
         for t in tensors.values():

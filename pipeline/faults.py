@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from dataclasses import dataclass, replace
 from typing import Callable, Iterator
@@ -34,7 +35,8 @@ class Fault:
     It acts in replica REPLICA (0 by default) only. WHERE is a stage index: at its STEP-th
     training batch (1-based, over the whole run) that stage raises ("raise"), kills its own
     process with SIGKILL in the first attempt of a torchrun job ("kill"), stops it with SIGSTOP
-    ("freeze"), hangs in the batch for a minute ("stall"), or feeds NaN into its units ("nan").
+    ("freeze"), hangs in the batch for good ("stall": a stage thread that never wakes up, not
+    even in a later test of the same process), or feeds NaN into its units ("nan").
     WHERE "feed" acts in the data feed before its STEP-th training batch, "eval" before the
     STEP-th test batch of any epoch; there "sigint" and "sigterm" send that signal to the feed's
     own process. DELAY seconds pass first (while the other stages and the checkpoint writers go
@@ -71,8 +73,7 @@ class Fault:
         if self.action == "nan":
             return x * float("nan")
         if self.action == "stall":
-            time.sleep(60)
-            return x
+            threading.Event().wait()
         if self.action in ("kill", "freeze"):
             if self.first_attempt:
                 os.kill(os.getpid(), signal.SIGKILL if self.action == "kill" else signal.SIGSTOP)

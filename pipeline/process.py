@@ -14,10 +14,12 @@ from localpipe.stages.config import Config
 
 CUBLAS_WORKSPACE = ":4096:8"  # what cuBLAS needs to be deterministic
 # where float32 may run as TF32 on a GPU: cuBLAS matmuls and cuDNN (torch's own defaults mix
-# them: matmuls in full float32, cuDNN in TF32). Set through the ``allow_tf32`` flags, which
-# torch 2.11 to 2.14 all read back consistently; setting part of the newer ``fp32_precision``
-# API instead leaves a mix that makes torch raise wherever ``allow_tf32`` is read later.
-FP32_BACKENDS = (torch.backends.cuda.matmul, torch.backends.cudnn)
+# them: matmuls in full float32, cuDNN in TF32). A run sets them through torch's older API
+# (``set_float32_matmul_precision``, ``cudnn.allow_tf32``), which torch 2.11 to 2.14 read back
+# consistently; setting part of the newer per-op ``fp32_precision`` API instead leaves a mix
+# that makes torch raise wherever the older settings are read. A user may have set either:
+# ``kept`` puts back whichever describes the user's state.
+PER_OP = (torch.backends.cuda.matmul, torch.backends.cudnn.conv, torch.backends.cudnn.rnn)
 
 
 def configure(cfg: Config, threads_per_process: int = 0) -> None:
@@ -37,8 +39,8 @@ def configure(cfg: Config, threads_per_process: int = 0) -> None:
     # deterministic mode also fills every torch.empty with NaN so that reads of memory never
     # written show up: slow, and no part of determinism (deterministic kernels are)
     torch.utils.deterministic.fill_uninitialized_memory = False
-    for backend in FP32_BACKENDS:
-        backend.allow_tf32 = cfg.tf32
+    torch.set_float32_matmul_precision("high" if cfg.tf32 else "highest")
+    torch.backends.cudnn.allow_tf32 = cfg.tf32
 
 
 def precision() -> str:
@@ -65,7 +67,11 @@ def kept():
         random.getstate()
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     fill = torch.utils.deterministic.fill_uninitialized_memory
-    precisions = [backend.allow_tf32 for backend in FP32_BACKENDS]
+    per_op = [backend.fp32_precision for backend in PER_OP]  # never raises
+    try:
+        legacy = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    except RuntimeError:  # the user's settings mix the two APIs: the per-op ones say it all
+        legacy = None
     try:
         yield
     finally:
@@ -75,5 +81,9 @@ def kept():
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic)
         torch.utils.deterministic.fill_uninitialized_memory = fill
-        for backend, saved in zip(FP32_BACKENDS, precisions):
-            backend.allow_tf32 = saved
+        if legacy is not None:
+            torch.set_float32_matmul_precision(legacy[0])
+            torch.backends.cudnn.allow_tf32 = legacy[1]
+        else:
+            for backend, saved in zip(PER_OP, per_op):
+                backend.fp32_precision = saved

@@ -134,7 +134,7 @@ class NcclPayload(_Payload):
         return NCCL_LOCK  # rule 1
 
     def ready(self, tensors: dict[str, Tensor]) -> None:
-        if self.data_first:
+        if self.data_first and tensors:
             dev.current_stream(self.device).synchronize()
 
     def send(self, tensors: dict[str, Tensor]) -> None:

@@ -179,15 +179,16 @@ class Meter:
         tensors; ``errors`` a count, the others per-example means) and whether its loss is
         ``finite`` (a 0-dim bool tensor), where the caller has it."""
         finite = torch.isfinite(values["loss"].detach()) if finite is None else finite
-        keys = tuple(k for k in self.KEYS if k in values)
-        if keys != self.keys:  # a unit records the same keys each batch: once, at the start
-            self._relayout(keys, finite.device)
-        parts = [values[k].detach() for k in keys]
+        values = {k: v for k, v in values.items() if k in self.KEYS}  # what take() reports
+        if not set(values) <= set(self.keys):  # a unit records the same keys each batch:
+            self._relayout(tuple(values), finite.device)  # once, at the start
+        zero = None if len(values) == len(self.keys) else finite.new_zeros((), dtype=torch.float)
+        parts = [values[k].detach() if k in values else zero for k in self.keys]
         if parts[0].dtype not in (torch.float32, torch.float64):  # a count stays exact
             parts = [p.float() for p in parts]
         batch = torch.where(finite, torch.stack(parts + [finite, finite]), 0.0)
         if self.sums is None:
-            self.sums = torch.zeros(len(keys) + 2, dtype=torch.float64, device=finite.device)
+            self.sums = torch.zeros(len(self.keys) + 2, dtype=torch.float64, device=finite.device)
         self.sums.addcmul_(batch, self._weight(n, finite.device))  # in float64
         self.batches += 1
 

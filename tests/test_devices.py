@@ -239,4 +239,25 @@ def test_a_run_sets_one_precision_without_the_nan_fill_and_puts_both_back(tmp_pa
     assert flags() == before
     assert torch.utils.deterministic.fill_uninitialized_memory is fill
     assert not torch.are_deterministic_algorithms_enabled()
+
+
+@pytest.mark.parametrize("mine", ["medium", "per-op tf32"])
+def test_a_users_own_precision_through_either_api_comes_back(mine):
+    """lp.fit inside a program that set its precision through torch's older API, or the
+    newer per-op one, neither raises nor leaves the program another precision."""
+    before = torch.get_float32_matmul_precision()
+    try:
+        if mine == "medium":
+            torch.set_float32_matmul_precision("medium")
+        else:
+            torch.backends.cuda.matmul.fp32_precision = "tf32"
+        state = [b.fp32_precision for b in process.PER_OP]
+        with process.kept():
+            process.configure(Config())
+            assert runs.provenance([], [[0]])["matmul_precision"] == "fp32"
+        assert [b.fp32_precision for b in process.PER_OP] == state
+        if mine == "medium":
+            assert torch.get_float32_matmul_precision() == "medium"
+    finally:
+        torch.set_float32_matmul_precision(before)
     assert "tf32" not in resumed_fields()  # a run option: a resume may change it

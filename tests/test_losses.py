@@ -134,6 +134,23 @@ def test_meter_averages_per_example_and_counts_errors_in_percent():
     assert got["loss_sim"] is None and m.take()["n"] == 0
 
 
+def test_meter_takes_a_quantity_some_batches_lack_and_keeps_its_checkpoint_format():
+    """A user's loss may record a part in some batches only; a non-finite batch is counted
+    apart; the state is what checkpoints have always held, and loads back to the same."""
+    m = Meter()
+    m.add(4, loss=torch.tensor(1.0))
+    m.add(2, loss=torch.tensor(4.0), loss_sim=torch.tensor(3.0), other=torch.tensor(9.0))
+    m.add(2, loss=torch.tensor(2.0))
+    m.add(2, loss=torch.tensor(float("nan")), loss_sim=torch.tensor(1.0))
+    state = m.state()
+    assert set(state) == {"loss", "loss_sim", "n", "nonfinite"}
+    assert state["n"].item() == 8 and state["nonfinite"].item() == 1
+    again = Meter()
+    again.load(state, torch.device("cpu"))
+    assert again.take() == m.take() == {"n": 8, "nonfinite": 1, "loss": 2.0, "loss_sim": 0.75,
+                                        "loss_pred": None, "error": None}
+
+
 @pytest.mark.parametrize("n,classes", [(128, 10), (7, 100), (33, 200), (1, 3)])
 def test_pred_loss_has_cross_entropys_gradients_bit_for_bit(n, classes):
     """The one-hot cross-entropy (deterministic on a GPU) trains exactly as ``F.cross_entropy``

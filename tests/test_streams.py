@@ -215,13 +215,16 @@ def test_links_send_only_what_their_stream_waited_for(cuda, monkeypatch, payload
     sent = [torch.randn(2, 3, generator=torch.Generator().manual_seed(s)) for s in range(3)]
 
     def stage0() -> None:
-        stream = dev.new_stream(GPU0)
-        with dev.use(GPU0, stream):
-            for step, x in enumerate(sent):
-                x = cuda.kernel(cuda.new(x, GPU0, stream))
-                outbox.put(Message(Kind.TRAIN, 0, step, tensors={"x": x, "y": cuda.kernel(x)})
-                           .depart())
-            outbox.put(Message(Kind.STOP, 0, 0))
+        try:
+            stream = dev.new_stream(GPU0)
+            with dev.use(GPU0, stream):
+                for step, x in enumerate(sent):
+                    x = cuda.kernel(cuda.new(x, GPU0, stream))
+                    outbox.put(Message(Kind.TRAIN, 0, step,
+                                       tensors={"x": x, "y": cuda.kernel(x)}).depart())
+                outbox.put(Message(Kind.STOP, 0, 0))
+        except BaseException as exc:  # named in the test's failure, not lost with the thread
+            on_error(-1, exc)
 
     threading.Thread(target=stage0, name="stage-0").start()
     got = []

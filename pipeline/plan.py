@@ -20,6 +20,7 @@ from localpipe.stages import partition
 from localpipe.stages.config import PYTHON_MODEL, Config, ConfigError
 from localpipe.stages.models import Zoo, build_unit, plan
 from localpipe.stages.network import Network
+from localpipe.stages.stage import own_labels
 
 
 @dataclass
@@ -235,11 +236,12 @@ def measure_costs(stage, in_shape: tuple[int, int, int], num_classes: int, cfg: 
     stage.train()
 
     def one_round() -> list[float]:
-        x, skips, seconds = x0, {}, []
+        # a batch's own labels, as a stage takes them: the first unit makes the targets
+        x, skips, seconds, labels = x0, {}, [], own_labels(y)
         for unit in stage.units:
             dev.synchronize(device)
             start = time.perf_counter()
-            x, update = unit.train_step(x, y, skips)
+            x, update = unit.train_step(x, labels, skips)
             update()
             dev.synchronize(device)
             seconds.append(time.perf_counter() - start)

@@ -445,7 +445,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(problem)
     from tqdm import tqdm
 
-    bar = tqdm(desc="benchmark", bar_format="{desc}: {elapsed} {postfix}")
+    bar = tqdm(desc="benchmark", bar_format="{desc}: {elapsed} {postfix}",
+               disable=not sys.stderr.isatty())  # a log gets no lines joined by CRs
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()

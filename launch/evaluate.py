@@ -162,6 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.threads < 0:
         p.error(f"--threads must not be negative, got {args.threads}")
+    if not os.path.isdir(args.path):
+        say(f"error: cannot evaluate {args.path}: no such folder (a run folder or a checkpoint "
+            f"folder)")
+        return 2
     try:
         if args.threads:
             torch.set_num_threads(args.threads)

@@ -27,8 +27,8 @@ EXAMPLES = """examples:
       on each of two machines: every stage twice, each replica on half of every batch
   %(prog)s --recipe list
       every recipe, with the paper's test error
-  %(prog)s --save-dir runs/my-run --resume auto
-      continue a run from its newest checkpoint
+  %(prog)s --recipe mnist-mlp-predsim --save-dir runs/my-run --resume auto
+      continue a run from its newest checkpoint (with the options it was started with)
   %(prog)s --recipe cifar10-vgg11b-predsim --stages 4 --describe
       the network, its parameter counts and the cut into stages, then exit
 """

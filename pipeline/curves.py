@@ -61,10 +61,11 @@ def run_figure(folder: str) -> Figure:
 
     ax = axes["local loss"]
     units = sorted({u for r in steps for u in r["loss"]}, key=int)
+    few = len(steps) <= 20  # a point each, or a lone logged batch draws nothing
     for u in units:
         name = "output" if u == units[-1] else f"block {u}"
         ax.plot([r["steps"] for r in steps], [r["loss"].get(u) for r in steps], lw=1,
-                label=name)
+                marker="o" if few else None, ms=3, label=name)
     ax.set(title="local loss of each unit, per logged batch", xlabel="training batches")
     if steps:
         _log_axis(ax)
@@ -82,7 +83,9 @@ def run_figure(folder: str) -> Figure:
     if rated:
         ax.plot(at, [r["samples_per_s"] for r in rated], lw=0.6, alpha=0.5,
                 label="logged batches")
-    ax.set(title="training samples per second", xlabel="epoch", ylim=(0, None))
+    rates = [r["samples_per_s"] or 0 for r in epochs] + [r["samples_per_s"] for r in rated]
+    ax.set(title="training samples per second", xlabel="epoch",
+           ylim=(0, 1.1 * max(rates, default=0) or None))  # no point on the top border
     _epoch_axis(ax, x + at)
     _legend(ax)
 

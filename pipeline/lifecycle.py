@@ -57,8 +57,9 @@ def prepare(cfg: Config, network: Network, static: Plan, data: Data, device: tor
     cfg = replace(cfg, save_dir=runs.claim(cfg.save_dir, cfg, start, new))
     runs.remember(store, cfg.save_dir)
     if cfg.save_dir:  # where to look, said before the first epoch's long silence
+        mesh = f" × {cfg.replicas} replicas" if cfg.replicas > 1 else ""
         print(f"run folder: {cfg.save_dir} ({len(batches[0])} training batches an epoch, "
-              f"{len(plan.parts)} stage(s))", flush=True)
+              f"{len(plan.parts)} stage(s){mesh})", flush=True)
     return Prepared(cfg, start, plan, batches)
 
 

@@ -152,25 +152,31 @@ def summary(r: dict, backprop: bool) -> str:
     def num(v, fmt=".4f"):
         return "n/a" if v is None else format(v, fmt)
 
+    def pct(v):
+        return "n/a" if v is None else f"{v:.3f}%"
+
     lines = [f"Train epoch={r['epoch']}, lr={r['lr']:.2e}, "
              f"loss_local={num(r['train_loss_local'])}, "
-             f"loss_global={num(r['train_loss_global'])}, error={num(r['train_error'], '.3f')}%, "
+             f"loss_global={num(r['train_loss_global'])}, error={pct(r['train_error'])}, "
              f"mem={r['peak_memory_bytes'] / 2**20:.0f}MiB, "
              f"{num(r['samples_per_s'], '.1f')} samples/s"]
+    if r.get("nonfinite_batches"):  # --on-nan skip: say what the averages leave out
+        lines.append(f"  skipped {r['nonfinite_batches']} update(s) of a unit on a NaN or "
+                     f"infinite loss (--on-nan skip); the averages leave them out")
     for phase in ("train", "val", "test"):
         if phase == "val" and "val_error" not in r:
             continue
         if phase != "train":
             lines.append(f"{'Valid' if phase == 'val' else 'Test '} "
                          f"loss_global={num(r[f'{phase}_loss'])}, "
-                         f"error={num(r[f'{phase}_error'], '.3f')}%")
+                         f"error={pct(r[f'{phase}_error'])}")
         if backprop:
             continue
         for b in r["blocks"]:
             lines.append(f"  block {b['block']} {b['name']}: loss={num(b[f'{phase}_loss'])}, "
                          f"loss_sim={num(b[f'{phase}_loss_sim'])}, "
                          f"loss_pred={num(b[f'{phase}_loss_pred'])}, "
-                         f"error={num(b[f'{phase}_error'], '.3f')}%")
+                         f"error={pct(b[f'{phase}_error'])}")
     for s in r["stages"]:
         total = s["busy_s"] + s["recv_wait_s"] + s["send_wait_s"]
         if len(r["stages"]) > 1 and total > 0:

@@ -141,6 +141,7 @@ def claim(folder: str, cfg: Config, start: checkpoint.Start, new: bool) -> str:
     try:
         _check_records(folder, bool(cfg.resume), start.folder)  # again, now that it is ours
         _branch(folder, start)
+        _unfinish(folder, start)
         for name, kept in (("metrics.jsonl", lambda r: r.get("epoch", 0) < start.epoch),
                            ("steps.jsonl", lambda r: r.get("steps", 0) <= start.steps)):
             records = [r for r in _records(folder, name) if start.folder and kept(r)]
@@ -185,6 +186,20 @@ def _branch(folder: str, start: checkpoint.Start) -> None:
                 os.path.join(folder, name), os.path.join(aside, name))
     say(f"going back to {start.folder}: a new branch of this run; the {len(later)} later "
         f"checkpoint(s), their records, curves and model.pt are kept in {aside}")
+
+
+def _unfinish(folder: str, start: checkpoint.Start) -> None:
+    """A finished run continued (more epochs) is no longer finished: its ``model.pt``, the
+    model at the end of the epochs it had, is renamed for that epoch, so that nothing (the
+    evaluation, ``lp.load``) takes it for the continued run's, which writes its own when it
+    finishes and leaves checkpoints while it runs."""
+    model = os.path.join(folder, "model.pt")
+    if not start.folder or not os.path.exists(model):
+        return
+    kept = os.path.join(folder, f"model-epoch{start.epoch - 1}.pt")
+    os.replace(model, kept)
+    say(f"continuing a finished run: its model.pt (after epoch {start.epoch - 1}) is now "
+        f"{kept}")
 
 
 def _create(folder: str) -> str:

@@ -27,7 +27,9 @@ def _tampered(run, tmp_path, how: str):
     copy = tmp_path / how
     shutil.copytree(run, copy)
     model = copy / "model.pt"
-    if how == "truncated":
+    if how == "missing":
+        shutil.rmtree(copy)
+    elif how == "truncated":
         model.write_bytes(model.read_bytes()[:1000])
     elif how == "foreign":
         torch.save({"weight": torch.zeros(3)}, model)
@@ -43,6 +45,8 @@ def _tampered(run, tmp_path, how: str):
 
 
 EVALUATE = [
+    ("missing", [], "cannot evaluate {run}: no such folder (a run folder or a checkpoint "
+                    "folder)"),
     ("truncated", [], "cannot evaluate {run}: {run}/model.pt is truncated or not a model "
                       "file of localpipe's"),
     ("foreign", [], "cannot evaluate {run}: the weights in {run} do not fit the mlp its "

@@ -347,6 +347,26 @@ def test_going_back_to_an_older_checkpoint_starts_a_branch_and_deletes_nothing(t
         capsys.readouterr().out
 
 
+def test_a_continued_finished_run_leaves_no_stale_model_pt(tmp_path, monkeypatch, capsys):
+    """A finished run continued for more epochs and stopped by a failure: its old model.pt
+    is kept under its epoch's name, so loading the folder gives the newest checkpoint, never
+    the weights of the run's first finish."""
+    run = tmp_path / "run"
+    assert main(SMALL + ["--epochs", "1", "--save-dir", str(run)]) == 0
+    first = load_model(run)
+    monkeypatch.setenv("LOCALPIPE_INJECT_FAULT", "0:20")  # a failure in epoch 2 (16 a epoch)
+    assert main(SMALL + ["--epochs", "3", "--checkpoint-every", "2", "--save-dir", str(run),
+                         "--resume", "auto"]) == 1
+    assert "its model.pt (after epoch 1) is now" in capsys.readouterr().err
+    assert not (run / "model.pt").exists()
+    assert_same_model(first, torch.load(run / "model-epoch1.pt", weights_only=True))
+    loaded = load(str(run))
+    newest = max((run / "checkpoints").iterdir(), key=lambda p: p.name)
+    assert newest.name == "step-000000018" and loaded.cfg.epochs == 3
+    assert not all(torch.equal(a, b) for a, b in zip(first.values(),
+                                                      loaded.model.state_dict().values()))
+
+
 def board_epochs(folder) -> list[int]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -423,3 +443,15 @@ def test_without_a_terminal_progress_is_a_plain_line_now_and_then(capsys, monkey
     shown.advance()
     shown.close()
     assert capsys.readouterr().out == ""
+
+
+def test_an_epochs_summary_says_what_on_nan_skip_left_out(recipe_run):
+    """Skipped updates are named in the epoch's lines; a figure without a value is n/a, not
+    'n/a%'."""
+    from localpipe.pipeline.metrics import summary
+
+    record = {**metrics(recipe_run)[0], "nonfinite_batches": 3, "test_error": None}
+    lines = summary(record, backprop=False).splitlines()
+    assert lines[1] == ("  skipped 3 update(s) of a unit on a NaN or infinite loss "
+                        "(--on-nan skip); the averages leave them out")
+    assert any(line.startswith("Test ") and line.endswith("error=n/a") for line in lines)

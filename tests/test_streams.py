@@ -172,6 +172,10 @@ class Wire:
         tensor.copy_(self.queues[group].get(timeout=30))
 
     def batch_isend_irecv(self, ops: list[P2POp]) -> list:
+        """Posts the operations without waiting, as NCCL does: a receive completes in its
+        work's ``wait`` (which the transport calls after it has let go of the NCCL lock; a
+        receive that waited here, under the lock, would keep the sender from posting)."""
+        works = []
         for op in ops:
             t, gpu = op.tensor, op.tensor.is_cuda
             stream = self.cuda.current_stream(t.device) if gpu else None
@@ -181,16 +185,27 @@ class Wire:
                 else:
                     self.cuda.read_on_host(t, "a send")
                 self.queues[op.group].put(value(t).clone())
+                works.append(Done())
             else:
-                value(t).copy_(self.queues[op.group].get(timeout=30))
-                if gpu:
-                    self.cuda.write(t, stream)
-        return [Done()]
+                works.append(Received(self, op.group, t, stream))
+        return works
 
 
 class Done:
     def wait(self) -> None:
         pass
+
+
+class Received:
+    """A posted receive: its data lands when it is waited for."""
+
+    def __init__(self, wire: Wire, group, tensor: torch.Tensor, stream) -> None:
+        self.wire, self.group, self.tensor, self.stream = wire, group, tensor, stream
+
+    def wait(self) -> None:
+        value(self.tensor).copy_(self.wire.queues[self.group].get(timeout=30))
+        if self.stream is not None:
+            self.wire.cuda.write(self.tensor, self.stream)
 
 
 @pytest.mark.parametrize("payload", [NcclPayload, HostPayload,

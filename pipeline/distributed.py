@@ -17,7 +17,7 @@ import json
 import os
 import queue
 import threading
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import Callable, Iterator, NoReturn
 
@@ -54,13 +54,17 @@ class Rank:
     device: torch.device
     control: ControlPlane
     links: topology.Wiring
+    ending: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def name(self) -> str:
         return self.topo.name(self.topo.rank)
 
     def exit(self, failure: Failure) -> NoReturn:
-        """Name what stopped the run and end this process at once (blocked threads and all)."""
+        """Name what stopped the run and end this process at once (blocked threads and all).
+        The first caller does: the main thread and the control plane's monitor may both find
+        the same failure, and a second line would repeat it; later callers wait for the end."""
+        self.ending.acquire()  # never released: os._exit follows
         own = failure.who == self.name
         say(str(failure) if own else f"{self.name} stopped: {failure}")
         os._exit(1)
@@ -253,19 +257,18 @@ def join(cfg: Config, store: dist.Store, topo: topology.Topology, device: torch.
     own, so that beats never queue behind a long wait), the links to this rank's neighbours
     and its stage's replicas. A failure here ends the process, named."""
     rank = topo.rank
+    me = Rank(cfg, topo, device, None, topology.Wiring())
     try:
         with dev.use(device):
             dist.init_process_group("gloo", store=attempt(store, number), rank=rank,
                                     world_size=topo.world,
                                     timeout=timedelta(seconds=cfg.comm_timeout))
-            me = Rank(cfg, topo, device, None, topology.Wiring())
             me.control = ControlPlane(attempt(store.clone(), number), rank, topo.names(),
                                       cfg.heartbeat_timeout, me.exit, stop, store_host(topo))
             me.control.start()
             me.links = topology.connect(topo, device, shared, cfg.comm_timeout, me.lost_link)
     except Exception as exc:
-        say(f"{topo.name(rank)} failed: {type(exc).__name__}: {exc}")
-        os._exit(1)
+        me.exit(Failure(me.name, "failed", f"{type(exc).__name__}: {exc}"))
     return me
 
 

@@ -316,6 +316,32 @@ def test_a_failing_data_feed_under_torchrun_stops_every_rank_within_seconds(tmp_
     assert "Traceback" not in "\n".join(t for _, t in result_lines if "localpipe" in t)
 
 
+def test_a_failure_found_by_two_threads_of_a_rank_is_named_once(monkeypatch):
+    """The feed fails in the main thread while the control plane's monitor finds the failure it
+    published: each calls ``Rank.exit``; the rank names it once (CI saw it twice)."""
+    from localpipe.pipeline import distributed, topology
+    from localpipe.pipeline.control import Failure
+    said: list[str] = []
+
+    def slow_say(text: str) -> None:  # widens the window between the line and the exit
+        said.append(text)
+        time.sleep(0.3)
+
+    def exit_thread(code: int) -> None:
+        raise SystemExit(code)
+
+    monkeypatch.setattr(distributed, "say", slow_say)
+    monkeypatch.setattr(distributed.os, "_exit", exit_thread)
+    me = distributed.Rank(None, topology.Topology(0, 3, 1), torch.device("cpu"), None,
+                          topology.Wiring())
+    failure = Failure(me.name, "failed", "the data feed: RuntimeError: injected")
+    threads = [threading.Thread(target=me.exit, args=(failure,), daemon=True) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    time.sleep(1.0)
+    assert said == [str(failure)]
+
+
 @pytest.mark.slow  # starts processes
 def test_bad_data_under_torchrun_is_one_line_on_every_rank_at_once(tmp_path):
     run = Timed("--no-curves", "--model", "mlp", "--num-layers", "2", "--dataset", "MNIST",

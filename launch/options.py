@@ -2,7 +2,7 @@
 
 The options of the paper's ``train.py`` keep their names and defaults (§1 of the method spec),
 so its commands run unchanged; localpipe's own follow in a group of their own. ``--recipe NAME``
-sets the options of one of the paper's 86 recipes first, and whatever the command line says
+sets the options of one of the recipes (the paper's 86, localpipe's 12 for ViTs) first, and whatever the command line says
 explicitly wins over it.
 """
 from __future__ import annotations
@@ -120,13 +120,14 @@ def parse_config(argv: list[str] | None = None) -> Config | None:
     args = vars(parser.parse_args(argv))
     if args["recipe"] == "" and any(a == "--recipe" or a.startswith("--recipe=")
                                     for a in (sys.argv[1:] if argv is None else argv)):
-        parser.error("--recipe needs a name; --recipe list shows all 86")
+        parser.error(f"--recipe needs a name; --recipe list shows all {len(RECIPES)}")
     if args["recipe"] == "list":
         print(listing())
         return None
     if args["recipe"]:
         if args["recipe"] not in RECIPES:
-            parser.error(f"unknown recipe {args['recipe']!r}; --recipe list shows all 86")
+            parser.error(f"unknown recipe {args['recipe']!r}; --recipe list shows all "
+                         f"{len(RECIPES)}")
         parser.set_defaults(**RECIPES[args["recipe"]].options)
         args = vars(parser.parse_args(argv))
     if args.pop("no_cuda"):

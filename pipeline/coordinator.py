@@ -38,14 +38,15 @@ class Coordinator:
             check_replicas_agree(by_rank.values())
         got = merge_replicas(list(by_rank.values()))
         if kind == "log":
-            self.last_step = step_record(self.cfg.lr_at(epoch), self.cfg.global_batch, got,
-                                         self.last_step)
+            lr = self.cfg.lr_at(epoch, step, self.train_batches)
+            self.last_step = step_record(lr, self.cfg.global_batch, got, self.last_step)
             self.records.step(self.last_step)
             return
         evaluate = got[0].get("evaluate", False)
         if kind == "end_epoch":
-            self.records.epoch(epoch_record(epoch, self.cfg.lr_at(epoch), got, self.unit_names,
-                                            self.dropped))
+            lrs = (self.cfg.lr_at(epoch, 0, self.train_batches),
+                   self.cfg.lr_at(epoch, self.train_batches - 1, self.train_batches))
+            self.records.epoch(epoch_record(epoch, lrs, got, self.unit_names, self.dropped))
             if step == self.train_batches:  # a whole epoch: go on with the next one
                 epoch, step = epoch + 1, 0
         if kind != "final":

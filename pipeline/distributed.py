@@ -217,6 +217,7 @@ def verdict(cfg: Config, store: dist.Store, topo: topology.Topology, number: int
             raise
         ours.set("verdict", json.dumps({"resume": ready.start.folder,
                                         "save_dir": ready.cfg.save_dir,
+                                        "epoch_steps": ready.epoch_steps,
                                         "plan": dataclasses.asdict(ready.plan)}))
         return ready
     ours.wait(["verdict"], LONG)  # rank 0 may be downloading a dataset, or timing units
@@ -227,7 +228,7 @@ def verdict(cfg: Config, store: dist.Store, topo: topology.Topology, number: int
         raise (DataError if said["kind"] == "DataError" else ConfigError)(said["error"])
     cfg = replace(cfg, save_dir=said["save_dir"])
     return Prepared(cfg, resume_from(said["resume"]), Plan(**said["plan"]),
-                    None if topo.stage else data(cfg))
+                    None if topo.stage else data(cfg), said["epoch_steps"])
 
 
 def rendezvous_store(cfg: Config) -> dist.Store:

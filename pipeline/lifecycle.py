@@ -29,6 +29,7 @@ class Prepared:
     start: Start  # where training begins
     plan: Plan  # the units and their cut
     batches: tuple | None  # (train, test, val), where this process feeds stage 0
+    epoch_steps: int  # training batches an epoch (the learning rate is set per batch)
 
 
 def prepare(cfg: Config, network: Network, static: Plan, data: Data, device: torch.device,
@@ -60,7 +61,7 @@ def prepare(cfg: Config, network: Network, static: Plan, data: Data, device: tor
         mesh = f" × {cfg.replicas} replicas" if cfg.replicas > 1 else ""
         print(f"run folder: {cfg.save_dir} ({len(batches[0])} training batches an epoch, "
               f"{len(plan.parts)} stage(s){mesh})", flush=True)
-    return Prepared(cfg, start, plan, batches)
+    return Prepared(cfg, start, plan, batches, len(batches[0]))
 
 
 def check_fits(start: Start, network: Network, cfg: Config) -> None:
@@ -86,6 +87,7 @@ def build(ready: Prepared, network: Network, stage: int, device: torch.device,
     """Stage ``stage`` of the prepared run on ``device``, as the checkpoint left it, with the
     test hook ``fault`` where it acts in this stage."""
     built = network.build(ready.cfg, ready.plan.parts[stage], device)
+    built.epoch_steps = ready.epoch_steps
     ready.start.restore(built)
     if fault is not None and fault.stage == stage:
         built.inject = fault.stage_hook(stage, ready.start.steps)

@@ -90,11 +90,11 @@ def _merged_meter(meters: list[dict]) -> dict:
     return out
 
 
-def epoch_record(epoch: int, lr: float, reports: list[dict], unit_names: list[str],
-                 dropped: int = 0) -> dict:
+def epoch_record(epoch: int, lr: tuple[float, float], reports: list[dict],
+                 unit_names: list[str], dropped: int = 0) -> dict:
     """The record of ``epoch`` from its K END_EPOCH reports (in stage order, each merged over
-    the replicas); ``dropped`` training samples were left out (a last batch too small to
-    share)."""
+    the replicas); ``lr``: the learning rates of its first and last training batch;
+    ``dropped`` training samples were left out (a last batch too small to share)."""
     meters: dict[int, dict] = {}
     for r in reports:
         meters.update({int(k): v for k, v in r["meters"].items()})
@@ -109,7 +109,7 @@ def epoch_record(epoch: int, lr: float, reports: list[dict], unit_names: list[st
                   if k != "n"}}
               for i, m in sorted(meters.items())]
     record = {
-        "epoch": epoch, "lr": lr,
+        "epoch": epoch, "lr": lr[0], "lr_last": lr[1],
         "train_loss_local": sum(m["train"]["loss"] or 0.0 for m in meters.values()),
         "train_loss_global": out["train"]["loss"], "train_error": out["train"]["error"],
         "test_loss": out["test"]["loss"], "test_error": out["test"]["error"],

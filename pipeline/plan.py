@@ -78,7 +78,7 @@ def check_feasible(cfg: Config, network: Network) -> list[int]:
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     sizes = network.parameter_counts()
-    per_parameter = 4 * (2 + {"adam": 2, "amsgrad": 3}.get(cfg.optim, cfg.momentum > 0))
+    per_parameter = 4 * (2 + optimizer_states(cfg))
     need = per_parameter * (sum(sizes) if cfg.stages == 1 else max(sizes))
     if need > memory:
         what = "the network" if cfg.stages == 1 else f"unit {sizes.index(max(sizes))}"
@@ -86,6 +86,12 @@ def check_feasible(cfg: Config, network: Network) -> list[int]:
                           f"and optimizer state, more than the {memory / 2**30:,.1f} GiB of "
                           f"{where}")
     return sizes
+
+
+def optimizer_states(cfg: Config) -> int:
+    """Tensors of a weight's size that its optimizer keeps: Adam's and AdamW's two moments,
+    AMSGrad's third, SGD's momentum buffer where it has momentum."""
+    return {"adam": 2, "adamw": 2, "amsgrad": 3}.get(cfg.optim, int(cfg.momentum > 0))
 
 
 def check_trains(cfg: Config, network: Network) -> None:
@@ -173,7 +179,7 @@ def footprints(cfg: Config, info: DatasetInfo) -> list[Footprint]:
     """Each unit's footprint, from one training step on the meta device: shapes only, so it
     costs neither memory nor time (dropout is left out: its masks cannot be drawn there)."""
     est = replace(cfg, dropout=0.0)
-    state_per_weight = {"adam": 2, "amsgrad": 3}.get(cfg.optim, int(cfg.momentum > 0))
+    state_per_weight = optimizer_states(cfg)
     nbytes = lambda t: t.numel() * t.element_size()  # noqa: E731
     with torch.device("meta"):
         units = [build_unit(s, est, info.num_classes)

@@ -258,6 +258,8 @@ def make_optimizer(params, cfg: Config) -> torch.optim.Optimizer:
                                     weight_decay=cfg.weight_decay, **fast)
         _start_momentum(optimizer)
         return optimizer
+    if cfg.optim == "adamw":  # the decay off the gradient, so that Adam's scaling leaves it be
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fast)
     return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
                             amsgrad=cfg.optim == "amsgrad", **fast)
 
@@ -316,6 +318,12 @@ class Unit(nn.Module):
         """Give the unit its private optimizer (not in --backprop, where the stage holds one)."""
         if not self.cfg.backprop:
             self.optimizers = [make_optimizer(self.parameters(), self.cfg)]
+
+    @property
+    def smoothing(self) -> float:
+        """The label smoothing of this unit's cross-entropies: --label-smoothing in training,
+        none in evaluation, so that test losses stay comparable."""
+        return self.cfg.label_smoothing if self.training else 0.0
 
     @property
     def meter(self) -> Meter:
@@ -484,7 +492,7 @@ class LocalBlock(Unit):
             if cfg.bio:
                 loss_pred = self.w_pred * losses.bio_pred_loss(logits, code)
             else:
-                loss_pred = self.w_pred * losses.pred_loss(logits, y)
+                loss_pred = self.w_pred * losses.pred_loss(logits, y, self.smoothing)
                 stats["errors"] = losses.errors(logits, y)
             stats["loss_pred"] = loss_pred
             terms.append(loss_pred)
@@ -535,7 +543,7 @@ class OutputLayer(Unit):
 
     def loss(self, logits: Tensor, y: Tensor) -> Tensor:
         """Scaled CE, recorded in the current meter with the error count."""
-        return self.record(self.scale * losses.pred_loss(logits, y), y,
+        return self.record(self.scale * losses.pred_loss(logits, y, self.smoothing), y,
                            errors=losses.errors(logits, y))
 
     def train_step(self, x: Tensor, y: Tensor,

@@ -92,8 +92,21 @@ class Config:
                                             metavar="E", part="training")
     lr_decay_fact: float = option(0.25, "learning rate factor at each milestone", metavar="X",
                                   check="positive", part="training")
-    optim: str = option("adam", "optimizer", choices=("adam", "amsgrad", "sgd"),
+    optim: str = option("adam", "optimizer (adamw: decoupled weight decay, as ViTs are "
+                        "trained)", choices=("adam", "amsgrad", "adamw", "sgd"),
                         part="training")
+    lr_schedule: str = option("step", "step: times --lr-decay-fact after each of "
+                              "--lr-decay-milestones; cosine: from --lr down to 0 over the "
+                              "run's training batches (--epochs of them), set per batch",
+                              choices=("step", "cosine"), part="training")
+    warmup_steps: int = option(0, "raise the learning rate linearly from --lr/N to --lr over "
+                               "the first N training batches, then follow --lr-schedule",
+                               metavar="N", check="nonneg", part="training")
+    label_smoothing: float = option(0.0, "label smoothing ε of every cross-entropy in "
+                                    "training (targets 1 − ε + ε/C and ε/C); test losses stay "
+                                    "plain", metavar="X",
+                                    within=("[0, 1)", lambda v: 0.0 <= v < 1.0),
+                                    part="training")
     momentum: float = option(0.0, "SGD momentum", metavar="X", check="nonneg", part="training")
     weight_decay: float = option(0.0, "L2 weight decay of every optimizer", metavar="X",
                                  check="nonneg", part="training")
@@ -117,6 +130,12 @@ class Config:
     no_batch_norm: bool = option(False, "blocks without batch norm", part="model")
     no_detach: bool = option(False, "local losses plus the end-to-end gradient (cannot be "
                              "pipelined)", part="model")
+    num_heads: int = option(4, "attention heads of every block of the generic vit (the "
+                            "vit-tiny, -small, -base sizes fix theirs)", metavar="N",
+                            check="positive", part="model")
+    patch_size: int = option(0, "side of a ViT's square patches; 0: 7 for 28x28 inputs, 4 for "
+                             "32x32, 8 up to 96x96, 16 beyond", metavar="PX", check="nonneg",
+                             part="model")
     pre_act: bool = option(False, "pre-activation Basic blocks and a bare stem (ResNet only; "
                            "Bottleneck blocks keep post-activation, as in the paper's code)",
                            part="model")
@@ -140,8 +159,9 @@ class Config:
     length: int = option(16, "Cutout square side", metavar="PX", check="positive",
                          part="training")
     # localpipe
-    recipe: str = option("", "set the options of one of the paper's 86 recipes ('list' prints "
-                         "them); options given beside it win", metavar="NAME")
+    recipe: str = option("", "set the options of a recipe: the paper's 86, localpipe's 12 for "
+                         "ViTs ('list' prints them); options given beside it win",
+                         metavar="NAME")
     stages: int = option(1, "pipeline stages: threads of this process, or processes under "
                          "torchrun", metavar="K", check="positive")
     replicas: int = option(1, "data-parallel replicas of every stage (torchrun with K·R "
@@ -221,8 +241,21 @@ class Config:
         """Samples one replica trains on per step (its shard of a full global batch)."""
         return self.global_batch // self.replicas
 
-    def lr_at(self, epoch: int) -> float:
-        """Learning rate of a 1-based epoch: decayed once per milestone m with m <= epoch - 1."""
+    def lr_at(self, epoch: int, step: int = 0, epoch_steps: int = 0) -> float:
+        """Learning rate of training batch ``step`` (0-based) of 1-based ``epoch``, an epoch
+        having ``epoch_steps`` batches: a function of the batch's position alone, so that every
+        runner and a resumed run set the same one. ``step``: once per milestone m <= epoch - 1;
+        ``cosine``: half a cosine from --lr to 0 over epochs × epoch_steps batches (per epoch
+        where ``epoch_steps`` is 0); either after the linear warm-up of --warmup-steps."""
+        done = (epoch - 1) * epoch_steps + step  # batches trained before this one
+        if done < self.warmup_steps:
+            return self.lr * (done + 1) / self.warmup_steps
+        if self.lr_schedule == "cosine":
+            total = self.epochs * epoch_steps if epoch_steps else self.epochs
+            at = done if epoch_steps else epoch - 1
+            span = max(1, total - self.warmup_steps)
+            return self.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, (at - self.warmup_steps)
+                                                                 / span)))
         passed = sum(1 for m in self.lr_decay_milestones if m <= epoch - 1)
         return self.lr * self.lr_decay_fact ** passed
 

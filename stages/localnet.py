@@ -244,7 +244,7 @@ class UserUnit(Unit):
     def local_loss(self, out: Tensor, y: Tensor, x: Tensor) -> Tensor:
         """This unit's loss of a batch (``x`` its input), recorded in the current meter."""
         if self.is_output:
-            return self.record(self.scale * losses.pred_loss(out, y), y,
+            return self.record(self.scale * losses.pred_loss(out, y, self.smoothing), y,
                                errors=losses.errors(out, y))
         got = self.loss_fn(out, y, self.head)
         loss, stats = got if isinstance(got, tuple) else (got, {})

@@ -57,11 +57,21 @@ def sim_loss(hs: Tensor, target: Tensor, std_reduction: bool = True) -> Tensor:
     return F.mse_loss(similarity_matrix(hs, std_reduction), target)
 
 
-def pred_loss(logits: Tensor, y: Tensor) -> Tensor:
+def pred_loss(logits: Tensor, y: Tensor, smoothing: float = 0.0) -> Tensor:
     """Cross-entropy, written with a one-hot mask instead of ``F.cross_entropy``: the same
     gradients bit for bit, and deterministic on a GPU (CUDA's ``nll_loss`` is not, and refuses
-    to run under ``torch.use_deterministic_algorithms``)."""
-    return -(F.log_softmax(logits, dim=1) * one_hot(y, logits.size(1))).sum(dim=1).mean()
+    to run under ``torch.use_deterministic_algorithms``). ``smoothing`` ε > 0 takes the
+    targets 1 − ε + ε/C and ε/C (``F.cross_entropy``'s ``label_smoothing``)."""
+    return -(F.log_softmax(logits, dim=1) * targets(y, logits.size(1), smoothing)).sum(
+        dim=1).mean()
+
+
+def targets(y: Tensor, num_classes: int, smoothing: float = 0.0) -> Tensor:
+    """The cross-entropy's target rows: one-hot, or smoothed by ε (made once per batch)."""
+    if not smoothing:
+        return one_hot(y, num_classes)
+    return _per_batch(y, ("smoothed", num_classes, smoothing), lambda: (
+        one_hot(y, num_classes) * (1.0 - smoothing) + smoothing / num_classes))
 
 
 def bio_target(proj_weight: Tensor, y: Tensor) -> Tensor:

@@ -54,7 +54,8 @@ class Registry(Generic[T]):
 
 # a network's planner: (config, input shape, classes) -> its units' specs, in forward order
 MODELS: Registry[Callable] = Registry("model", ("localpipe.stages.models",
-                                                "localpipe.stages.residual"))
+                                                "localpipe.stages.residual",
+                                                "localpipe.stages.vit"))
 # a dataset: its DatasetInfo and loader (pipeline/data.py)
 DATASETS: Registry = Registry("dataset", ("localpipe.pipeline.data",))
 # a LocalNet loss: (block output, labels, head, beta) -> (loss, records)

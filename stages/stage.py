@@ -40,6 +40,9 @@ class Stage(nn.Module):
         for unit in units:
             unit.make_optimizer()
         self.optimizer = make_optimizer(self.parameters(), cfg) if cfg.backprop else None
+        # training batches an epoch, which the learning rate of a batch depends on where it is
+        # set per batch (Config.lr_at); the runner that builds the stage knows it
+        self.epoch_steps = 0
         # what a test hook does to each training batch's input (pipeline/faults.py)
         self.inject: Callable[[Tensor], Tensor] | None = None
 
@@ -62,9 +65,9 @@ class Stage(nn.Module):
         return [u.index for u in self.units]
 
     def set_position(self, epoch: int, step: int) -> None:
-        """The batch about to be trained: its epoch's learning rate (the batch's own epoch, not
+        """The batch about to be trained: its learning rate (from the batch's own position, not
         the wall clock's) and its dropout masks."""
-        lr = self.cfg.lr_at(epoch)
+        lr = self.cfg.lr_at(epoch, step, self.epoch_steps)
         for unit in self.units:
             unit.set_lr(lr)
             unit.position = (epoch, step)

@@ -405,7 +405,7 @@ def test_an_empty_recipe_name_is_refused(capsys):
         main(BASE + ["--recipe", ""])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip() == ("localpipe: error: --recipe needs a name; "
-                                               "--recipe list shows all 86")
+                                               "--recipe list shows all 98")
 
 
 @pytest.mark.slow  # starts processes

@@ -1,0 +1,132 @@
+"""Vision Transformers (stages/vit.py) and the training options they brought: DeiT's parameter
+counts, every mode trains, bad sizes are one line, pipelined == sequential in-process and under
+torchrun with AdamW, warm-up, cosine decay and label smoothing on, and what those options
+compute."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from localpipe.launch.options import parse_config
+from localpipe.launch.pipeline import main
+from localpipe.pipeline.data import INFO
+from localpipe.pipeline.plan import footprints, stage_memory
+from localpipe.stages import losses
+from localpipe.stages.config import Config, ConfigError
+from localpipe.stages.models import backprop_parameters, build_stage, plan
+
+from conftest import assert_same_model, load_model, metrics, run_cli
+
+
+@pytest.mark.parametrize("model,count", [("vit-tiny", 5_717_416), ("vit-small", 22_050_664),
+                                         ("vit-base", 86_567_656)])
+def test_deit_sizes_have_deits_parameter_counts(model, count):
+    """timm's deit_{tiny,small,base}_patch16_224: 224×224, patch 16, class token, 1000 classes."""
+    cfg = Config(model=model, patch_size=16)
+    assert backprop_parameters(cfg, (3, 224, 224), 1000) == count
+
+
+SMALL = dict(model="vit", num_layers=3, num_hidden=32, num_heads=2, dataset="MNIST")
+
+
+@pytest.mark.parametrize("mode", [{}, {"loss_sup": "pred"}, {"loss_sup": "sim"},
+                                  {"backprop": True}, {"no_detach": True},
+                                  {"loss_unsup": "sim", "alpha": 0.5}])
+def test_every_mode_trains_a_step_and_changes_every_weight_it_should(mode):
+    cfg = Config(**SMALL, **mode).validate()
+    stage = build_stage(cfg, (1, 28, 28), 10)
+    before = {k: v.clone() for k, v in stage.state_dict().items()}
+    stage.train()
+    for step in range(2):  # the zero-initialised heads pass gradients on from the second
+        stage.set_position(1, step)
+        out, update = stage.train_step(torch.randn(16, 1, 28, 28), torch.arange(16) % 10)
+        update()
+    assert out.shape == (16, 10)
+    moved = {k for k, v in stage.state_dict().items() if not torch.equal(v, before[k])}
+    unused = {"pred"} if mode.get("loss_sup") == "sim" else set()
+    assert all(k in moved for k in before if not any(f".{u}." in k for u in unused)), \
+        sorted(set(before) - moved)
+
+
+@pytest.mark.parametrize("options,message", [
+    (["--patch-size", "5"], "--patch-size 5 does not tile 28x28 inputs"),
+    (["--num-hidden", "30", "--num-heads", "4"], "width 30 does not split into 4 heads"),
+    (["--dropout", "0.1"], "ViT blocks have no dropout"),
+    (["--bio"], "--bio is not defined for ViTs"),
+])
+def test_a_vit_that_cannot_be_built_is_one_line(options, message, tmp_path, capsys):
+    code = main(["--model", "vit", "--dataset", "synthetic", "--save-dir",
+                 str(tmp_path / "run"), *options])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("localpipe: error:") and message in err, err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
+def test_the_memory_estimate_counts_a_blocks_attention_and_adamws_moments():
+    cfg = Config(**SMALL, optim="adamw", batch_size=64).validate()
+    units = footprints(cfg, INFO["MNIST"])
+    weights = sum(p.numel() * 4 for p in build_stage(cfg, (1, 28, 28), 10).units[1].parameters())
+    assert units[1].weights == weights and units[1].state == 2 * weights
+    # a block keeps at least its input, q, k, v and the MLP's hidden layer: 17 tokens, batch 64
+    assert units[1].saved >= 64 * 17 * 32 * 4 * (1 + 3 + 4)
+    assert units[0].inbound == 64 * 28 * 28 * 4 + 64 * 8  # the images and their labels
+    assert stage_memory(cfg, units[1:])["total"] > 0
+
+
+def test_label_smoothing_is_torchs_and_is_off_in_evaluation():
+    logits = torch.randn(32, 10, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(10, (32,))
+    ours = losses.pred_loss(logits, y, 0.1)
+    torch.testing.assert_close(ours, F.cross_entropy(logits, y, label_smoothing=0.1))
+    assert torch.equal(losses.pred_loss(logits, y.clone(), 0.0), losses.pred_loss(logits, y))
+    stage = build_stage(Config(**SMALL, label_smoothing=0.2).validate(), (1, 28, 28), 10)
+    stage.eval()
+    assert stage.units[-1].smoothing == 0.0 and stage.train().units[-1].smoothing == 0.2
+
+
+def test_the_learning_rate_warms_up_then_follows_a_cosine_per_batch():
+    cfg = Config(lr=1.0, epochs=2, warmup_steps=4, lr_schedule="cosine")
+    lrs = [cfg.lr_at(epoch, step, 10) for epoch in (1, 2) for step in range(10)]
+    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert lrs[4] == 1.0 and lrs[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 15 / 16)))
+    assert all(a > b for a, b in zip(lrs[4:], lrs[5:]))
+    step = Config(lr=1.0, lr_decay_milestones=[1], lr_decay_fact=0.5, warmup_steps=2)
+    assert [step.lr_at(1, 0, 5), step.lr_at(1, 1, 5), step.lr_at(1, 4, 5), step.lr_at(2, 0, 5)] \
+        == [0.5, 1.0, 1.0, 0.5]
+
+
+# Three blocks of 17 tokens, AdamW with weight decay, a warm-up into the cosine, label
+# smoothing, two epochs of 4 batches with a last partial one (100 = 3·32 + 4).
+VIT = ["--no-curves", "--model", "vit", "--num-layers", "3", "--num-hidden", "32",
+       "--num-heads", "2", "--dataset", "MNIST", "--limit-train", "100", "--limit-test", "50",
+       "--batch-size", "32", "--epochs", "2", "--optim", "adamw", "--weight-decay", "0.05",
+       "--lr", "1e-3", "--lr-schedule", "cosine", "--warmup-steps", "3",
+       "--label-smoothing", "0.1", "--log-every", "1", "--threads", "1", "--seed", "3"]
+
+
+@pytest.fixture(scope="module")
+def vit_reference(mnist_root, tmp_path_factory):
+    save = tmp_path_factory.mktemp("vit-reference")
+    assert main(VIT + ["--data-root", mnist_root, "--save-dir", str(save)]) == 0
+    return save
+
+
+@pytest.mark.parametrize("runner", ["threads", "torchrun"])
+def test_a_pipelined_vit_trains_exactly_as_the_sequential_one(runner, vit_reference,
+                                                              mnist_root, tmp_path):
+    args = VIT + ["--data-root", mnist_root, "--save-dir", str(tmp_path), "--stages", "3"]
+    if runner == "threads":
+        assert main(args) == 0
+    else:
+        result = run_cli(*args, torchrun=3, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_model(load_model(vit_reference), load_model(tmp_path))
+    records = metrics(tmp_path)
+    assert [(r["test_error"], r["lr"], r["lr_last"]) for r in records] == \
+        [(r["test_error"], r["lr"], r["lr_last"]) for r in metrics(vit_reference)]
+    cfg = parse_config(args)
+    want = [cfg.lr_at(e, s, 4) for e in (1, 2) for s in range(4)]
+    got = [r["lr"] for r in map(__import__("json").loads, open(tmp_path / "steps.jsonl"))]
+    assert got == want and want[:3] == [1e-3 / 3, 2e-3 / 3, 1e-3]
+    assert records[0]["lr"] == want[0] and records[1]["lr_last"] == want[-1]

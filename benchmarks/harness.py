@@ -3,7 +3,10 @@ time goes, and memory. Every mode trains the same network on the same random bat
 same batch size and precision, within the same total thread budget.
 
 Local modes run localpipe's own stage code (``pipeline.inprocess.run_threads`` and
-``pipeline.distributed.serve``); the backprop pipelines run ``torch.distributed.pipelining``.
+``pipeline.distributed.serve``), cut at any unit: a residual block's skip tensor travels to the
+next stage in the batch's message. The backprop pipelines run ``torch.distributed.pipelining``,
+whose stages are ``Stage.forward``s: each starts with no skip tensors, so they are cut only
+between whole residual blocks (``block_groups``) and timed per such group.
 With replicas (``local_processes(..., replicas=R)``) the K·R processes are the torchrun
 runner's own grid (``pipeline.topology``), each replica's stage 0 feeding its shard of every
 batch; ``allreduce_seconds`` times gloo all-reduces for the model on paper of replicas at
@@ -38,8 +41,9 @@ from localpipe.pipeline.message import Kind, Message
 from localpipe.pipeline.plan import measure_costs
 from localpipe.pipeline.replicas import shard
 from localpipe.pipeline.topology import Topology
+from localpipe.stages.blocks import Skips
 from localpipe.stages.config import Config
-from localpipe.stages.models import build_stage, plan
+from localpipe.stages.models import build_stage, build_unit, plan
 
 
 @dataclass(frozen=True)
@@ -196,15 +200,44 @@ class BackpropPart(nn.Module):
         return self.stage(x)
 
 
-def backprop_unit_costs(setup: Setup, threads: int, repeats: int = 3) -> list[float]:
-    """Seconds of each backprop unit's forward, backward (given its output grad) and optimizer
-    step alone: the same work as ``unit_costs`` without the local heads."""
+def block_groups(setup: Setup) -> list[list[int]]:
+    """The backprop network's units in the smallest contiguous groups that a backprop stage can
+    hold. Such a stage is one ``Stage.forward``, which starts with no skip tensors and
+    differentiates through all it holds, so it must hold every residual block whole: the unit
+    that stashes the block's input and the one that pops it. Found for any family by running
+    the network unit by unit on the meta device, as ``Stage.forward`` does, with one ``skips``
+    dict: a group ends after each unit where it is empty. Every unit alone for an MLP, a VGG
+    or a ViT; a ResNet's stem, each block and the head."""
+    cfg = setup.backprop_cfg
+    with torch.device("meta"):
+        units = [build_unit(s, cfg, setup.classes)
+                 for s in plan(cfg, setup.shape, setup.classes)]
+        x = torch.zeros((2, *setup.shape))
+    skips: Skips = {}
+    groups: list[list[int]] = []
+    group: list[int] = []
+    with torch.no_grad():
+        for unit in units:
+            unit.eval()
+            x = unit(x) if unit.is_output else unit.run(x, skips, losses=False)[0]
+            group.append(unit.index)
+            if not skips:
+                groups.append(group)
+                group = []
+    return groups
+
+
+def backprop_costs(setup: Setup, threads: int, groups: list[list[int]],
+                   repeats: int = 3) -> list[float]:
+    """Seconds of each group's (``block_groups``) forward, backward (given its output grad) and
+    optimizer step alone: the same work as ``unit_costs`` without the local heads, per group,
+    since a unit inside a residual block cannot run without the rest of its block."""
     torch.set_num_threads(threads)
     cfg = setup.backprop_cfg
     x, y = setup.batch()
     device = setup.rank_device()
-    parts = [BackpropPart(build_stage(cfg, setup.shape, setup.classes, [i], device))
-             for i in range(len(plan(cfg, setup.shape, setup.classes)))]
+    parts = [BackpropPart(build_stage(cfg, setup.shape, setup.classes, group, device))
+             for group in groups]
     times: list[list[float]] = [[] for _ in parts]
     for r in range(repeats + 1):
         h = x

@@ -4,12 +4,23 @@
     python benchmarks/run.py --quick                  # a smoke run, about 40 s on 2 cores
     python benchmarks/run.py --sweep                  # stages 1, 2, 4 x batch 32-256, mlp and vgg8b
     python benchmarks/run.py --model mlp --num-layers 3 --replicas 2   # + K x R processes, model
+    python benchmarks/run.py --model resnet18 --feat-mult 0.25 --stages 4
+    python benchmarks/run.py --model vit --num-layers 8 --num-hidden 128 --num-heads 4
+
+Every registered network runs: the MLP, the VGGs, the ResNets and Wide ResNets, the ViTs.
 
 Every mode trains the same network on the same batches at the same batch size in float32, and
 all modes share one thread budget (--threads, default: every core): K workers get C // K torch
 threads each. Warm-up batches are excluded; rates are medians over --repeats groups of --steps
 batches, each group timed alike in every mode: from its first batch entering any process or
 stage to its last update finished on any.
+
+Each pipeline gets the cut whose slowest stage is fastest for its own step times. The local
+pipelines may cut anywhere, inside a residual block too (its skip tensor travels with the batch
+to the next stage). A backprop stage of torch's GPipe and 1F1B is one differentiable forward that
+starts with no skip tensors, so there the cut falls only between whole residual blocks
+(``harness.block_groups``: every unit boundary of an MLP, a VGG or a ViT), and the backprop step
+times are measured per such group.
 
 --replicas R adds the mode local_pipelined_replicas (K·R processes: every stage R times, each
 replica on its shard of every batch, C // (K·R) threads each; more processes than cores
@@ -32,10 +43,12 @@ import torch
 from localpipe.benchmarks import harness
 from localpipe.launch.options import Parser
 from localpipe.pipeline import device as dev
+from localpipe.pipeline.data import INFO
 from localpipe.pipeline.plan import check_trains, network_of
 from localpipe.stages import partition
 from localpipe.stages.config import Config, ConfigError
-from localpipe.stages.residual import RESIDUAL_MODELS
+from localpipe.stages.residual import WRN_MODELS
+from localpipe.stages.vit import VIT_MODELS, patch_side
 
 MiB = 2 ** 20
 REPLICAS_MODE = "local_pipelined_replicas"
@@ -51,9 +64,12 @@ def measure(setup: harness.Setup, stages: int, microbatches: list[int], progress
     c, k = setup.threads, stages
     per_worker = max(1, c // k)
     costs, _ = harness.unit_costs(setup, per_worker)
-    bp_costs = harness.backprop_unit_costs(setup, per_worker)
     parts = partition.split(partition.best_balance(costs, k), len(costs))
-    bp_parts = partition.split(partition.best_balance(bp_costs, k), len(bp_costs))
+    groups = harness.block_groups(setup)
+    bp_costs = harness.backprop_costs(setup, per_worker, groups)
+    bp_balance = partition.best_balance(bp_costs, k)  # groups per stage
+    bp_parts = [[u for g in stage for u in groups[g]]
+                for stage in partition.split(bp_balance, len(groups))]
     modes: dict[str, dict] = {}
 
     def run(name: str, fn, *args) -> None:
@@ -81,7 +97,7 @@ def measure(setup: harness.Setup, stages: int, microbatches: list[int], progress
         modes[REPLICAS_MODE].update(replicas=replicas, **oversubscription(c, k * replicas))
     batch = setup.cfg.batch_size
     ideal_local = batch / max(partition.stage_costs(costs, [len(p) for p in parts]))
-    ideal_bp = batch / max(partition.stage_costs(bp_costs, [len(p) for p in bp_parts]))
+    ideal_bp = batch / max(partition.stage_costs(bp_costs, bp_balance))
     for name, m in modes.items():
         m["largest_stage_live_bytes"] = max(s["live_bytes"] for s in m["stages"])
         m["total_live_bytes"] = sum(s["live_bytes"] for s in m["stages"])
@@ -90,8 +106,8 @@ def measure(setup: harness.Setup, stages: int, microbatches: list[int], progress
             m["ideal_samples_per_s"] = ideal
             m["efficiency"] = m["samples_per_s"] / ideal
     out = {"stages": k, "threads_per_worker": per_worker, "partition": parts,
-           "backprop_partition": bp_parts, "unit_step_s": costs, "backprop_unit_step_s": bp_costs,
-           "modes": modes,
+           "backprop_partition": bp_parts, "unit_step_s": costs, "backprop_groups": groups,
+           "backprop_group_step_s": bp_costs, "modes": modes,
            "local_head_compute_ratio": sum(costs) / sum(bp_costs)}
     if k > 1:
         out["comparison"] = compare(modes, ideal_local, ideal_bp)
@@ -365,15 +381,25 @@ def plot_sweep(result: dict, path: Path) -> None:
 
 
 def network(cfg: Config) -> str:
+    """The network in a few words, for titles and file names: what sizes it."""
     if cfg.model == "mlp":
         return f"mlp {cfg.num_layers}x{cfg.num_hidden}"
-    return f"{cfg.model} x{cfg.feat_mult:g}"
+    if cfg.model in VIT_MODELS:
+        patch = f"patch {patch_side(cfg, INFO[cfg.dataset].shape[1])}"
+        if cfg.model == "vit":  # the generic one; the others have fixed sizes
+            return (f"vit depth {cfg.num_layers} width {cfg.num_hidden} heads {cfg.num_heads} "
+                    f"{patch}")
+        return f"{cfg.model} {patch}"
+    if cfg.model in WRN_MODELS:  # --feat-mult does not scale them
+        return cfg.model
+    return f"{cfg.model} x{cfg.feat_mult:g}{' pre-act' if cfg.pre_act else ''}"
 
 
 def model_config(args, **override) -> Config:
     values = dict(model=args.model, dataset=args.dataset, feat_mult=args.feat_mult,
                   num_layers=args.num_layers, num_hidden=args.num_hidden,
-                  dim_in_decoder=args.dim_in_decoder, loss_sup=args.loss_sup,
+                  num_heads=args.num_heads, patch_size=args.patch_size, pre_act=args.pre_act,
+                  dim_in_decoder=args.dim_in_decoder, loss_sup=args.loss_sup, optim=args.optim,
                   batch_size=args.batch_size, nonlin="leakyrelu", save_dir="")
     values.update(override)
     if values["model"] == "mlp" and "num_layers" not in override and args.model != "mlp":
@@ -397,6 +423,11 @@ def input_problem(args) -> str | None:
             check_trains(cfg, network)
     except (ConfigError, ValueError) as exc:
         return str(exc)
+    if not args.sweep:  # the sweep runs no backprop pipeline
+        setup = harness.Setup(cfg, args.threads, args.warmup, args.steps, args.repeats)
+        if (most := len(harness.block_groups(setup))) < args.stages:
+            return (f"--stages {args.stages}: the backprop pipelines cut {args.model} only "
+                    f"between whole residual blocks, into at most {most} stages")
     for micro in args.microbatches:
         if not 1 <= micro <= min(batches):
             return (f"--microbatches {micro}: each must lie in 1..{min(batches)} (a "
@@ -406,11 +437,24 @@ def input_problem(args) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     p = Parser(prog="benchmarks/run.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="vgg8b")
+    p.add_argument("--model", default="vgg8b",
+                   help="any network of the trainer's --model: mlp, the VGGs, the ResNets and "
+                        "Wide ResNets, vit (sized by the options below), vit-tiny/-small/-base")
     p.add_argument("--dataset", default="MNIST", help="sets the input shape; data is random")
-    p.add_argument("--feat-mult", type=float, default=0.5)
-    p.add_argument("--num-layers", type=int, default=1)
-    p.add_argument("--num-hidden", type=int, default=1024)
+    p.add_argument("--feat-mult", type=float, default=0.5,
+                   help="multiplies the VGGs' and ResNets' conv widths")
+    p.add_argument("--num-layers", type=int, default=1,
+                   help="hidden layers of the mlp, FC layers after a VGG's convs, a vit's depth")
+    p.add_argument("--num-hidden", type=int, default=1024,
+                   help="width of those layers; a vit's width")
+    p.add_argument("--num-heads", type=int, default=4, help="attention heads of a vit")
+    p.add_argument("--patch-size", type=int, default=0,
+                   help="side of a ViT's patches; 0: the trainer's choice for the input (7 for "
+                        "28x28, 4 for 32x32)")
+    p.add_argument("--pre-act", action="store_true",
+                   help="pre-activation Basic blocks (ResNet)")
+    p.add_argument("--optim", default="adam",
+                   help="every optimizer, as the trainer's --optim (adamw: as ViTs are trained)")
     p.add_argument("--dim-in-decoder", type=int, default=1024)
     p.add_argument("--loss-sup", default="predsim")
     p.add_argument("--batch-size", type=int, default=128)
@@ -433,9 +477,6 @@ def main(argv: list[str] | None = None) -> int:
                         "one GPU; the process modes when K GPUs are visible")
     p.add_argument("--out", default="runs/benchmarks", help="folder for JSON and PNG")
     args = p.parse_args(argv)
-    if args.model in RESIDUAL_MODELS:  # torch's pipelining needs cuts between blocks
-        p.error(f"--model {args.model}: the benchmarks cover the MLP and the VGGs; residual "
-                f"networks would need their backprop baselines cut between blocks")
     if args.quick:
         args.model, args.num_layers, args.num_hidden, args.batch_size = "mlp", 3, 256, 64
         args.warmup, args.steps, args.repeats, args.microbatches = 2, 4, 2, [2, 4]

@@ -136,6 +136,11 @@ class Config:
     patch_size: int = option(0, "side of a ViT's square patches; 0: 7 for 28x28 inputs, 4 for "
                              "32x32, 8 up to 96x96, 16 beyond", metavar="PX", check="nonneg",
                              part="model")
+    token_pool: str = option("map", "what a ViT's heads (local and output) read: map, the "
+                             "class token beside the patch tokens' map, average-pooled to at "
+                             "most --dim-in-decoder features as the paper pools a conv "
+                             "block's; class: the class token alone (DeiT's head)",
+                             choices=("map", "class"), part="model")
     pre_act: bool = option(False, "pre-activation Basic blocks and a bare stem (ResNet only; "
                            "Bottleneck blocks keep post-activation, as in the paper's code)",
                            part="model")

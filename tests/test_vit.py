@@ -14,7 +14,7 @@ from localpipe.pipeline.data import INFO
 from localpipe.pipeline.plan import footprints, stage_memory
 from localpipe.stages import losses
 from localpipe.stages.config import Config, ConfigError
-from localpipe.stages.models import backprop_parameters, build_stage, plan
+from localpipe.stages.models import backprop_parameters, build_stage, build_unit, plan
 
 from conftest import assert_same_model, load_model, metrics, run_cli
 
@@ -23,7 +23,7 @@ from conftest import assert_same_model, load_model, metrics, run_cli
                                          ("vit-base", 86_567_656)])
 def test_deit_sizes_have_deits_parameter_counts(model, count):
     """timm's deit_{tiny,small,base}_patch16_224: 224×224, patch 16, class token, 1000 classes."""
-    cfg = Config(model=model, patch_size=16)
+    cfg = Config(model=model, patch_size=16, token_pool="class")
     assert backprop_parameters(cfg, (3, 224, 224), 1000) == count
 
 
@@ -130,3 +130,15 @@ def test_a_pipelined_vit_trains_exactly_as_the_sequential_one(runner, vit_refere
     got = [r["lr"] for r in map(__import__("json").loads, open(tmp_path / "steps.jsonl"))]
     assert got == want and want[:3] == [1e-3 / 3, 2e-3 / 3, 1e-3]
     assert records[0]["lr"] == want[0] and records[1]["lr_last"] == want[-1]
+
+
+def test_a_map_head_keeps_the_patch_grid_pooled_to_dim_in_decoder():
+    """vit-tiny on CIFAR (8×8 patches of 4): 192 + 192·4·4 features under the default 4096, the
+    class token's 192 with --token-pool class."""
+    for pool, features in (("map", 192 + 192 * 16), ("class", 192)):
+        cfg = Config(model="vit-tiny", dataset="CIFAR10", token_pool=pool).validate()
+        with torch.device("meta"):
+            first, last = (build_unit(s, cfg, 10) for s in plan(cfg, (3, 32, 32), 10)[::12])
+        assert first.head.pred.in_features == features and last.linear.in_features == features
+    small = Config(**SMALL).validate()  # 16 patches of 32 fit whole: 32 + 16·32
+    assert build_stage(small, (1, 28, 28), 10, [0]).units[0].head.pred.in_features == 544

@@ -504,8 +504,11 @@ def main(argv: list[str] | None = None) -> int:
         result = measure(setup, args.stages, args.microbatches, lambda s: bar.set_postfix_str(s),
                          args.replicas)
         replicas = f"-r{args.replicas}" if args.replicas > 1 else ""
-        name = f"{network(cfg).replace(' ', '-')}-b{cfg.batch_size}-k{args.stages}{replicas}"
-        result["title"] = (f"{network(cfg)}, {cfg.dataset} shape, batch {cfg.batch_size}, "
+        loss = "" if cfg.loss_sup == "predsim" else f"-{cfg.loss_sup}"  # the default unsaid
+        name = (f"{network(cfg).replace(' ', '-')}{loss}-b{cfg.batch_size}-k{args.stages}"
+                f"{replicas}")
+        result["title"] = (f"{network(cfg)} {cfg.loss_sup}, {cfg.dataset} shape, batch "
+                           f"{cfg.batch_size}, "
                            f"K={args.stages}{f', R={args.replicas}' if replicas else ''}, "
                            f"C={args.threads} threads, {args.device}: "
                            f"{args.repeats} repeats of {args.steps} batches")

@@ -142,3 +142,14 @@ def test_a_map_head_keeps_the_patch_grid_pooled_to_dim_in_decoder():
         assert first.head.pred.in_features == features and last.linear.in_features == features
     small = Config(**SMALL).validate()  # 16 patches of 32 fit whole: 32 + 16·32
     assert build_stage(small, (1, 28, 28), 10, [0]).units[0].head.pred.in_features == 544
+
+
+def test_a_run_stopped_inside_the_cosine_resumes_exactly(vit_reference, mnist_root, tmp_path):
+    """--max-steps 5 stops inside epoch 2 (4 batches an epoch); continued as two stages, every
+    batch after it gets the learning rate of its position, as in the straight run."""
+    args = VIT + ["--data-root", mnist_root, "--save-dir", str(tmp_path)]
+    assert main(args + ["--max-steps", "5"]) == 0
+    assert main(args + ["--resume", "auto", "--stages", "2"]) == 0
+    assert_same_model(load_model(vit_reference), load_model(tmp_path))
+    assert [r["test_error"] for r in metrics(tmp_path)][-1] == \
+        [r["test_error"] for r in metrics(vit_reference)][-1]

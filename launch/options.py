@@ -2,8 +2,8 @@
 
 The options of the paper's ``train.py`` keep their names and defaults (§1 of the method spec),
 so its commands run unchanged; localpipe's own follow in a group of their own. ``--recipe NAME``
-sets the options of one of the recipes (the paper's 86, localpipe's 12 for ViTs) first, and whatever the command line says
-explicitly wins over it.
+sets the options of one of the recipes (the paper's 86, localpipe's 12 for ViTs) first, and
+whatever the command line says explicitly wins over it.
 """
 from __future__ import annotations
 

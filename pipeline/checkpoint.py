@@ -247,6 +247,10 @@ def read_manifest(folder: str, args: dict) -> dict:
         raise ValueError(f"checkpoint {folder} was made with a global batch of {then} "
                          f"(--batch-size, times --replicas with --per-replica-batch), this run "
                          f"has {now}")
+    if made["lr_schedule"] == "cosine" and made["epochs"] != args.get("epochs"):
+        raise ValueError(f"checkpoint {folder} was made with --epochs {made['epochs']}, this "
+                         f"run has {args.get('epochs')}: the cosine schedule spans the run's "
+                         f"epochs, so the run continues with the same number only")
     for entry in manifest["files"]:
         path = os.path.join(folder, entry["file"])
         with open(path, "rb") as f:

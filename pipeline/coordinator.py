@@ -44,8 +44,8 @@ class Coordinator:
             return
         evaluate = got[0].get("evaluate", False)
         if kind == "end_epoch":
-            lrs = (self.cfg.lr_at(epoch, 0, self.train_batches),
-                   self.cfg.lr_at(epoch, self.train_batches - 1, self.train_batches))
+            lrs = (self.cfg.lr_at(epoch, 0, self.train_batches),  # step: batches trained
+                   self.cfg.lr_at(epoch, max(step - 1, 0), self.train_batches))
             self.records.epoch(epoch_record(epoch, lrs, got, self.unit_names, self.dropped))
             if step == self.train_batches:  # a whole epoch: go on with the next one
                 epoch, step = epoch + 1, 0

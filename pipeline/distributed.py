@@ -66,8 +66,10 @@ class Rank:
         the same failure, and a second line would repeat it; later callers wait for the end."""
         self.ending.acquire()  # never released: os._exit follows
         own = failure.who == self.name
-        say(str(failure) if own else f"{self.name} stopped: {failure}")
-        os._exit(1)
+        try:
+            say(str(failure) if own else f"{self.name} stopped: {failure}")
+        finally:  # a line that cannot be written must not keep the process alive
+            os._exit(1)
 
     def fail(self, reason: str) -> NoReturn:
         """This rank failed: publish it (unless another failure came first), then exit."""

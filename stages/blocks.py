@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Callable, Iterable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -241,14 +241,16 @@ class Meter:
                                      dtype=torch.float64, device=device)
 
 
-def make_optimizer(params, cfg: Config) -> torch.optim.Optimizer:
+def make_optimizer(params, cfg: Config,
+                   no_decay: Iterable[Tensor] = ()) -> torch.optim.Optimizer:
     """A unit's optimizer, fused where torch has a fused kernel for the parameters' device
     (one kernel for the whole unit; it also skips a non-finite step on the device: ``step``),
     else the multi-tensor (foreach) form. Fused Adam rounds a little differently from the
     for-loop form (about 1e-7 relatively), so weights differ from those the for-loop form
     gave in the last bits; the state is the same, so checkpoints of either resume. SGD with
     momentum starts from zero momentum buffers, which is what its first step would make of
-    them, so that a skipped first step leaves nothing uninitialised."""
+    them, so that a skipped first step leaves nothing uninitialised. AdamW leaves biases,
+    norms and ``no_decay`` undecayed (``decay_groups``)."""
     params = [p for p in params if p.requires_grad]
     devices = {p.device.type for p in params}
     fused = devices and devices <= set(_get_fused_kernels_supported_devices())
@@ -259,9 +261,21 @@ def make_optimizer(params, cfg: Config) -> torch.optim.Optimizer:
         _start_momentum(optimizer)
         return optimizer
     if cfg.optim == "adamw":  # the decay off the gradient, so that Adam's scaling leaves it be
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fast)
+        return torch.optim.AdamW(decay_groups(params, no_decay), lr=cfg.lr,
+                                 weight_decay=cfg.weight_decay, **fast)
     return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
                             amsgrad=cfg.optim == "amsgrad", **fast)
+
+
+def decay_groups(params: list[Tensor], no_decay: Iterable[Tensor]) -> list[dict]:
+    """AdamW's parameter groups as DeiT and timm make them: weight decay for the weights of
+    linear and conv layers, none for biases and norms (one dimension) nor for ``no_decay``
+    (position embeddings, class tokens), which decay would pull towards zero for nothing."""
+    exempt = {id(p) for p in no_decay}
+    keep = [p.ndim <= 1 or id(p) in exempt for p in params]
+    groups = [{"params": [p for p, k in zip(params, keep) if not k]},
+              {"params": [p for p, k in zip(params, keep) if k], "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
 
 
 def _start_momentum(optimizer: torch.optim.Optimizer) -> None:
@@ -317,7 +331,12 @@ class Unit(nn.Module):
     def make_optimizer(self) -> None:
         """Give the unit its private optimizer (not in --backprop, where the stage holds one)."""
         if not self.cfg.backprop:
-            self.optimizers = [make_optimizer(self.parameters(), self.cfg)]
+            self.optimizers = [make_optimizer(self.parameters(), self.cfg, self.no_decay())]
+
+    def no_decay(self) -> list[Tensor]:
+        """Parameters AdamW must not decay beyond the biases and norms it leaves out anyway
+        (``decay_groups``)."""
+        return []
 
     @property
     def smoothing(self) -> float:

@@ -70,13 +70,15 @@ class Config:
     batch_size: int = option(128, "training and test batch size", metavar="N",
                              check="positive", part="training", resume=False)
     num_layers: int = option(1, "hidden FC layers: the whole mlp; after a VGG's convs (0: one "
-                             "plain Linear); none in the residual networks", metavar="N",
+                             "plain Linear); none in the residual networks; the generic vit's "
+                             "depth", metavar="N",
                              check="nonneg", part="model")
-    num_hidden: int = option(1024, "width of every hidden FC layer", metavar="N",
+    num_hidden: int = option(1024, "width of every hidden FC layer; the generic vit's width",
+                             metavar="N",
                              check="positive", part="model")
     dim_in_decoder: int = option(4096, "largest input of a conv block's pred head (average "
-                                 "pooling brings it down)", metavar="N", check="positive",
-                                 part="model")
+                                 "pooling brings it down; a ViT's heads: of its patch map)",
+                                 metavar="N", check="positive", part="model")
     feat_mult: float = option(1.0, "multiplies every conv width (not the Wide ResNets', as in "
                               "the paper's code)", metavar="X", check="positive", part="model")
     epochs: int = option(400, "epochs to train", metavar="N", check="positive",
@@ -95,20 +97,10 @@ class Config:
     optim: str = option("adam", "optimizer (adamw: decoupled weight decay, as ViTs are "
                         "trained)", choices=("adam", "amsgrad", "adamw", "sgd"),
                         part="training")
-    lr_schedule: str = option("step", "step: times --lr-decay-fact after each of "
-                              "--lr-decay-milestones; cosine: from --lr down to 0 over the "
-                              "run's training batches (--epochs of them), set per batch",
-                              choices=("step", "cosine"), part="training")
-    warmup_steps: int = option(0, "raise the learning rate linearly from --lr/N to --lr over "
-                               "the first N training batches, then follow --lr-schedule",
-                               metavar="N", check="nonneg", part="training")
-    label_smoothing: float = option(0.0, "label smoothing ε of every cross-entropy in "
-                                    "training (targets 1 − ε + ε/C and ε/C); test losses stay "
-                                    "plain", metavar="X",
-                                    within=("[0, 1)", lambda v: 0.0 <= v < 1.0),
-                                    part="training")
     momentum: float = option(0.0, "SGD momentum", metavar="X", check="nonneg", part="training")
-    weight_decay: float = option(0.0, "L2 weight decay of every optimizer", metavar="X",
+    weight_decay: float = option(0.0, "weight decay of every optimizer (L2 in the gradient; "
+                                 "decoupled in adamw, and there not of biases, norms and "
+                                 "position embeddings)", metavar="X",
                                  check="nonneg", part="training")
     alpha: float = option(0.0, "weight of the unsupervised local loss (α·unsup + (1−α)·sup)",
                           metavar="X", within=UNIT, part="model")
@@ -130,17 +122,6 @@ class Config:
     no_batch_norm: bool = option(False, "blocks without batch norm", part="model")
     no_detach: bool = option(False, "local losses plus the end-to-end gradient (cannot be "
                              "pipelined)", part="model")
-    num_heads: int = option(4, "attention heads of every block of the generic vit (the "
-                            "vit-tiny, -small, -base sizes fix theirs)", metavar="N",
-                            check="positive", part="model")
-    patch_size: int = option(0, "side of a ViT's square patches; 0: 7 for 28x28 inputs, 4 for "
-                             "32x32, 8 up to 96x96, 16 beyond", metavar="PX", check="nonneg",
-                             part="model")
-    token_pool: str = option("map", "what a ViT's heads (local and output) read: map, the "
-                             "class token beside the patch tokens' map, average-pooled to at "
-                             "most --dim-in-decoder features as the paper pools a conv "
-                             "block's; class: the class token alone (DeiT's head)",
-                             choices=("map", "class"), part="model")
     pre_act: bool = option(False, "pre-activation Basic blocks and a bare stem (ResNet only; "
                            "Bottleneck blocks keep post-activation, as in the paper's code)",
                            part="model")
@@ -167,6 +148,30 @@ class Config:
     recipe: str = option("", "set the options of a recipe: the paper's 86, localpipe's 12 for "
                          "ViTs ('list' prints them); options given beside it win",
                          metavar="NAME")
+    lr_schedule: str = option("step", "step: times --lr-decay-fact after each of "
+                              "--lr-decay-milestones; cosine: from --lr down to 0 over the "
+                              "run's training batches (--epochs of them), set per batch",
+                              choices=("step", "cosine"), part="training")
+    warmup_steps: int = option(0, "raise the learning rate linearly from --lr/N to --lr over "
+                               "the first N training batches, then follow --lr-schedule",
+                               metavar="N", check="nonneg", part="training")
+    label_smoothing: float = option(0.0, "label smoothing ε of every cross-entropy in "
+                                    "training (targets 1 − ε + ε/C and ε/C); test losses stay "
+                                    "plain", metavar="X",
+                                    within=("[0, 1)", lambda v: 0.0 <= v < 1.0),
+                                    part="training")
+    num_heads: int = option(4, "attention heads of every block of the generic vit (the "
+                            "vit-tiny, -small, -base sizes fix theirs)", metavar="N",
+                            check="positive", part="model")
+    patch_size: int = option(0, "side of a ViT's square patches; 0: 7 for 28x28 inputs, 4 for "
+                             "32x32, 8 up to 96x96, 16 beyond", metavar="PX", check="nonneg",
+                             part="model")
+    token_pool: str = option("map", "what a ViT's heads (local and output) read: map, the "
+                             "class token beside the patch tokens' map, pooled so that the "
+                             "two give at most --dim-in-decoder features (at least twice the "
+                             "width), as the paper pools a conv block's; class: the class "
+                             "token alone (DeiT's head)",
+                             choices=("map", "class"), part="model")
     stages: int = option(1, "pipeline stages: threads of this process, or processes under "
                          "torchrun", metavar="K", check="positive")
     replicas: int = option(1, "data-parallel replicas of every stage (torchrun with K·R "
@@ -249,17 +254,19 @@ class Config:
     def lr_at(self, epoch: int, step: int = 0, epoch_steps: int = 0) -> float:
         """Learning rate of training batch ``step`` (0-based) of 1-based ``epoch``, an epoch
         having ``epoch_steps`` batches: a function of the batch's position alone, so that every
-        runner and a resumed run set the same one. ``step``: once per milestone m <= epoch - 1;
-        ``cosine``: half a cosine from --lr to 0 over epochs × epoch_steps batches (per epoch
-        where ``epoch_steps`` is 0); either after the linear warm-up of --warmup-steps."""
+        runner and a resumed run set the same one. The ``step`` schedule decays once per
+        milestone m <= epoch - 1;
+        ``cosine``: half a cosine from --lr to 0 over epochs × epoch_steps batches; either after
+        the linear warm-up of --warmup-steps (these two need ``epoch_steps``)."""
+        if (self.warmup_steps or self.lr_schedule == "cosine") and epoch_steps <= 0:
+            raise ValueError("a warm-up or the cosine schedule sets the learning rate per "
+                             "batch: it needs the batches an epoch (Stage.epoch_steps)")
         done = (epoch - 1) * epoch_steps + step  # batches trained before this one
         if done < self.warmup_steps:
             return self.lr * (done + 1) / self.warmup_steps
         if self.lr_schedule == "cosine":
-            total = self.epochs * epoch_steps if epoch_steps else self.epochs
-            at = done if epoch_steps else epoch - 1
-            span = max(1, total - self.warmup_steps)
-            return self.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, (at - self.warmup_steps)
+            span = max(1, self.epochs * epoch_steps - self.warmup_steps)
+            return self.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, (done - self.warmup_steps)
                                                                  / span)))
         passed = sum(1 for m in self.lr_decay_milestones if m <= epoch - 1)
         return self.lr * self.lr_decay_fact ** passed

@@ -39,7 +39,8 @@ class Stage(nn.Module):
         self.to(device)
         for unit in units:
             unit.make_optimizer()
-        self.optimizer = make_optimizer(self.parameters(), cfg) if cfg.backprop else None
+        self.optimizer = make_optimizer(self.parameters(), cfg, [
+            p for u in units for p in u.no_decay()]) if cfg.backprop else None
         # training batches an epoch, which the learning rate of a batch depends on where it is
         # set per batch (Config.lr_at); the runner that builds the stage knows it
         self.epoch_steps = 0

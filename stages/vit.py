@@ -14,8 +14,9 @@ as it is; its local head reads the same map, as the output head reads the last o
 
 - Pooling (``TokenPool``, --token-pool): a LayerNorm (the residual stream's scale grows with
   depth; the head sees it on one scale), then with ``map`` the class token beside the patch
-  tokens laid out on their grid and average-pooled to at most --dim-in-decoder features by the
-  paper's rule for a conv block's pred head (§3.2), or with ``class`` the class token alone
+  tokens laid out on their grid and average-pooled by the paper's rule for a conv block's pred
+  head (§3.2), the two at most --dim-in-decoder features (at least twice the width: a 1×1
+  map), or with ``class`` the class token alone
   (DeiT's head, whose parameter counts the tests check). ``map`` is the default because it
   keeps where each patch is: a local head that averages the tokens, or reads an early block's
   class token, sees a bag of patches. Measured on MNIST (depth 4, width 64, 4 heads, patch 7,
@@ -122,8 +123,9 @@ class Block(nn.Module):
 
 class TokenPool(nn.Module):
     """A token map as a head reads it: LayerNorm, then the class token alone (``class``) or
-    beside the patch tokens' grid average-pooled to at most ``dim_in_decoder`` features
-    (``map``); the module docstring says why. ``features`` is the width of what it gives."""
+    beside the patch tokens' grid average-pooled to at most ``dim_in_decoder`` − width
+    features, a 1×1 map at least (``map``); the module docstring says why. ``features`` is the
+    width of what it gives."""
 
     def __init__(self, width: int, grid: int, how: str, dim_in_decoder: int) -> None:
         super().__init__()
@@ -174,6 +176,9 @@ class TokenBlock(Unit):
         uses_sim = self.w_sim > 0 or cfg.loss_unsup == "sim"
         self.head = None if cfg.backprop else TokenHead(width, grid, num_classes,
                                                        self.w_pred > 0, uses_sim, cfg)
+
+    def no_decay(self) -> list[Tensor]:
+        return [] if self.embed is None else [self.embed.pos_embed, self.embed.cls_token]
 
     def features(self, x: Tensor) -> Tensor:
         return self.block(x if self.embed is None else self.embed(x))

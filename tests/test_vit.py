@@ -153,3 +153,33 @@ def test_a_run_stopped_inside_the_cosine_resumes_exactly(vit_reference, mnist_ro
     assert_same_model(load_model(vit_reference), load_model(tmp_path))
     assert [r["test_error"] for r in metrics(tmp_path)][-1] == \
         [r["test_error"] for r in metrics(vit_reference)][-1]
+
+
+def test_adamw_decays_the_weights_alone_and_a_per_batch_schedule_needs_the_epochs_length():
+    """As DeiT: no decay of biases, norms, the position embeddings and the class token, in a
+    unit's own optimizer and in the one --backprop gives the whole network."""
+    for mode in ({}, {"backprop": True}):
+        cfg = Config(**SMALL, optim="adamw", weight_decay=0.05, **mode).validate()
+        stage = build_stage(cfg, (1, 28, 28), 10)
+        optimizer = stage.optimizer if mode else stage.units[0].optimizers[0]
+        unit = stage.units[0]
+        exempt = {id(unit.embed.pos_embed), id(unit.embed.cls_token)} | {
+            id(p) for p in unit.parameters() if p.ndim == 1}
+        decay, none = optimizer.param_groups
+        assert decay["weight_decay"] == 0.05 and none["weight_decay"] == 0.0
+        assert exempt <= {id(p) for p in none["params"]}
+        assert all(p.ndim > 1 and id(p) not in exempt for p in decay["params"])
+        assert id(unit.block.attn.qkv.weight) in {id(p) for p in decay["params"]}
+    with pytest.raises(ValueError, match="needs the batches an epoch"):
+        Config(warmup_steps=2).lr_at(1, 0)
+
+
+def test_a_cosine_run_continues_with_its_own_epochs_only(vit_reference, mnist_root, tmp_path,
+                                                         capsys):
+    args = VIT + ["--data-root", mnist_root, "--save-dir", str(tmp_path)]
+    assert main(args + ["--max-steps", "2"]) == 0
+    capsys.readouterr()
+    assert main([("3" if a == "2" and VIT[i - 1] == "--epochs" else a)
+                 for i, a in enumerate(args)] + ["--resume", "auto"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--epochs 2, this run has 3: the cosine schedule spans" in err and "\n" not in err

@@ -80,8 +80,9 @@ def describe(cfg: Config) -> None:
               f"replica r // {cfg.stages}); each replica trains on {cfg.replica_batch} samples "
               f"of every batch of {cfg.global_batch}, and each unit's gradients are averaged "
               f"over its {cfg.replicas} replicas before its step")
+    label = max(len(f"unit {i}: {name}") for i, name in enumerate(run_plan.names))
     for i, (name, n) in enumerate(zip(run_plan.names, counts)):
-        print(f"  unit {i}: {name:54s} {n:>12,d} parameters")
+        print(f"  {f'unit {i}: {name}':{label}s} {n:>12,d} parameters")
     print(f"total parameters (with local heads): {sum(counts):,d}")
     mib = lambda n: f"{n / 2**20:,.0f} MiB"  # noqa: E731
     for k, part in enumerate(run_plan.parts):

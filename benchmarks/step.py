@@ -76,6 +76,7 @@ def localpipe_step(cfg: Config, shape: tuple[int, ...], classes: int = 10
                    ) -> tuple[Stage, Callable[[Tensor, Tensor, int], None]]:
     """One stage holding the whole network, and a step as the worker runs it."""
     stage = build_stage(cfg, shape, classes)
+    stage.epoch_steps = 100  # any length: a warm-up or the cosine sets the rate per batch
     stage.train()
 
     def step(x: Tensor, y: Tensor, i: int) -> None:

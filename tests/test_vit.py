@@ -183,3 +183,28 @@ def test_a_cosine_run_continues_with_its_own_epochs_only(vit_reference, mnist_ro
                  for i, a in enumerate(args)] + ["--resume", "auto"]) == 2
     err = capsys.readouterr().err.strip()
     assert "--epochs 2, this run has 3: the cosine schedule spans" in err and "\n" not in err
+
+
+@pytest.mark.parametrize("recipe,dataset,classes", [
+    ("cifar10-vit-tiny-predsim", "CIFAR10", 10), ("cifar100-vit-small-global", "CIFAR100", 100)])
+def test_the_cifar_recipes_train_on_generated_cifar_files(recipe, dataset, classes, tmp_path,
+                                                         monkeypatch):
+    """No CIFAR here: torchvision's class gives generated images in CIFAR's own layout (40
+    training and 20 test images), and the recipe runs whole but for its length."""
+    import torchvision
+    from test_data import _Fake
+
+    fake = type(dataset, (_Fake,), {"base_folder": "fake",
+                                    "__init__": lambda self, root, download=False, **kw:
+                                    _Fake.__init__(self, root, download, layout=(3, 32),
+                                                   classes=classes, **kw)})
+    monkeypatch.setattr(torchvision.datasets, dataset, fake)
+    save = tmp_path / "run"
+    assert main(["--recipe", recipe, "--epochs", "1", "--batch-size", "16", "--warmup-steps",
+                 "2", "--no-curves", "--save-dir", str(save), "--threads", "1"]) == 0
+    record = metrics(save)[0]
+    cfg = parse_config(["--recipe", recipe])
+    assert (cfg.optim, cfg.lr_schedule, cfg.label_smoothing, cfg.patch_size) == \
+        ("adamw", "cosine", 0.1, 4)
+    assert record["train_samples"] == 40 and record["test_samples"] == 20
+    assert record["lr"] == 5e-4 / 2 and len(record["blocks"]) == 12  # the warm-up's first

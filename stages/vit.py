@@ -36,8 +36,9 @@ at 59 % training error, these choices at 22 %, and a plain ``nn.TransformerEncod
 same size at 21 % (measured on this project's 2-core machine).
 
 Attention goes through ``F.scaled_dot_product_attention``. There is no dropout, attention
-dropout or stochastic depth (all off, as DeiT's small-data recipes leave most of them): every
-random draw a ViT unit makes would otherwise have to come from the position-keyed generators.
+dropout or stochastic depth: each would have to draw from the position-keyed generators, so
+that every runner and a resume draw alike, and the attention kernel's own dropout draws from
+torch's global generator; they are left out rather than drawn differently by each runner.
 """
 from __future__ import annotations
 

@@ -359,8 +359,10 @@ def start_point(cfg, units: int) -> Start:
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot resume: {exc}") from None
     if manifest["epoch"] > cfg.epochs:
+        more = ("a cosine schedule spans the epochs it started with, so it cannot go on"
+                if cfg.lr_schedule == "cosine" else "a larger --epochs goes on")
         raise Finished(f"nothing to do: {folder} has trained {manifest['epoch'] - 1} "
-                       f"epoch(s) and --epochs is {cfg.epochs} (a larger --epochs goes on)",
+                       f"epoch(s) and --epochs is {cfg.epochs} ({more})",
                        folder, _start(folder, manifest))
     return resume_from(folder)
 

@@ -13,6 +13,7 @@ import torch
 
 from localpipe.pipeline import runs
 from localpipe.pipeline.checkpoint import Finished, Start, load_units, start_point
+from localpipe.pipeline.console import say
 from localpipe.pipeline.faults import Fault
 from localpipe.pipeline.message import Message
 from localpipe.pipeline.plan import Plan, check_trains, make_plan
@@ -57,11 +58,23 @@ def prepare(cfg: Config, network: Network, static: Plan, data: Data, device: tor
     plan = make_plan(cfg, device, own_devices, static, network)
     cfg = replace(cfg, save_dir=runs.claim(cfg.save_dir, cfg, start, new))
     runs.remember(store, cfg.save_dir)
+    warm_up(cfg, len(batches[0]))
     if cfg.save_dir:  # where to look, said before the first epoch's long silence
         mesh = f" × {cfg.replicas} replicas" if cfg.replicas > 1 else ""
         print(f"run folder: {cfg.save_dir} ({len(batches[0])} training batches an epoch, "
               f"{len(plan.parts)} stage(s){mesh})", flush=True)
     return Prepared(cfg, start, plan, batches, len(batches[0]))
+
+
+def warm_up(cfg: Config, epoch_steps: int) -> None:
+    """Say so where the warm-up spans the whole run (a recipe's warm-up, counted in batches of
+    the whole dataset, in a run shortened by --limit-train or --epochs): the learning rate then
+    never reaches --lr, which is no error but is seldom meant."""
+    total = cfg.epochs * epoch_steps
+    total = min(total, cfg.max_steps) if cfg.max_steps else total
+    if cfg.warmup_steps >= total:
+        say(f"note: the warm-up of {cfg.warmup_steps:,} batches (--warmup-steps) spans the "
+            f"whole run of {total:,}: the learning rate never reaches --lr {cfg.lr:g}")
 
 
 def check_fits(start: Start, network: Network, cfg: Config) -> None:

@@ -155,7 +155,9 @@ def summary(r: dict, backprop: bool) -> str:
     def pct(v):
         return "n/a" if v is None else f"{v:.3f}%"
 
-    lines = [f"Train epoch={r['epoch']}, lr={r['lr']:.2e}, "
+    last = r.get("lr_last", r["lr"])  # a warm-up or the cosine: the epoch's first → last
+    lr = f"{r['lr']:.2e}" + (f"→{last:.2e}" if last != r["lr"] else "")
+    lines = [f"Train epoch={r['epoch']}, lr={lr}, "
              f"loss_local={num(r['train_loss_local'])}, "
              f"loss_global={num(r['train_loss_global'])}, error={pct(r['train_error'])}, "
              f"mem={r['peak_memory_bytes'] / 2**20:.0f}MiB, "

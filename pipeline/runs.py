@@ -196,10 +196,14 @@ def _unfinish(folder: str, start: checkpoint.Start) -> None:
     model = os.path.join(folder, "model.pt")
     if not start.folder or not os.path.exists(model):
         return
-    kept = os.path.join(folder, f"model-epoch{start.epoch - 1}.pt")
+    # where it finished: after a whole epoch, or inside one where --max-steps ended it
+    name, when = ((f"model-epoch{start.epoch - 1}.pt", f"after epoch {start.epoch - 1}")
+                  if start.step == 0 and not start.evaluate else
+                  (f"model-epoch{start.epoch}-step{start.step}.pt",
+                   f"after batch {start.step} of epoch {start.epoch}"))
+    kept = os.path.join(folder, name)
     os.replace(model, kept)
-    say(f"continuing a finished run: its model.pt (after epoch {start.epoch - 1}) is now "
-        f"{kept}")
+    say(f"continuing a finished run: its model.pt ({when}) is now {kept}")
 
 
 def _create(folder: str) -> str:

@@ -99,14 +99,15 @@ class Config:
                         part="training")
     momentum: float = option(0.0, "SGD momentum", metavar="X", check="nonneg", part="training")
     weight_decay: float = option(0.0, "weight decay of every optimizer (L2 in the gradient; "
-                                 "decoupled in adamw, and there not of biases, norms and "
-                                 "position embeddings)", metavar="X",
+                                 "decoupled in adamw, and there not of biases, norms, "
+                                 "position embeddings and the class token)", metavar="X",
                                  check="nonneg", part="training")
     alpha: float = option(0.0, "weight of the unsupervised local loss (α·unsup + (1−α)·sup)",
                           metavar="X", within=UNIT, part="model")
     beta: float = option(0.99, "weight of sim in predsim ((1−β)·pred + β·sim)", metavar="X",
                          within=UNIT, part="model")
-    dropout: float = option(0.0, "dropout after every hidden nonlinearity", metavar="P",
+    dropout: float = option(0.0, "dropout after every hidden nonlinearity (none in ViTs)",
+                            metavar="P",
                             within=("[0, 1)", lambda v: 0.0 <= v < 1.0), part="model")
     loss_sup: str = option("predsim", "supervised local loss", choices=("pred", "sim",
                                                                         "predsim"),
@@ -149,8 +150,9 @@ class Config:
                          "ViTs ('list' prints them); options given beside it win",
                          metavar="NAME")
     lr_schedule: str = option("step", "step: times --lr-decay-fact after each of "
-                              "--lr-decay-milestones; cosine: from --lr down to 0 over the "
-                              "run's training batches (--epochs of them), set per batch",
+                              "--lr-decay-milestones; cosine: half a cosine from --lr down to "
+                              "0 over the training batches of all --epochs after the warm-up, "
+                              "set per batch",
                               choices=("step", "cosine"), part="training")
     warmup_steps: int = option(0, "raise the learning rate linearly from --lr/N to --lr over "
                                "the first N training batches, then follow --lr-schedule",

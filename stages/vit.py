@@ -269,7 +269,7 @@ class ViTSpec:
         if self.embed is not None:
             channels, side, patch = self.embed
             embed = f"patches {patch}x{patch} of {channels}x{side}x{side}, "
-        return (f"{embed}block {self.tokens} tokens x {self.width}, {self.heads} heads, "
+        return (f"{embed}{self.tokens} tokens x {self.width}, {self.heads} heads, "
                 f"mlp {MLP_RATIO * self.width}")
 
 

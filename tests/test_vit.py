@@ -151,6 +151,8 @@ def test_a_run_stopped_inside_the_cosine_resumes_exactly(vit_reference, mnist_ro
     assert main(args + ["--max-steps", "5"]) == 0
     assert main(args + ["--resume", "auto", "--stages", "2"]) == 0
     assert_same_model(load_model(vit_reference), load_model(tmp_path))
+    # the model.pt --max-steps left is kept under the position it was written at
+    assert (tmp_path / "model-epoch2-step1.pt").exists()
     assert [r["test_error"] for r in metrics(tmp_path)][-1] == \
         [r["test_error"] for r in metrics(vit_reference)][-1]
 
@@ -183,6 +185,17 @@ def test_a_cosine_run_continues_with_its_own_epochs_only(vit_reference, mnist_ro
                  for i, a in enumerate(args)] + ["--resume", "auto"]) == 2
     err = capsys.readouterr().err.strip()
     assert "--epochs 2, this run has 3: the cosine schedule spans" in err and "\n" not in err
+    # a finished cosine run says it cannot go on, not that a larger --epochs would
+    finished = VIT + ["--data-root", mnist_root, "--save-dir", str(vit_reference)]
+    assert main(finished + ["--resume", "auto"]) == 0
+    assert "cosine schedule spans the epochs it started with" in capsys.readouterr().out
+
+
+def test_a_warm_up_longer_than_the_run_is_said(mnist_root, capsys):
+    assert main(VIT + ["--data-root", mnist_root, "--save-dir", "", "--warmup-steps", "9",
+                       "--max-steps", "2", "--epochs", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "the warm-up of 9 batches (--warmup-steps) spans the whole run of 2" in err
 
 
 @pytest.mark.parametrize("recipe,dataset,classes", [

@@ -206,3 +206,15 @@ def test_every_family_runs_every_mode(tmp_path, model):
     starts = {g[0] for g in groups}
     assert all(part[0] in starts for part in data["backprop_partition"])
     assert sum(data["backprop_partition"], []) == sum(data["partition"], []) == sum(groups, [])
+
+
+def test_the_pooling_comparison_prints_every_head_and_mode(mnist_root, capsys):
+    from localpipe.benchmarks import pooling
+
+    assert pooling.main(["--data-root", mnist_root, "--batches", "50", "--num-layers", "1",
+                         "--num-hidden", "16", "--num-heads", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line.split() for line in lines[1:]]
+    assert [(r[1], r[2]) for r in rows] == [("class", "backprop"), ("class", "local"),
+                                          ("map", "backprop"), ("map", "local")]
+    assert all(0.0 <= float(r[-2]) <= 100.0 for r in rows)

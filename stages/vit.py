@@ -31,9 +31,10 @@ as it is; its local head reads the same map, as the output head reads the last o
 Initialisation: torch's defaults, with qkv as ``nn.MultiheadAttention`` starts it (Xavier
 uniform, zero bias), the position embeddings N(0, 0.02²) and the class token N(0, 1e-12), as
 timm. Not timm's truncated normal of std 0.02 for every Linear, which is sized for DeiT's widths:
-at width 64 (depth 4, MNIST, batch 128, Adam 1e-3, backprop) it left the last 50 of 300 batches
-at 59 % training error, these choices at 22 %, and a plain ``nn.TransformerEncoder`` of the
-same size at 21 % (measured on this project's 2-core machine).
+at width 64 (depth 4, MNIST, batch 128, Adam 1e-3, backprop, the class-token head) it left the
+last 50 of 300 batches at 59 % training error, these choices at 24 % (``benchmarks/pooling.py``,
+its class/backprop row), and a plain ``nn.TransformerEncoder`` of the same size at 21 % (the
+first and last from a one-off script on this project's 2-core machine).
 
 Attention goes through ``F.scaled_dot_product_attention``. There is no dropout, attention
 dropout or stochastic depth: each would have to draw from the position-keyed generators, so

@@ -38,12 +38,11 @@ from localpipe.pipeline.data import INFO
 from localpipe.pipeline.distributed import join, serve
 from localpipe.pipeline.inprocess import run_threads
 from localpipe.pipeline.message import Kind, Message
-from localpipe.pipeline.plan import measure_costs
+from localpipe.pipeline.plan import footprints, measure_costs
 from localpipe.pipeline.replicas import shard
 from localpipe.pipeline.topology import Topology
-from localpipe.stages.blocks import Skips
 from localpipe.stages.config import Config
-from localpipe.stages.models import build_stage, build_unit, plan
+from localpipe.stages.models import build_stage
 
 
 @dataclass(frozen=True)
@@ -204,26 +203,16 @@ def block_groups(setup: Setup) -> list[list[int]]:
     """The backprop network's units in the smallest contiguous groups that a backprop stage can
     hold. Such a stage is one ``Stage.forward``, which starts with no skip tensors and
     differentiates through all it holds, so it must hold every residual block whole: the unit
-    that stashes the block's input and the one that pops it. Found for any family by running
-    the network unit by unit on the meta device, as ``Stage.forward`` does, with one ``skips``
-    dict: a group ends after each unit where it is empty. Every unit alone for an MLP, a VGG
-    or a ViT; a ResNet's stem, each block and the head."""
-    cfg = setup.backprop_cfg
-    with torch.device("meta"):
-        units = [build_unit(s, cfg, setup.classes)
-                 for s in plan(cfg, setup.shape, setup.classes)]
-        x = torch.zeros((2, *setup.shape))
-    skips: Skips = {}
+    that stashes the block's input and the one that pops it. Found for any family from what
+    each unit receives in the backprop network's step on the meta device
+    (``pipeline.plan.footprints``): a unit that gets no skip tensor, only x and y, starts a
+    group. Every unit alone for an MLP, a VGG or a ViT; a ResNet's stem, each block and the
+    head."""
     groups: list[list[int]] = []
-    group: list[int] = []
-    with torch.no_grad():
-        for unit in units:
-            unit.eval()
-            x = unit(x) if unit.is_output else unit.run(x, skips, losses=False)[0]
-            group.append(unit.index)
-            if not skips:
-                groups.append(group)
-                group = []
+    for index, unit in enumerate(footprints(setup.backprop_cfg, INFO[setup.cfg.dataset])):
+        if {name for name, _ in unit.carries} <= {"x", "y"}:
+            groups.append([])
+        groups[-1].append(index)
     return groups
 
 

@@ -1,13 +1,13 @@
 """How a ViT's heads read its tokens, measured: the training error of a short MNIST run for
 each --token-pool, in backprop and in local predsim.
 
-    python benchmarks/pooling.py --data-root ../shared/data        # about 2 minutes on 2 cores
+    python benchmarks/pooling.py --data-root ../shared/data        # under a minute on 2 cores
 
-Each run trains one stage holding the whole network (``Stage.train_step``, as ``--stages 1``
-does) on random MNIST batches of 128 (a seeded draw with replacement from the training set,
-the same draws in every run) for --batches batches at a constant learning rate, and reports
-the output's training error over the last 50: the early learning that decides how a head
-design compares, not an accuracy to quote. ``stages/vit.py`` and the README's Vision
+Each run trains one stage holding the whole network (``step.localpipe_step``, as
+``--stages 1`` does) on random MNIST batches of 128 (a seeded draw with replacement from the
+training set, the same draws in every run) for --batches batches at a constant learning rate,
+and reports the output's training error over the last 50: the early learning that decides how
+a head design compares, not an accuracy to quote. ``stages/vit.py`` and the README's Vision
 Transformers section give the figures this printed.
 """
 from __future__ import annotations
@@ -19,20 +19,17 @@ import torch
 
 from localpipe.pipeline.data import load_batches
 from localpipe.stages.config import Config
-from localpipe.stages.models import build_stage
+from localpipe.benchmarks.step import localpipe_step
 
 
 def last_error(cfg: Config, x: torch.Tensor, y: torch.Tensor, batches: int) -> float:
     """The training error (percent) of the last 50 of ``batches`` batches."""
-    stage = build_stage(cfg, tuple(x.shape[1:]), 10)
-    stage.train()
+    _, step = localpipe_step(cfg, tuple(x.shape[1:]))
     gen = torch.Generator().manual_seed(0)
     wrong: list[float] = []
-    for step in range(batches):
+    for i in range(batches):
         idx = torch.randint(len(y), (cfg.batch_size,), generator=gen)
-        stage.set_position(1, step)
-        out, update = stage.train_step(x[idx], y[idx])
-        update()
+        out = step(x[idx], y[idx], i)
         wrong.append((out.argmax(1) != y[idx]).float().mean().item())
     tail = wrong[-50:]
     return 100.0 * sum(tail) / len(tail)

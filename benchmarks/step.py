@@ -73,16 +73,18 @@ def mlp_config(**overrides) -> Config:
 
 
 def localpipe_step(cfg: Config, shape: tuple[int, ...], classes: int = 10
-                   ) -> tuple[Stage, Callable[[Tensor, Tensor, int], None]]:
-    """One stage holding the whole network, and a step as the worker runs it."""
+                   ) -> tuple[Stage, Callable[[Tensor, Tensor, int], Tensor]]:
+    """One stage holding the whole network, and a step as the worker runs it (giving the
+    network's detached output)."""
     stage = build_stage(cfg, shape, classes)
     stage.epoch_steps = 100  # any length: a warm-up or the cosine sets the rate per batch
     stage.train()
 
-    def step(x: Tensor, y: Tensor, i: int) -> None:
+    def step(x: Tensor, y: Tensor, i: int) -> Tensor:
         stage.set_position(1, i)
-        _, update = stage.train_step(x, y)
+        out, update = stage.train_step(x, y)
         update()
+        return out
     return stage, step
 
 

@@ -58,12 +58,13 @@ def prepare(cfg: Config, network: Network, static: Plan, data: Data, device: tor
     plan = make_plan(cfg, device, own_devices, static, network)
     cfg = replace(cfg, save_dir=runs.claim(cfg.save_dir, cfg, start, new))
     runs.remember(store, cfg.save_dir)
-    warm_up(cfg, len(batches[0]))
+    epoch_steps = len(batches[0])
+    warm_up(cfg, epoch_steps)
     if cfg.save_dir:  # where to look, said before the first epoch's long silence
         mesh = f" × {cfg.replicas} replicas" if cfg.replicas > 1 else ""
-        print(f"run folder: {cfg.save_dir} ({len(batches[0])} training batches an epoch, "
+        print(f"run folder: {cfg.save_dir} ({epoch_steps} training batches an epoch, "
               f"{len(plan.parts)} stage(s){mesh})", flush=True)
-    return Prepared(cfg, start, plan, batches, len(batches[0]))
+    return Prepared(cfg, start, plan, batches, epoch_steps)
 
 
 def warm_up(cfg: Config, epoch_steps: int) -> None:

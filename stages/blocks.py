@@ -143,6 +143,12 @@ class PredPooling:
     out: tuple[int, int]
     dim: int
 
+    def module(self) -> nn.Module:
+        """The pooling as a layer: AvgPool2d, or Identity where the map fits as it is."""
+        if self.kernel == (1, 1):
+            return nn.Identity()
+        return nn.AvgPool2d(self.kernel, self.kernel, self.padding)
+
 
 def pred_pooling(channels: int, size: int, dim_in_decoder: int) -> PredPooling:
     """The paper's pooling rule: double the kernel height, then width, until C·oh·ow fits."""
@@ -430,8 +436,7 @@ class LocalBlock(Unit):
             pooling = pred_pooling(n_out, size if pool_size is None else pool_size,
                                    cfg.dim_in_decoder)
             dim = pooling.dim
-            if pooling.kernel != (1, 1):
-                self.pred_pool = nn.AvgPool2d(pooling.kernel, pooling.kernel, pooling.padding)
+            self.pred_pool = pooling.module()
         self.pred_head: nn.Module | None = None
         if self.w_pred > 0:
             self.pred_head = (FALinear(dim, cfg.target_proj_size) if cfg.bio

@@ -257,9 +257,9 @@ class Config:
         """Learning rate of training batch ``step`` (0-based) of 1-based ``epoch``, an epoch
         having ``epoch_steps`` batches: a function of the batch's position alone, so that every
         runner and a resumed run set the same one. The ``step`` schedule decays once per
-        milestone m <= epoch - 1;
-        ``cosine``: half a cosine from --lr to 0 over epochs × epoch_steps batches; either after
-        the linear warm-up of --warmup-steps (these two need ``epoch_steps``)."""
+        milestone m <= epoch - 1; ``cosine`` is half a cosine from --lr to 0 over epochs ×
+        epoch_steps batches; either comes after the linear warm-up of --warmup-steps (the
+        warm-up and the cosine need ``epoch_steps``)."""
         if (self.warmup_steps or self.lr_schedule == "cosine") and epoch_steps <= 0:
             raise ValueError("a warm-up or the cosine schedule sets the learning rate per "
                              "batch: it needs the batches an epoch (Stage.epoch_steps)")

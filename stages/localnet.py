@@ -68,8 +68,7 @@ class LocalHead(nn.Module):
             channels, height, width_ = shape
             if height == width_:
                 pooling = pred_pooling(channels, height, dim_in_decoder)
-                if pooling.kernel != (1, 1):
-                    self.pool = nn.AvgPool2d(pooling.kernel, pooling.kernel, pooling.padding)
+                self.pool = pooling.module()
                 width = pooling.dim
             else:
                 self.pool, width = nn.AdaptiveAvgPool2d(1), channels

@@ -137,8 +137,7 @@ class TokenPool(nn.Module):
         self.features = width
         if self.map:
             pooling = pred_pooling(width, grid, max(dim_in_decoder - width, width))
-            if pooling.kernel != (1, 1):
-                self.pool = nn.AvgPool2d(pooling.kernel, pooling.kernel, pooling.padding)
+            self.pool = pooling.module()
             self.features += pooling.dim
 
     def forward(self, h: Tensor) -> Tensor:

@@ -13,7 +13,7 @@ from localpipe.launch.pipeline import main
 from localpipe.pipeline.data import INFO
 from localpipe.pipeline.plan import footprints, stage_memory
 from localpipe.stages import losses
-from localpipe.stages.config import Config, ConfigError
+from localpipe.stages.config import Config
 from localpipe.stages.models import backprop_parameters, build_stage, build_unit, plan
 
 from conftest import assert_same_model, load_model, metrics, run_cli

@@ -3,6 +3,7 @@ against a plain PyTorch loop of the same math.
 
     python benchmarks/step.py                      # the MNIST MLP recipe's step, 1 thread
     python benchmarks/step.py --model vgg8b --feat-mult 0.25 --steps 10
+    python benchmarks/step.py --device cuda --model vgg8b --dim-in-decoder 1024  # + kernels
 
 A GPU waits on Python when a step launches many more kernels than its arithmetic needs, or
 reads a tensor's value on the host (``aten::_local_scalar_dense``: ``bool(t)``, ``t.item()``)
@@ -14,6 +15,11 @@ The plain loop is the same math written by hand for the MLP (linear → BN → l
 dropout per block, sim and pred heads, the output layer, fused Adam per unit, no meters), the
 floor a trainer can aim for. The ratio of step times is measured side by side, alternating the
 two in one process, and is a benchmark, never a timed test.
+
+With ``--device cuda`` the step also runs under ``torch.profiler``: the kernels it launches
+(every GPU activity: kernels, copies, memsets), their summed time on the device (the step's
+pure GPU compute) and the step's wall time with the GPU busy, whose ratio says how far the
+host keeps the device waiting.
 """
 from __future__ import annotations
 
@@ -72,11 +78,11 @@ def mlp_config(**overrides) -> Config:
     return Config(**{**fields, **overrides}).validate()
 
 
-def localpipe_step(cfg: Config, shape: tuple[int, ...], classes: int = 10
-                   ) -> tuple[Stage, Callable[[Tensor, Tensor, int], Tensor]]:
+def localpipe_step(cfg: Config, shape: tuple[int, ...], classes: int = 10,
+                   device: str = "cpu") -> tuple[Stage, Callable[[Tensor, Tensor, int], Tensor]]:
     """One stage holding the whole network, and a step as the worker runs it (giving the
     network's detached output)."""
-    stage = build_stage(cfg, shape, classes)
+    stage = build_stage(cfg, shape, classes, device=device)
     stage.epoch_steps = 100  # any length: a warm-up or the cosine sets the rate per batch
     stage.train()
 
@@ -95,16 +101,16 @@ class _PlainBlock(nn.Module):
         self.sim, self.pred = nn.Linear(n_out, n_out, bias=False), nn.Linear(n_out, classes)
 
 
-def plain_step(cfg: Config, shape: tuple[int, ...], classes: int = 10
+def plain_step(cfg: Config, shape: tuple[int, ...], classes: int = 10, device: str = "cpu"
                ) -> Callable[[Tensor, Tensor, int], None]:
     """The MLP's local step written by hand: the floor of ops for the same math."""
     torch.manual_seed(0)
     width, beta, p = cfg.num_hidden, cfg.beta, cfg.dropout
     sizes = [shape[0] * shape[1] * shape[2]] + [width] * cfg.num_layers
-    blocks = [_PlainBlock(a, b, classes) for a, b in zip(sizes, sizes[1:])]
-    out = nn.Linear(width, classes)
+    blocks = [_PlainBlock(a, b, classes).to(device) for a, b in zip(sizes, sizes[1:])]
+    out = nn.Linear(width, classes).to(device)
     opts = [torch.optim.Adam(m.parameters(), lr=cfg.lr, fused=True) for m in blocks + [out]]
-    gen = torch.Generator()
+    gen = torch.Generator(device)
 
     def sim(t: Tensor) -> Tensor:
         t = t - t.mean(1, keepdim=True)
@@ -139,6 +145,12 @@ def count(step: Callable[[Tensor, Tensor, int], None], x: Tensor, y: Tensor) -> 
     return counter
 
 
+def _finish(x: Tensor) -> None:
+    """Wait for the work queued on ``x``'s device (a GPU's kernels run after the call)."""
+    if x.is_cuda:
+        torch.cuda.synchronize(x.device)
+
+
 def time_side_by_side(steps: dict[str, Callable], x: Tensor, y: Tensor, n: int,
                       rounds: int) -> dict[str, float]:
     """Median seconds per step of each, measured in alternating rounds of ``n`` steps."""
@@ -148,11 +160,36 @@ def time_side_by_side(steps: dict[str, Callable], x: Tensor, y: Tensor, n: int,
             step(x, y, i)
     for _ in range(rounds):
         for name, step in steps.items():
+            _finish(x)
             start = time.perf_counter()
             for i in range(n):
                 step(x, y, i)
+            _finish(x)
             times[name].append((time.perf_counter() - start) / n)
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def gpu_profile(step: Callable[[Tensor, Tensor, int], None], x: Tensor, y: Tensor,
+                n: int) -> dict[str, float]:
+    """Per step on a GPU, over ``n`` profiled steps after warm-up: the GPU activities launched
+    (kernels, copies, memsets), their summed device time, and the wall time with the device
+    kept busy (the last step waited for). Device time over wall time near 1: the GPU never
+    waits for the host."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for i in range(3):
+        step(x, y, i)
+    _finish(x)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        for i in range(n):
+            step(x, y, i)
+        _finish(x)
+        wall = time.perf_counter() - start
+    gpu = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    device_s = sum(e.device_time_total for e in gpu) / 1e6
+    return {"kernels": len(gpu) / n, "device_ms": 1e3 * device_s / n,
+            "profiled_step_ms": 1e3 * wall / n, "step_over_device": wall / device_s}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -164,27 +201,38 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--steps", type=int, default=20, help="steps per timed round")
     p.add_argument("--rounds", type=int, default=7, help="timed rounds (the median is kept)")
+    p.add_argument("--dim-in-decoder", type=int, default=Config().dim_in_decoder,
+                   help="largest input of a conv block's pred head (the paper's MNIST vgg8b: 1024)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="cuda adds the kernels per step and their device time (torch.profiler)")
     p.add_argument("--json", help="also write the figures to this file")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = mlp_config(batch_size=args.batch_size, threads=args.threads) if args.model == "mlp" \
         else Config(model=args.model, dataset="synthetic", feat_mult=args.feat_mult,
-                    batch_size=args.batch_size, threads=args.threads).validate()
+                    dim_in_decoder=args.dim_in_decoder, batch_size=args.batch_size,
+                    threads=args.threads).validate()
     shape = (1, 28, 28)
-    x = torch.randn(args.batch_size, *shape)
-    y = torch.arange(args.batch_size) % 10
-    _, ours = localpipe_step(cfg, shape)
+    x = torch.randn(args.batch_size, *shape, device=args.device)
+    y = torch.arange(args.batch_size, device=args.device) % 10
+    _, ours = localpipe_step(cfg, shape, device=args.device)
     counted = count(ours, x, y)
     result = {"model": args.model, "batch_size": args.batch_size, "threads": args.threads,
-              "ops": counted.total, "host_reads": counted.host_reads,
+              "device": args.device, "ops": counted.total, "host_reads": counted.host_reads,
               "top_ops": dict(counted.ops.most_common(12))}
+    steps = {"localpipe": ours}
     if args.model == "mlp":
-        plain = plain_step(cfg, shape)
+        steps["plain"] = plain = plain_step(cfg, shape, device=args.device)
         result["plain_ops"] = count(plain, x, y).total
-        seconds = time_side_by_side({"localpipe": ours, "plain": plain}, x, y, args.steps,
-                                    args.rounds)
-        result.update(localpipe_ms=1e3 * seconds["localpipe"], plain_ms=1e3 * seconds["plain"],
+    seconds = time_side_by_side(steps, x, y, args.steps, args.rounds)
+    result["localpipe_ms"] = 1e3 * seconds["localpipe"]
+    if args.model == "mlp":
+        result.update(plain_ms=1e3 * seconds["plain"],
                       ratio=seconds["localpipe"] / seconds["plain"])
+    if args.device == "cuda":
+        result["samples_per_s"] = args.batch_size / seconds["localpipe"]
+        result["profile"] = {name: gpu_profile(step, x, y, args.steps)
+                             for name, step in steps.items()}
     print(json.dumps(result, indent=1))
     if args.json:
         with open(args.json, "w") as f:

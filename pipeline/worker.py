@@ -268,7 +268,8 @@ def run_stage(stage: Stage, index: int, inbox: Channel, outbox: Channel | None,
                  "epoch": msg.epoch, "step": msg.step, "steps": steps, "units": stage.indices}
             if msg.kind == Kind.END_EPOCH:
                 own = memory.take()
-                r.update(meters=stage.take_meters(), timing=timer.take(), memory=own,
+                done = msg.step >= stage.epoch_steps  # else --max-steps cut it short
+                r.update(meters=stage.take_meters(done), timing=timer.take(), memory=own,
                          device_memory=devices.epoch_end(device, msg.epoch, index,
                                                          own["current_bytes"]))
                 if cfg.on_nan == "stop":  # before this epoch's checkpoint or record is written

@@ -218,8 +218,9 @@ class Meter:
         *values, n, finite = self.sums.tolist()
         return {**dict(zip(self.keys, values)), "n": n, "nonfinite": self.batches - finite}
 
-    def take(self) -> dict[str, float | int | None]:
-        """Per-example averages (errors in percent); None for a quantity never recorded."""
+    def take(self, reset: bool = True) -> dict[str, float | int | None]:
+        """Per-example averages (errors in percent); None for a quantity never recorded.
+        ``reset=False`` keeps the sums (an epoch cut short goes on after a resume)."""
         sums = self._named()
         n = int(sums.get("n", 0))
         out: dict[str, float | int | None] = {"n": n, "nonfinite": int(sums.get("nonfinite", 0))}
@@ -227,7 +228,8 @@ class Meter:
             value = None if key not in sums or n == 0 else sums[key] / n
             out["error" if key == "errors" else key] = (
                 None if value is None else 100.0 * value if key == "errors" else value)
-        self.sums, self.batches = None, 0
+        if reset:
+            self.sums, self.batches = None, 0
         return out
 
     def state(self) -> dict:

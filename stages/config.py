@@ -195,8 +195,9 @@ class Config:
     val_split: int = option(0, "hold N training samples out (seeded) and report their error "
                             "every epoch; 0 keeps the paper's protocol", metavar="N",
                             check="nonneg", part="training")
-    max_steps: int = option(0, "stop training after N batches (0: no limit)", metavar="N",
-                            check="nonneg")
+    max_steps: int = option(0, "stop training after N batches, then evaluate and record the "
+                            "epoch's part (0: no limit); a resumed run finishes that epoch and "
+                            "records it whole", metavar="N", check="nonneg")
     limit_train: int = option(0, "use the first N training samples (0: all)", metavar="N",
                               check="nonneg", part="training")
     limit_test: int = option(0, "use the first N test samples (0: all)", metavar="N",

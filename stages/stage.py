@@ -143,9 +143,12 @@ class Stage(nn.Module):
             x = block.run(x, skips, losses=stats)[0]
         return x if self.output is None else self.output(x)
 
-    def take_meters(self) -> dict[int, dict[str, dict]]:
-        """Each unit's train and test averages since the last call, by unit index."""
-        return {u.index: {phase: m.take() for phase, m in u.meters.items()} for u in self.units}
+    def take_meters(self, epoch_done: bool = True) -> dict[int, dict[str, dict]]:
+        """Each unit's train and test averages since the last call, by unit index. Training
+        meters of an epoch not done (cut by --max-steps) keep their sums, so that its
+        checkpoint carries them and the resumed epoch counts every batch."""
+        return {u.index: {phase: m.take(reset=epoch_done or phase != "train")
+                          for phase, m in u.meters.items()} for u in self.units}
 
     def checkpoint_state(self) -> dict:
         """Everything to continue exactly: weights, buffers, optimizer moments, and the epoch's

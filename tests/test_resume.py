@@ -50,3 +50,20 @@ def test_resume_refuses_a_different_network(mnist_root, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1
     assert "--num-hidden 64, this run has 128" in err[0]
+
+
+def test_a_run_cut_by_max_steps_resumes_its_epoch_meters_too(mnist_root, tmp_path):
+    """--max-steps ends a run inside an epoch, with that part's record; the resumed run trains
+    the rest of the epoch and its record counts the whole epoch, every meter as an
+    uninterrupted run's (the cut-off part was once lost: 136 of 200 samples counted)."""
+    data = ["--data-root", mnist_root, "--epochs", "1", "--stages", "2"]
+    assert main(ARGS + data + ["--save-dir", str(tmp_path / "straight")]) == 0
+    part = str(tmp_path / "parts")
+    assert main(ARGS + data + ["--save-dir", part, "--max-steps", "1"]) == 0
+    assert metrics(part)[0]["train_samples"] == 64
+    assert main(ARGS + data + ["--save-dir", part, "--resume", "auto"]) == 0
+    whole, resumed = metrics(tmp_path / "straight")[0], metrics(part)[0]
+    assert_same_model(load_model(tmp_path / "straight"), load_model(part))
+    learnt = [k for k in whole if k.startswith(("train_", "test_", "lr", "blocks", "nonfinite"))]
+    assert len(learnt) >= 12 and resumed["train_samples"] == 200
+    assert {k: resumed[k] for k in learnt} == {k: whole[k] for k in learnt}

@@ -404,6 +404,10 @@ def model_config(args, **override) -> Config:
     values.update(override)
     if values["model"] == "mlp" and "num_layers" not in override and args.model != "mlp":
         values["num_layers"] = 3
+    if values["model"] in VIT_MODELS:  # sized by width, heads and depth; a named one by its name
+        sizes = ("num_layers", "num_hidden", "num_heads") if values["model"] != "vit" else ()
+        for name in ("feat_mult", "nonlin", *sizes):
+            del values[name]
     return Config(**values).validate()
 
 

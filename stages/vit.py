@@ -53,7 +53,7 @@ from torch import Tensor, nn
 from localpipe.stages import losses
 from localpipe.stages.blocks import (OutputLayer, Skips, Unit, Update, keep_buffers,
                                      pred_pooling)
-from localpipe.stages.config import Config, ConfigError
+from localpipe.stages.config import Config, ConfigError, defaults
 from localpipe.stages.registry import register_model
 
 # DeiT's sizes: width, heads, depth
@@ -294,6 +294,19 @@ def plan_vit(cfg: Config, in_shape: tuple[int, int, int], num_classes: int) -> l
     if cfg.dropout:
         raise ConfigError(f"{where}: ViT blocks have no dropout (nor attention dropout or "
                           f"stochastic depth); leave --dropout at 0")
+    ignored = {"feat_mult": "a ViT is sized by --num-hidden, --num-heads and --num-layers",
+               "nonlin": "ViT blocks use GELU"}
+    if cfg.model in SIZES:
+        ignored.update(dict.fromkeys(("num_hidden", "num_heads", "num_layers"),
+                       f"{where} is {depth} blocks of width {width} with {heads} heads "
+                       f"(--model vit takes sizes)"))
+    unset = defaults()
+    for name, why in ignored.items():
+        value = getattr(cfg, name)
+        if value != unset[name]:
+            shown = f"{value:g}" if isinstance(value, float) else value
+            raise ConfigError(f"{where}: --{name.replace('_', '-')} {shown} would be ignored: "
+                              f"{why}")
     if cfg.loss_unsup == "recon":
         raise ConfigError(f"{where}: --loss-unsup recon needs a decoder, which ViT blocks "
                           f"lack; use sim or none")

@@ -54,6 +54,10 @@ def test_every_mode_trains_a_step_and_changes_every_weight_it_should(mode):
     (["--num-hidden", "30", "--num-heads", "4"], "width 30 does not split into 4 heads"),
     (["--dropout", "0.1"], "ViT blocks have no dropout"),
     (["--bio"], "--bio is not defined for ViTs"),
+    (["--feat-mult", "2"], "--feat-mult 2 would be ignored: a ViT is sized by --num-hidden"),
+    (["--nonlin", "leakyrelu"], "--nonlin leakyrelu would be ignored: ViT blocks use GELU"),
+    (["--model", "vit-tiny", "--num-heads", "6"],
+     "--num-heads 6 would be ignored: --model vit-tiny is 12 blocks of width 192 with 3 heads"),
 ])
 def test_a_vit_that_cannot_be_built_is_one_line(options, message, tmp_path, capsys):
     code = main(["--model", "vit", "--dataset", "synthetic", "--save-dir",

@@ -102,8 +102,7 @@ def run_figure(folder: str) -> Figure:
         left = [a + b for a, b in zip(left, share)]
     ax.set(title=f"where each stage's time went (epoch {last.get('epoch', '-')})",
            xlabel="% of the stage's time", xlim=(0, 100))
-    ax.invert_yaxis()
-    _legend(ax)
+    _bar_legend(ax, len(names), columns=3)
 
     ax = axes["stage memory"]
     left = [0.0] * len(last["stages"])
@@ -113,8 +112,7 @@ def run_figure(folder: str) -> Figure:
         ax.barh(names, width, left=left, label=key[:-6])
         left = [a + b for a, b in zip(left, width)]
     ax.set(title="each stage's own memory at its peak", xlabel="MiB")
-    ax.invert_yaxis()
-    _legend(ax)
+    _bar_legend(ax, len(names), columns=3)
 
     fig.suptitle(_title(folder))
     return fig
@@ -154,6 +152,16 @@ def _epoch_axis(ax, epochs: list[int]) -> None:
 def _legend(ax) -> None:
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
+
+
+def _bar_legend(ax, bars: int, columns: int) -> None:
+    """Stage 0's bar on top, and the legend in a strip of its own above the bars, so that it
+    never hides one (a full bar reaches the right edge)."""
+    rows = -(-len(ax.get_legend_handles_labels()[0]) // columns)
+    strip = 0.02 + 0.075 * rows  # of the axes' height
+    ax.set_ylim(bars - 0.5, bars - 0.5 - bars / (1 - strip))
+    if rows:
+        ax.legend(fontsize=8, ncol=columns, loc="upper center", frameon=False)
 
 
 def _title(folder: str) -> str:

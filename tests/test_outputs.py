@@ -75,6 +75,22 @@ def test_curves_png_shows_every_panel(recipe_run):
         assert title in panels, panels
 
 
+def test_the_bar_panels_legends_hide_no_bar(recipe_run):
+    """A stage whose bar fills the panel (busy 100 %, the largest memory) stays visible: the
+    legend has a strip of its own above the bars, stage 0 on top."""
+    from localpipe.pipeline.curves import run_figure
+
+    fig = run_figure(str(recipe_run))
+    fig.draw_without_rendering()
+    panels = [ax for ax in fig.axes if ax.get_title().startswith(("where each", "each stage"))]
+    assert len(panels) == 2
+    for ax in panels:
+        legend = ax.get_legend().get_window_extent()
+        bars = [bar.get_window_extent() for bar in ax.patches if bar.get_width() > 0]
+        assert len(bars) >= 2 and not any(legend.overlaps(bar) for bar in bars), ax.get_title()
+        assert ax.get_yticklabels()[0].get_text() == "stage 0"
+
+
 def test_tensorboard_holds_the_epoch_and_step_scalars(recipe_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

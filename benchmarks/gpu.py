@@ -21,10 +21,12 @@ The groups (``--checks``, or single checks by name):
   ``--deterministic`` (the largest difference without it) for the MLP, vgg8b and ViT; the
   stage threads under PyTorch's CUDA stream sanitizer, entered in every thread; torchrun ranks
   sharing the GPU against the same stages as threads; a CPU checkpoint resumed on the GPU and
-  back; the test suite with the GPU visible (a skipped test is a failure here).
-- measure: one step's kernels, device time and wall time (``step.py --device cuda``); the
-  benchmark of every family against backprop and GPipe/1F1B (``run.py --device cuda``); one
-  MNIST epoch of the MLP recipe on 1 and 4 stages.
+  back; the test suite with the GPU visible (a skipped test is a failure here, but for the
+  two that need a git checkout), without coverage.
+- measure (without coverage, which slows the host): one step's kernels, device time and
+  wall time (``step.py --device cuda``); one MNIST epoch of the MLP recipe on 1 and 4 stages;
+  every family's benchmark at 4 stages against backprop (``run.py --device cuda``; GPipe/1F1B
+  need a GPU per stage there).
 - paper: the MNIST MLP predsim recipe at full length (100 epochs), with its curves.
 """
 from __future__ import annotations
@@ -47,8 +49,11 @@ from typing import Callable
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "launch" / "pipeline.py"
 SOURCES = ("stages", "pipeline", "launch", "benchmarks", "localpipe")
-CUDA_WORDS = re.compile(r"cuda|nccl|Stream|Event|pin_memory|pinned|non_blocking|synchronize")
-SMALL = ["--epochs", "1", "--limit-train", "2048", "--limit-test", "512", "--no-curves"]
+CUDA_WORDS = re.compile(r"cuda|nccl|Stream\b|pin_memory|pinned|non_blocking|synchronize|"
+                        r"record_stream|wait_stream|wait_event")
+SMALL = ["--epochs", "1", "--limit-train", "2048", "--limit-test", "512", "--no-curves",
+         "--threads", "1"]  # one thread a stage: on the CPU too, K stages equal one
+UNCOVERED = {"COVERAGE_PROCESS_START": ""}  # for children timed or long: coverage slows them
 MODELS = {  # the three families a stage can hold, as the streams check trains them
     "mlp": ["--recipe", "mnist-mlp-predsim"],
     "vgg8b": ["--recipe", "mnist-vgg8b-predsim", "--feat-mult", "0.25"],
@@ -57,7 +62,11 @@ MODELS = {  # the three families a stage can hold, as the streams check trains t
 
 
 class Failed(Exception):
-    """A check's finding that fails it."""
+    """A check's finding that fails it, with the figures gathered so far."""
+
+    def __init__(self, why: str, figures: dict | None = None) -> None:
+        super().__init__(why)
+        self.figures = figures or {}
 
 
 class Skipped(Exception):
@@ -73,6 +82,7 @@ class Lab:
     data: Path
     device: str
     deadline: float
+    commit: str = ""
     env: dict = field(default_factory=dict)
     plan_only: bool = False
     planned: list[list[str]] = field(default_factory=list)
@@ -88,9 +98,11 @@ class Lab:
         self.planned.append(argv)
         if self.plan_only:
             return subprocess.CompletedProcess(argv, 0, "", "")
+        if self.left() < 1:
+            raise Failed(f"the budget was spent before {name}")
         log = self.work / "logs" / f"{name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
-        limit = max(1.0, min(limit, self.left()))
+        limit = min(limit, self.left())
         with open(log, "w") as f:
             f.write("$ " + " ".join(argv) + "\n")
             f.flush()
@@ -153,7 +165,7 @@ def check_env(lab: Lab) -> dict:
     """What the machine is: torch, the GPU (through torch and through NVML), the data."""
     import torch
     import torchvision
-    figures = {"python": sys.version.split()[0], "torch": torch.__version__,
+    figures = {"commit": lab.commit, "python": sys.version.split()[0], "torch": torch.__version__,
                "torchvision": torchvision.__version__, "cuda": torch.version.cuda,
                "cpus": os.cpu_count(), "gpus": torch.cuda.device_count(),
                "mnist": sorted(p.name for p in (lab.data / "MNIST" / "raw").glob("*"))}
@@ -161,12 +173,15 @@ def check_env(lab: Lab) -> dict:
         props = torch.cuda.get_device_properties(0)
         figures.update(gpu=props.name, capability=f"{props.major}.{props.minor}",
                        gpu_memory_gib=round(props.total_memory / 2**30, 1))
-        import pynvml
-        pynvml.nvmlInit()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(0)
-        figures.update(nvml_name=pynvml.nvmlDeviceGetName(handle),
-                       driver=pynvml.nvmlSystemGetDriverVersion(),
-                       compute_mode=pynvml.nvmlDeviceGetComputeMode(handle))
+        try:
+            import pynvml
+            pynvml.nvmlInit()
+            handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+            figures.update(nvml_name=pynvml.nvmlDeviceGetName(handle),
+                           driver=pynvml.nvmlSystemGetDriverVersion(),
+                           compute_mode=pynvml.nvmlDeviceGetComputeMode(handle))
+        except Exception as e:  # NVML's own failure is a finding, not the end of the check
+            figures["nvml"] = f"{type(e).__name__}: {e}"
     elif lab.device == "cuda":
         raise Failed("torch sees no GPU")
     if len(figures["mnist"]) < 4:
@@ -192,7 +207,8 @@ def check_streams(lab: Lab) -> dict:
     tf32 = lab.launch("mlp-s4-tf32", [*MODELS["mlp"], *SMALL, "--stages", "4", "--tf32"])
     figures["mlp_s4_tf32_diff"] = lab.difference(lab.work / "runs" / "mlp-s1-det", tf32)
     if unequal:
-        raise Failed("not equal to --stages 1 under --deterministic: " + ", ".join(unequal))
+        raise Failed("not equal to --stages 1 under --deterministic: " + ", ".join(unequal),
+                     figures)
     return figures
 
 
@@ -227,7 +243,7 @@ def check_torchrun(lab: Lab) -> dict:
         figures[f"ranks{k}_diff"] = lab.difference(threads, ranks)
         figures[f"ranks{k}_shared_notice"] = "take turns" in lab.output(f"mlp-ranks{k}")
     if any(v for key, v in figures.items() if key.endswith("_diff")):
-        raise Failed(f"ranks differ from threads: {figures}")
+        raise Failed("ranks differ from threads", figures)
     return figures
 
 
@@ -255,19 +271,27 @@ def check_resume(lab: Lab) -> dict:
 
 
 def check_suite(lab: Lab) -> dict:
-    """The whole suite with the GPU visible and the data present, its workers in parallel."""
+    """The whole suite with the GPU visible and the data present, its workers in parallel
+    (a module's shared runs stay in one worker), without coverage, which doubles its time.
+    A skip is a failure, but for the two tests that need a git checkout (the lent machine
+    receives files, not the repository)."""
     workers = str(max(2, min(8, (os.cpu_count() or 2) // 2)))
     done = lab.run("suite", [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                             "-n", workers, "--timeout", "300", "-rfEs", "tests"],
-                   limit=max(60.0, lab.left() - 60), env={
-                       "CI": "true", "LOCALPIPE_TEST_MNIST": str(lab.data / "MNIST")})
-    counts = {word: int(n) for n, word in
-              re.findall(r"(\d+) (passed|failed|skipped|error|errors)", done.stdout)}
+                             "-n", workers, "--dist", "loadscope", "--timeout", "300", "-rfEs",
+                             "tests"], limit=max(60.0, lab.left() - 60),
+                   env={**UNCOVERED, "CI": "true", "LOCALPIPE_TEST_MNIST": str(lab.data / "MNIST")})
     if lab.plan_only:
         return {}
-    failures = re.findall(r"^(?:FAILED|ERROR|SKIPPED) .*$", done.stdout, re.M)
-    if done.returncode != 0 or counts.get("skipped"):
-        raise Failed(f"{counts}: " + "; ".join(failures[:12]))
+    summary = [line for line in done.stdout.splitlines()
+               if re.search(r"\d+ (passed|failed)", line)][-1:] or [""]
+    counts = {word: int(n) for n, word in
+              re.findall(r"(\d+) (passed|failed|skipped|errors?)", summary[0])}
+    failures = re.findall(r"^(?:FAILED|ERROR) .*$", done.stdout, re.M)
+    skips = [line for line in re.findall(r"^SKIPPED .*$", done.stdout, re.M)
+             if "not a git checkout" not in line]
+    if done.returncode != 0 or skips:
+        raise Failed("; ".join((failures + skips)[:12]) or f"pytest exited {done.returncode}",
+                     counts)
     return counts
 
 
@@ -280,7 +304,7 @@ def check_step(lab: Lab) -> dict:
         out.parent.mkdir(parents=True, exist_ok=True)
         done = lab.run(f"step-{name}", [sys.executable, str(ROOT / "benchmarks" / "step.py"),
                                         *args, "--device", lab.device, "--json", str(out)],
-                       limit=120)
+                       limit=120, env=UNCOVERED)
         if done.returncode != 0:
             raise Failed(f"step.py {name} exited with {done.returncode}")
         if not lab.plan_only:
@@ -291,20 +315,22 @@ def check_step(lab: Lab) -> dict:
 
 
 def check_bench(lab: Lab) -> dict:
-    """Every family against backprop and GPipe/1F1B at 2 and 4 stages (benchmarks/run.py)."""
+    """Every family's benchmark at 4 stages (benchmarks/run.py): backprop and the local modes.
+    GPipe/1F1B and the one-process-a-stage modes need a GPU per stage there, so one GPU does
+    not run them."""
     runs = {"mlp": ["--model", "mlp", "--num-layers", "3", "--feat-mult", "1"],
             "vgg8b": ["--model", "vgg8b", "--feat-mult", "1"],
             "resnet18": ["--model", "resnet18", "--dataset", "CIFAR10", "--feat-mult", "1"],
             "vit-tiny": ["--model", "vit-tiny", "--dataset", "CIFAR10"]}
     figures = {}
     for name, args in runs.items():
-        for k in (2, 4):
-            done = lab.run(f"bench-{name}-k{k}", [
-                sys.executable, str(ROOT / "benchmarks" / "run.py"), *args, "--stages", str(k),
-                "--device", lab.device, "--out", str(lab.work / "results")], limit=150)
-            figures[f"{name}_k{k}"] = "ok" if done.returncode == 0 else done.returncode
+        done = lab.run(f"bench-{name}", [
+            sys.executable, str(ROOT / "benchmarks" / "run.py"), *args, "--stages", "4",
+            "--device", lab.device, "--out", str(lab.work / "results")], limit=150,
+            env=UNCOVERED)
+        figures[name] = "ok" if done.returncode == 0 else done.returncode
     if any(v != "ok" for v in figures.values()):
-        raise Failed(f"benchmarks that failed: {figures}")
+        raise Failed("a benchmark failed", figures)
     return figures
 
 
@@ -312,19 +338,22 @@ def check_epoch(lab: Lab) -> dict:
     """One whole MNIST epoch of the MLP recipe, the paper's loop and 4 stages on streams."""
     figures = {}
     for k in (1, 4):
+        start = time.monotonic()
         save = lab.launch(f"epoch-s{k}", [*MODELS["mlp"], "--epochs", "1", "--stages", str(k),
-                                          "--no-curves"], limit=150)
+                                          "--no-curves"], limit=150, env=UNCOVERED)
         record = lab.records(save)[-1]
         figures[f"s{k}"] = {key: record.get(key) for key in
-                            ("samples_per_s", "test_error", "time", "peak_memory_bytes")}
+                            ("samples_per_s", "test_error", "peak_memory_bytes")}
+        figures[f"s{k}"]["command_s"] = round(time.monotonic() - start, 1)
     return figures
 
 
 def check_paper(lab: Lab) -> dict:
     """The MNIST MLP predsim recipe at full length (paper: 0.62 % test error), with curves.
     A run the budget cuts short still reports how far it got."""
+    start = time.monotonic()
     save = lab.launch("paper-mlp", [*MODELS["mlp"], "--stages", "4"], ok=False,
-                      limit=lab.left() - 20)
+                      limit=lab.left() - 20, env=UNCOVERED)
     if lab.plan_only:
         return {}
     records = lab.records(save)
@@ -332,9 +361,10 @@ def check_paper(lab: Lab) -> dict:
         shutil.copy(png, lab.out / f"paper-mlp-{png.name}")
     figures = {"epochs": len(records), "test_error": records[-1]["test_error"],
                "best_test_error": min(r["test_error"] for r in records),
-               "seconds": sum(r["time"] for r in records)}
+               "command_s": round(time.monotonic() - start, 1),
+               "samples_per_s": [r["samples_per_s"] for r in records[:3]]}
     if len(records) < 100:
-        raise Failed(f"stopped at epoch {len(records)} of 100: {figures}")
+        raise Failed(f"stopped at epoch {len(records)} of 100", figures)
     return figures
 
 
@@ -416,6 +446,12 @@ def sanitized(argv: list[str]) -> int:
     return main(argv)
 
 
+def _commit() -> str:
+    done = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True,
+                          text=True)
+    return done.stdout.strip() if done.returncode == 0 else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="benchmarks/gpu.py", description=__doc__.split("\n")[0])
     p.add_argument("--checks", default="validate",
@@ -431,6 +467,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", type=float, default=520,
                    help="seconds for all the checks (each may overrun by its 30 s to stop)")
     p.add_argument("--plan", action="store_true", help="print every command; run none")
+    p.add_argument("--commit", default=_commit(),
+                   help="the commit checked, for the record (a lent machine gets no .git)")
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--sanitized"]:  # the sanitizer check's child
         return sanitized(argv[1:])
@@ -441,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"no check {', '.join(unknown)}")
     out, work = Path(args.out).resolve(), Path(args.work).resolve()
     lab = Lab(out=out, work=work, data=Path(args.data).resolve(), device=args.device,
-              deadline=time.monotonic() + args.budget, plan_only=args.plan)
+              deadline=time.monotonic() + args.budget, commit=args.commit, plan_only=args.plan)
     if args.plan:
         for check in CHECKS:
             if check.name in names and check.name != "env":
@@ -449,7 +487,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(" ".join(a) for a in lab.planned))
         return 0
     out.mkdir(parents=True, exist_ok=True)
-    work.mkdir(parents=True, exist_ok=True)
+    for folder in ("cov", "logs", "results", "runs"):  # a warm machine keeps an earlier call's
+        shutil.rmtree(work / folder, ignore_errors=True)
     lab.env = coverage_env(work)
     rows = []
     for check in (c for c in CHECKS if c.name in dict.fromkeys(names)):
@@ -460,28 +499,32 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 row = {"check": check.name, "ok": True, **check.run(lab)}
             except Failed as e:
-                row = {"check": check.name, "ok": False, "why": str(e)}
+                row = {"check": check.name, "ok": False, "why": str(e), **e.figures}
             except Skipped as e:
                 row = {"check": check.name, "ok": None, "why": str(e)}
             except Exception as e:  # a bug of the check itself: say so, go on to the next
                 row = {"check": check.name, "ok": False, "why": f"{type(e).__name__}: {e}"}
         row["seconds"] = round(time.monotonic() - start, 1)
         rows.append(row)
-        print(json.dumps(row), flush=True)
+        print(json.dumps(row, default=str), flush=True)
         with open(out / "checks.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
-    rows.append({"check": "coverage", "ok": True, **cuda_lines(work, out)})
+            f.write(json.dumps(row, default=str) + "\n")
     with tarfile.open(out / "logs.tar.gz", "w:gz") as tar:
         for folder in ("logs", "results"):
             if (work / folder).exists():
                 tar.add(work / folder, arcname=folder)
-    (out / "summary.md").write_text("| check | ok | seconds | figures |\n|---|---|---|---|\n" + "".join(
-        f"| {r['check']} | {r['ok']} | {r.get('seconds', '')} | "
-        f"{json.dumps({k: v for k, v in r.items() if k not in ('check', 'ok', 'seconds')})} |\n"
-        for r in rows))
+    try:
+        rows.append({"check": "coverage", "ok": True, **cuda_lines(work, out)})
+    except Exception as e:  # the checks' own results are written whatever happens here
+        rows.append({"check": "coverage", "ok": False, "why": f"{type(e).__name__}: {e}"})
+    table = ["| check | ok | seconds | figures |", "|---|---|---|---|"]
+    for r in rows:
+        figures = {k: v for k, v in r.items() if k not in ("check", "ok", "seconds")}
+        table.append(f"| {r['check']} | {r['ok']} | {r.get('seconds', '')} | "
+                     f"{json.dumps(figures, default=str)} |")
+    (out / "summary.md").write_text("\n".join(table) + "\n")
     print(json.dumps(rows[-1]))
     return 0 if all(r["ok"] is not False for r in rows) else 1
-
 
 if __name__ == "__main__":
     sys.exit(main())

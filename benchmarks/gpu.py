@@ -1,7 +1,7 @@
 """The GPU checks of issue 22 ("On the GPU") as one command, for a lent GPU's few minutes.
 
     mkdir -p .gpu/data/MNIST && cp -r ../shared/data/MNIST/raw .gpu/data/MNIST/   # here, once
-    python benchmarks/gpu.py --out $OUT --data .gpu/data                 # on the GPU: validate
+    PYTHONPATH=. python3 benchmarks/gpu.py --out $OUT --commit SHA       # on the GPU: validate
     python benchmarks/gpu.py --out $OUT --data .gpu/data --checks measure
     python benchmarks/gpu.py --out $OUT --data .gpu/data --checks paper  # the MLP recipe, whole
     python benchmarks/gpu.py --plan                                      # the commands, run none
@@ -46,6 +46,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from localpipe.pipeline.runs import git_state
+
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "launch" / "pipeline.py"
 SOURCES = ("stages", "pipeline", "launch", "benchmarks", "localpipe")
@@ -59,6 +61,11 @@ MODELS = {  # the three families a stage can hold, as the streams check trains t
     "vgg8b": ["--recipe", "mnist-vgg8b-predsim", "--feat-mult", "0.25"],
     "vit": ["--recipe", "mnist-vit-predsim"],
 }
+
+
+def exact(model: str, stages: int) -> list[str]:
+    """The streams check's run of ``model`` on ``stages`` stages under --deterministic."""
+    return [*MODELS[model], *SMALL, "--stages", str(stages), "--deterministic"]
 
 
 class Failed(Exception):
@@ -128,13 +135,17 @@ class Lab:
         shutil.rmtree(save, ignore_errors=True)
         head = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                 "--nproc-per-node", str(torchrun)] if torchrun else [sys.executable]
-        argv = [*head, str(LAUNCH), *args, "--data-root", str(self.data), "--device",
-                self.device, "--save-dir", str(save)]
-        done = self.run(name, argv, limit, env)
+        done = self.run(name, [*head, str(LAUNCH), *self.placed(args, save)], limit, env)
         if ok and done.returncode != 0:
             last = done.stdout.strip().splitlines()[-1:] or ["(no output)"]
             raise Failed(f"{name} exited with {done.returncode}: {last[0]}")
         return save
+
+    def placed(self, args: list[str], save: Path, device: str = "") -> list[str]:
+        """launch/pipeline.py's ``args`` with this lab's data, a device (this lab's unless
+        named) and the run folder ``save``."""
+        return [*args, "--data-root", str(self.data), "--device", device or self.device,
+                "--save-dir", str(save)]
 
     def difference(self, a: Path, b: Path) -> float:
         """The largest absolute difference of two runs' tensors (0.0: every one equal)."""
@@ -156,7 +167,6 @@ class Lab:
         if self.plan_only:
             return [{}]
         return [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
-
 
 
 # --- the checks: each takes the lab and returns its figures, or raises Failed ---------------
@@ -194,10 +204,9 @@ def check_streams(lab: Lab) -> dict:
     under --deterministic; without it, the largest difference is reported."""
     figures, unequal = {}, []
     for model, args in MODELS.items():
-        base = lab.launch(f"{model}-s1-det", [*args, *SMALL, "--stages", "1", "--deterministic"])
+        base = lab.launch(f"{model}-s1-det", exact(model, 1))
         for k in (2, 4):
-            run = lab.launch(f"{model}-s{k}-det", [*args, *SMALL, "--stages", str(k),
-                                                   "--deterministic"])
+            run = lab.launch(f"{model}-s{k}-det", exact(model, k))
             figures[f"{model}_s{k}_det_diff"] = diff = lab.difference(base, run)
             if diff:
                 unequal.append(f"{model} --stages {k}")
@@ -218,9 +227,8 @@ def check_sanitizer(lab: Lab) -> dict:
     (this file with --sanitized) enters it in every thread it starts."""
     if lab.device != "cuda":
         raise Skipped("the sanitizer needs a GPU")
-    args = [*MODELS["mlp"], "--epochs", "1", "--limit-train", "1024", "--limit-test", "256",
-            "--no-curves", "--stages", "4", "--data-root", str(lab.data), "--device",
-            lab.device, "--save-dir", str(lab.work / "runs" / "sanitized")]
+    args = lab.placed([*MODELS["mlp"], "--epochs", "1", "--limit-train", "1024", "--limit-test",
+                       "256", "--no-curves", "--stages", "4"], lab.work / "runs" / "sanitized")
     done = lab.run("sanitizer", [sys.executable, str(Path(__file__)), "--sanitized", *args],
                    limit=150)
     races = done.stdout.count("CSAN detected a possible data race")
@@ -236,10 +244,8 @@ def check_torchrun(lab: Lab) -> dict:
     for k in (2, 4):
         threads = lab.work / "runs" / f"mlp-s{k}-det"
         if not (threads / "model.pt").exists():
-            threads = lab.launch(f"mlp-s{k}-det", [*MODELS["mlp"], *SMALL, "--stages", str(k),
-                                                   "--deterministic"])
-        ranks = lab.launch(f"mlp-ranks{k}", [*MODELS["mlp"], *SMALL, "--stages", str(k),
-                                             "--deterministic"], torchrun=k, limit=150)
+            threads = lab.launch(f"mlp-s{k}-det", exact("mlp", k))
+        ranks = lab.launch(f"mlp-ranks{k}", exact("mlp", k), torchrun=k, limit=150)
         figures[f"ranks{k}_diff"] = lab.difference(threads, ranks)
         figures[f"ranks{k}_shared_notice"] = "take turns" in lab.output(f"mlp-ranks{k}")
     if any(v for key, v in figures.items() if key.endswith("_diff")):
@@ -256,9 +262,8 @@ def check_resume(lab: Lab) -> dict:
     steps = [("cpu", 1), (lab.device, 2), ("cpu", 3)]
     for i, (device, epochs) in enumerate(steps):
         more = ["--resume", str(first)] if i else []
-        argv = [sys.executable, str(LAUNCH), *args, "--epochs", str(epochs), "--device", device,
-                "--data-root", str(lab.data), "--save-dir", str(first), *more]
-        done = lab.run(f"resume-{i}-{device}", argv, limit=90)
+        argv = lab.placed([*args, "--epochs", str(epochs), *more], first, device)
+        done = lab.run(f"resume-{i}-{device}", [sys.executable, str(LAUNCH), *argv], limit=90)
         if done.returncode != 0:
             raise Failed(f"resume step {i} on {device} exited with {done.returncode}")
     if lab.plan_only:
@@ -446,12 +451,6 @@ def sanitized(argv: list[str]) -> int:
     return main(argv)
 
 
-def _commit() -> str:
-    done = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True,
-                          text=True)
-    return done.stdout.strip() if done.returncode == 0 else ""
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="benchmarks/gpu.py", description=__doc__.split("\n")[0])
     p.add_argument("--checks", default="validate",
@@ -467,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", type=float, default=520,
                    help="seconds for all the checks (each may overrun by its 30 s to stop)")
     p.add_argument("--plan", action="store_true", help="print every command; run none")
-    p.add_argument("--commit", default=_commit(),
+    p.add_argument("--commit", default=git_state()[0] or "",
                    help="the commit checked, for the record (a lent machine gets no .git)")
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--sanitized"]:  # the sanitizer check's child

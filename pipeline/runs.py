@@ -306,6 +306,20 @@ def write_provenance(folder: str, devices: list[str], parts: list[list[int]]) ->
                                 lambda f: f.write(text.encode()))
 
 
+def git_state() -> tuple[str | None, bool | None]:
+    """The checkout's commit and whether its files differ from it (None and None where git
+    cannot run; the commit None outside a repository: an installed wheel, a copy of files)."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        commit = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True,
+                                text=True, timeout=10).stdout.strip() or None
+        dirty = bool(subprocess.run(["git", "-C", here, "status", "--porcelain"],
+                                    capture_output=True, text=True, timeout=10).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+    return commit, dirty
+
+
 def provenance(devices: list[str], parts: list[list[int]]) -> dict:
     """What made this run: the command, the code's commit, the package versions, the devices,
     the float32 precision of GPU matmuls and convolutions, and the stage topology."""
@@ -316,14 +330,7 @@ def provenance(devices: list[str], parts: list[list[int]]) -> dict:
     from localpipe.pipeline import device as dev
     from localpipe.pipeline import process
 
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    try:
-        commit = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True,
-                                text=True, timeout=10).stdout.strip() or None
-        dirty = bool(subprocess.run(["git", "-C", here, "status", "--porcelain"],
-                                    capture_output=True, text=True, timeout=10).stdout.strip())
-    except (OSError, subprocess.SubprocessError):
-        commit, dirty = None, None
+    commit, dirty = git_state()
     return {"command": [sys.executable, *sys.argv], "cwd": os.getcwd(),
             "git_commit": commit, "git_dirty": dirty, "host": socket.gethostname(),
             "python": platform.python_version(), "torch": torch.__version__,
